@@ -1,0 +1,270 @@
+"""One typed schema for a run: YAML in, `--set key=value` overrides, one-line errors out.
+
+Every field's `description` is its documentation; `tunesmith config-help` prints them all.
+Relative paths are relative to the directory tunesmith is run from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.errors import ConfigError
+from tunesmith.methods import METHODS
+from tunesmith.registry import closest
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        description="Built-in alias (see `tunesmith models`), a local Hugging Face folder, or a .gguf file."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 where the hardware supports it, else float32."
+    )
+    allow_download: bool = Field(False, description="Allow fetching `name` from the Hugging Face hub.")
+    allow_pickle: bool = Field(False, description="Allow loading pickled (.bin) weights; safetensors otherwise.")
+    trust_remote_code: bool = Field(False, description="Allow running model code shipped with the weights.")
+    revision: str | None = Field(None, description="Hub revision, only with allow_download.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+
+
+class DataConfig(Section):
+    train: Path = Field(description="Training data: a .jsonl/.json/.csv/.tsv/.parquet file or a folder of them.")
+    eval: Path | None = Field(None, description="Evaluation data; when unset, `eval_split` of train is held out.")
+    eval_split: float = Field(0.05, ge=0, lt=1, description="Fraction of train held out for eval (seeded).")
+    format: Literal["auto", "text", "instruction", "chat", "classification"] = Field(
+        "auto", description="Record format; auto detects it from the first record's fields."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map of tunesmith field -> column in your file, e.g. {prompt: question, response: answer}.",
+    )
+    header: Literal["auto", "yes", "no"] = Field(
+        "auto", description="Whether CSV/TSV files start with a header row."
+    )
+    max_length: int = Field(1024, ge=8, description="Tokens per record; longer records are truncated.")
+    packing: bool = Field(False, description="Pack several records per row, without attention across them.")
+    group_by_length: bool = Field(True, description="Batch records of similar length to reduce padding.")
+    train_on_prompt: bool = Field(False, description="sft: also compute the loss on prompt tokens.")
+    system_prompt: str | None = Field(None, description="System message for chats that have none.")
+    labels: list[str] | None = Field(None, description="classify: label names in id order; default sorted.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N training records.")
+    eval_limit: int | None = Field(None, ge=1, description="Use only the first N evaluation records.")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="On a bad record: stop (fail) or write it to rejects.jsonl and go on (skip)."
+    )
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.exists():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+
+class EarlyStoppingConfig(Section):
+    metric: str = Field("eval_loss", description="Metric watched (eval_loss, accuracy, f1_macro, ...).")
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto: min for losses, max otherwise.")
+
+    @property
+    def lower_is_better(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "min"
+        return "loss" in self.metric or "perplexity" in self.metric
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to run; overrides epochs.")
+    batch_size: int = Field(8, ge=1, description="Records (or packed rows) per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; default from the method.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null for no clipping.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
+    warmup: float = Field(
+        0.03, ge=0, description="Warmup: a ratio of all steps if < 1, else a number of steps."
+    )
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at each eval).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many newest checkpoints to keep.")
+    eval_before: bool = Field(True, description="Evaluate the starting model before the first step.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Eval micro-batch; default batch_size.")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="Stop when `metric` stops improving; `true` for the defaults."
+    )
+    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it, none on CPU."
+    )
+    log_every: int = Field(1, ge=1, description="Write metrics.jsonl every N steps.")
+    report_to: Literal["none", "tensorboard"] = Field("none", description="Extra metrics sink.")
+
+    @field_validator("early_stopping", mode="before")
+    @classmethod
+    def _true_means_defaults(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
+
+    @field_validator("warmup")
+    @classmethod
+    def _whole_steps(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("a warmup >= 1 is a number of steps and must be whole")
+        return value
+
+
+MethodConfig = Annotated[
+    Union[tuple(spec.settings for spec in (METHODS.get(name) for name in METHODS.names()))],
+    Field(discriminator="name"),
+]
+
+
+class RunConfig(Section):
+    model: ModelConfig
+    data: DataConfig
+    task: str = Field("sft", description="Objective: sft, pretrain or classify.")
+    method: MethodConfig = Field(default_factory=lambda: METHODS.get("lora").settings())
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: Path = Field(Path("runs/run"), description="Run directory written by `tunesmith train`.")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        from tunesmith.objectives import OBJECTIVES
+
+        if task not in OBJECTIVES:
+            raise ValueError(f"unknown task {task!r}{closest(task, OBJECTIVES.names())}; "
+                             f"known: {', '.join(OBJECTIVES.names())}")
+        return task
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.data.packing and self.task == "classify":
+            raise ValueError("data.packing: packing applies to sft and pretrain, not classify")
+        if self.train.lr is None:
+            self.train.lr = METHODS.get(self.method.name).default_lr
+        return self
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['train.lr=1e-4', 'method.r=8'] -> nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is a value, not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return nested
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, task, method, train)")
+    return loaded
+
+
+def _fields_at(model_class: type[BaseModel], location: tuple) -> list[str]:
+    """Field names of the (sub)model at `location`, for suggesting the closest key to a typo."""
+    current: Any = model_class
+    for part in location:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def describe_validation_error(error: ValidationError, root: type[BaseModel] = None) -> str:
+    """The first problem as one line: `key.path: what is wrong`."""
+    root = root or RunConfig
+    first = error.errors()[0]
+    location = tuple(part for part in first["loc"] if not (isinstance(part, str) and part in METHODS))
+    key = ".".join(str(part) for part in location) or "config"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        siblings = _fields_at(root, location[:-1])
+        if location[:-1] == ("method",):
+            siblings = _method_fields(first.get("input"), error)
+        return f"{key}: unknown key{closest(str(location[-1]), siblings)}"
+    if kind == "missing":
+        return f"{key}: required but missing"
+    if kind == "union_tag_invalid":
+        tag = first.get("ctx", {}).get("tag", "")
+        return f"{key}.name: unknown method {tag!r}{closest(tag, METHODS.names())}; known: {', '.join(METHODS.names())}"
+    message = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    shown = f" (got {given!r})" if isinstance(given, (str, int, float, bool)) and kind != "value_error" else ""
+    return f"{key}: {message}{shown}"
+
+
+def _method_fields(_, error: ValidationError) -> list[str]:
+    for detail in error.errors():
+        if detail["loc"][:1] == ("method",) and len(detail["loc"]) > 1 and detail["loc"][1] in METHODS:
+            return list(METHODS.get(detail["loc"][1]).settings.model_fields)
+    return []
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML, apply `--set` overrides, validate; raise ConfigError with one line on any problem."""
+    raw = read_yaml(path) if path is not None else {}
+    return build_config(merge(raw, parse_overrides(overrides or [])))
+
+
+def dump_config(config: RunConfig) -> str:
+    """The fully resolved config as YAML (every default written out)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

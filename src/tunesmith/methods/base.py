@@ -1,0 +1,65 @@
+"""The method contract: which parameters become trainable, and how the result is saved and loaded.
+
+A method knows nothing of losses. It is one module holding a settings class (pydantic, its
+fields are the `method.*` config keys) and one `register(MethodSpec(...))` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from tunesmith.registry import Registry
+
+
+class MethodSettings(BaseModel):
+    """Base of every method's settings; `name` selects the method."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    settings: type[MethodSettings]
+    apply: Callable[[torch.nn.Module, MethodSettings, str], torch.nn.Module]
+    """apply(model, settings, task) -> model with exactly the right parameters trainable."""
+    default_lr: float
+    """The learning rate used when `train.lr` is not set (current practice for this method)."""
+    saves: Literal["model", "adapter"]
+    """What the run directory holds: a full model folder or a peft adapter folder."""
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    return METHODS.register(spec.name, spec)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return trainable, total
+
+
+def classification_head_names(model: torch.nn.Module) -> list[str]:
+    """Names of the modules a sequence-classification model creates new (`classifier`, `score`)."""
+    return [name for name in ("classifier", "score") if hasattr(model, name)]
+
+
+def save_method_output(model: torch.nn.Module, run_model_dir: Path) -> None:
+    """Full models and peft adapters both save with `save_pretrained` as safetensors."""
+    model.save_pretrained(run_model_dir, safe_serialization=True)
