@@ -6,9 +6,10 @@ fields are the `method.*` config keys) and one `register(MethodSpec(...))` call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict

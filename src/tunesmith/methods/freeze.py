@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from tunesmith.errors import ConfigError
 from tunesmith.methods.base import MethodSettings, MethodSpec, classification_head_names, register
 
 
@@ -70,7 +71,7 @@ def apply_freeze(model, settings: FreezeSettings, task: str):
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in trained or (bool(heads) and name.startswith(heads)))
     if not any(parameter.requires_grad for parameter in model.parameters()):
-        raise ValueError("method freeze: the settings select no parameter to train")
+        raise ConfigError("method: freeze settings (layers, modules, bitfit) select no parameter to train")
     return model
 
 

@@ -1,0 +1,175 @@
+"""The `tunesmith` command: parse arguments, load config, call the stage, print. No logic here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunesmith.errors import UserError
+
+app = typer.Typer(
+    help="Fine-tune a pretrained language model on your data, evaluate it, ship it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Look at data the way the model will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigPath = Annotated[Path, typer.Argument(help="Run config (YAML).")]
+Overrides = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=1e-4 (repeatable).")
+]
+RunDir = Annotated[Path, typer.Argument(help="A run directory written by `tunesmith train`.")]
+
+
+@app.command()
+def train(
+    config: ConfigPath,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in output_dir.")] = False,
+) -> None:
+    """Fine-tune: config -> run directory (model or adapter, metrics, summary)."""
+    from tunesmith.config import load_config
+    from tunesmith.training import train as run_training
+
+    run_config = load_config(config, overrides)
+    result = run_training(run_config, resume=resume, overwrite=overwrite)
+    summary = result.summary
+    table = Table(title=f"run {result.run_dir}")
+    table.add_column("metric")
+    for column in ("before", "after", "best"):
+        table.add_column(column, justify="right")
+    before, after, best = summary["eval_before"] or {}, summary["eval"] or {}, summary["best"] or {}
+    for key in dict.fromkeys([*before, *after]):
+        table.add_row(key, *(_fmt(part.get(key)) for part in (before, after, best)))
+    console.print(table)
+    console.print(
+        f"{summary['steps']} steps, {summary['train_tokens']:,} tokens in {summary['train_seconds']:.0f} s "
+        f"({summary['tokens_per_s']:.0f} tok/s), peak memory {summary['peak_memory_mb']:.0f} MB"
+    )
+    raise typer.Exit(result.exit_code)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def models() -> None:
+    """List the built-in models and whether they are installed."""
+    from tunesmith.models import list_builtins
+
+    table = Table(title="built-in models")
+    for column in ("name", "installed", "package", "description"):
+        table.add_column(column)
+    for entry in list_builtins():
+        table.add_row(entry["name"], "yes" if entry["installed"] else "no", entry["package"], entry["description"])
+    console.print(table)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Annotated[Path, typer.Argument(help="A data file or folder.")],
+    model: Annotated[str, typer.Option(help="Model whose tokenizer and chat template apply.")] = "smollm2-135m-instruct",
+    task: Annotated[str, typer.Option(help="sft, pretrain or classify.")] = "sft",
+    overrides: Overrides = None,
+) -> None:
+    """Detected format, record count, token lengths, and the first record with trained tokens marked."""
+    from tunesmith.config import build_config, merge, parse_overrides
+    from tunesmith.data import inspect_data
+    from tunesmith.models import load_tokenizer
+
+    run_config = build_config(
+        merge({"model": {"name": model}, "data": {"train": str(path)}, "task": task}, parse_overrides(overrides or []))
+    )
+    tokenizer = load_tokenizer(run_config.model)
+    report = inspect_data(run_config.data.train, tokenizer, run_config.data, run_config.task)
+    if report:
+        console.print(report)
+
+
+@app.command()
+def generate(
+    run: RunDir,
+    prompt: Annotated[list[str], typer.Option(help="A prompt (repeatable).")],
+    base: Annotated[bool, typer.Option(help="Also answer with the untuned base model, side by side.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+) -> None:
+    """Answer prompts with a trained run, using its saved chat template."""
+    from tunesmith.inference import generate as generate_text
+    from tunesmith.models import load_run
+
+    model, tokenizer = load_run(run)
+    tuned = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+    if not base:
+        for answer in tuned:
+            console.print(answer)
+        return
+    base_model, base_tokenizer = load_run(run, base=True)
+    untuned = generate_text(base_model, base_tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+    table = Table(show_lines=True)
+    for column in ("prompt", "base", "tuned"):
+        table.add_column(column, ratio=1)
+    for row in zip(prompt, untuned, tuned, strict=True):
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def chat(
+    run: RunDir,
+    base: Annotated[bool, typer.Option(help="Chat with the untuned base model instead.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
+) -> None:
+    """Chat with a trained run in the terminal, streaming tokens (/exit or Ctrl-D to end)."""
+    from tunesmith.inference import chat as chat_loop
+    from tunesmith.models import load_run
+
+    model, tokenizer = load_run(run, base=base)
+    chat_loop(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+@app.command()
+def export(
+    run: RunDir,
+    merge: Annotated[Path, typer.Option("--merge", help="Write a merged full model to this folder.")],
+) -> None:
+    """Write a run's result as one full model folder that plain transformers loads."""
+    from tunesmith.export import export_merged
+
+    written = export_merged(run, merge)
+    console.print(f"merged model written to {written}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except UserError as error:
+        err_console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as error:
+        err_console.print(f"[red]error:[/] {error.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Batches: dynamic padding, length-grouped order, and packing without attention across records.
+
+Every causal example carries `input_ids` and `labels` of equal length, unshifted (labels[i] is
+input_ids[i] or -100). Collators shift labels into `targets` WITHIN each record, so position i
+predicts token i+1 of the same record and the last token of one packed record never predicts the
+first token of the next. A packed row restarts `position_ids` at 0 for each record and is passed
+without an attention mask: transformers then builds a block-diagonal causal mask from the
+position ids (masking_utils.find_packed_sequence_indices), so records never attend to each other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: list[int]) -> list[int]:
+    """targets[i] = labels[i + 1]: position i predicts the next token; the last position predicts nothing."""
+    return labels[1:] + [IGNORE_INDEX]
+
+
+def collate_padded(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad causal examples to the longest in the batch."""
+    longest = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)  # (B, T)
+    targets = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"])
+        attention_mask[row, :length] = 1
+        targets[row, :length] = torch.tensor(shift_labels(example["labels"]))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "targets": targets,
+        "num_loss_tokens": int((targets != IGNORE_INDEX).sum()),
+        "num_tokens": int(attention_mask.sum()),
+    }
+
+
+def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate each row's records; position ids restart per record; no attention mask."""
+    flat_rows = []
+    for row in rows:
+        input_ids: list[int] = []
+        targets: list[int] = []
+        positions: list[int] = []
+        for example in row:
+            input_ids += example["input_ids"]
+            targets += shift_labels(example["labels"])
+            positions += range(len(example["input_ids"]))
+        flat_rows.append((input_ids, targets, positions))
+    longest = max(len(input_ids) for input_ids, _, _ in flat_rows)
+    batch_input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
+    batch_targets = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    # The padding tail is its own "record" starting at position 0, so it attends to nothing real.
+    batch_positions = torch.arange(longest).repeat(len(rows), 1)  # (B, T)
+    num_tokens = 0
+    for index, (input_ids, targets, positions) in enumerate(flat_rows):
+        length = len(input_ids)
+        num_tokens += length
+        batch_input_ids[index, :length] = torch.tensor(input_ids)
+        batch_targets[index, :length] = torch.tensor(targets)
+        batch_positions[index, :length] = torch.tensor(positions)
+        batch_positions[index, length:] = torch.arange(longest - length)
+    return {
+        "input_ids": batch_input_ids,
+        "position_ids": batch_positions,
+        "targets": batch_targets,
+        "num_loss_tokens": int((batch_targets != IGNORE_INDEX).sum()),
+        "num_tokens": num_tokens,
+    }
+
+
+def collate_classification(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    longest = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)  # (B, T)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"])
+        attention_mask[row, :length] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "class_labels": torch.tensor([example["label"] for example in examples], dtype=torch.long),  # (B,)
+        "num_loss_tokens": len(examples),
+        "num_tokens": int(attention_mask.sum()),
+    }
+
+
+def pack_examples(examples: list[dict], max_length: int) -> list[list[dict]]:
+    """First-fit-decreasing bin packing of records into rows of at most max_length tokens.
+
+    Records keep their own identity inside a row (see collate_packed); the order of rows is
+    shuffled later by the batch order, so sorting by length here does not bias training order.
+    """
+    order = sorted(range(len(examples)), key=lambda index: -len(examples[index]["input_ids"]))
+    rows: list[list[dict]] = []
+    space: list[int] = []
+    for index in order:
+        length = len(examples[index]["input_ids"])
+        for row, free in enumerate(space):
+            if length <= free:
+                rows[row].append(examples[index])
+                space[row] -= length
+                break
+        else:
+            rows.append([examples[index]])
+            space.append(max_length - length)
+    return rows
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """The micro-batches of one epoch as lists of item indices; a pure function of (seed, epoch).
+
+    Being pure makes resume exact: the loop recomputes an epoch's order and skips what it consumed.
+    With group_by_length, items are shuffled, cut into mega-batches of 50 batches, sorted by length
+    inside each (so batches hold similar lengths), and the batches are shuffled again
+    (the scheme of transformers' LengthGroupedSampler).
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    permutation = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return [permutation[start : start + batch_size] for start in range(0, len(permutation), batch_size)]
+    mega = batch_size * 50
+    batches = []
+    for start in range(0, len(permutation), mega):
+        chunk = sorted(permutation[start : start + mega], key=lambda index: -lengths[index])
+        batches += [chunk[offset : offset + batch_size] for offset in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[index] for index in shuffled]
+
+
+def eval_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Evaluation order: longest first, so padding is small and memory peaks at once."""
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def steps_per_epoch(num_items: int, batch_size: int, grad_accum: int) -> int:
+    return max(1, math.ceil(math.ceil(num_items / batch_size) / grad_accum))

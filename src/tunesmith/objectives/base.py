@@ -1,0 +1,51 @@
+"""The objective contract: how examples become a batch and what a batch's loss is.
+
+`loss(model, batch)` returns the SUM of per-token (or per-example) losses and how many there
+were; the loop divides by the total count of the whole optimiser step, so that batch 8 x
+accumulation 1 and batch 2 x accumulation 4 give the same gradient (the mean-of-means bug that
+transformers, trl and unsloth shipped). An objective never normalises on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from tunesmith.registry import Registry
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor
+    """Summed loss over the batch's loss tokens (0-dim, differentiable)."""
+    num_loss_tokens: int
+    """How many terms `loss_sum` adds up (tokens for LMs, examples for classification)."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Extra summed quantities to log, divided by num_loss_tokens by the loop."""
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    model_kind: Literal["causal_lm", "sequence_classification"]
+    collate: Callable[[list[dict], int], dict]
+    """collate(examples, pad_id) -> batch of tensors plus `num_loss_tokens` and `num_tokens` ints."""
+    loss: Callable[[torch.nn.Module, dict], LossOutput]
+    evaluate: Callable[[torch.nn.Module, Iterable[dict]], dict[str, float]]
+    """evaluate(model, batches) -> metrics by name; always includes `eval_loss`."""
+    supports_packing: bool = False
+
+
+OBJECTIVES: Registry[ObjectiveSpec] = Registry("task")
+
+
+def register(spec: ObjectiveSpec) -> ObjectiveSpec:
+    return OBJECTIVES.register(spec.name, spec)
+
+
+def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """The keys of a batch that the model's forward takes."""
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}

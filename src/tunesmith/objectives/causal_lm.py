@@ -1,0 +1,95 @@
+"""sft and pretrain: next-token cross-entropy on the positions the data layer marked for loss.
+
+sft marks assistant tokens (every assistant turn, and the end-of-turn token after each reply);
+pretrain marks every token. Both share this loss; they differ only in how data is tokenised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.collate import IGNORE_INDEX, collate_padded
+from tunesmith.objectives.base import LossOutput, ObjectiveSpec, model_inputs, register
+
+
+def _language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers *ForCausalLM under any peft wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _can_skip_unused_logits(model: torch.nn.Module) -> bool:
+    """True when logits are plain `lm_head(hidden)`, so we may compute them at loss positions only.
+
+    Prompt-learning peft methods feed virtual tokens through PeftModel.forward, and a few
+    architectures rescale logits after the head (Gemma 2 soft-capping, Cohere logit_scale);
+    those take the full forward.
+    """
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return False
+    config = _language_model(model).config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return False
+    language_model = _language_model(model)
+    return hasattr(language_model, language_model.base_model_prefix)
+
+
+def loss_position_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, V) in float32 at the N positions that have a target, and those targets (N,).
+
+    Only loss positions need logits: with a 49k vocabulary the (B, T, V) logits tensor is the
+    largest activation of a small model, and in sft most positions are prompt.
+    """
+    targets = batch["targets"]  # (B, T)
+    has_target = targets != IGNORE_INDEX  # (B, T)
+    if _can_skip_unused_logits(model):
+        language_model = _language_model(model)
+        backbone = getattr(language_model, language_model.base_model_prefix)
+        hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, H)
+        logits = language_model.get_output_embeddings()(hidden[has_target])  # (N, V)
+    else:
+        logits = model(**model_inputs(batch), use_cache=False).logits[has_target]  # (N, V)
+    return logits.float(), targets[has_target]
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossOutput:
+    logits, targets = loss_position_logits(model, batch)
+    loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+    return LossOutput(loss_sum=loss_sum, num_loss_tokens=batch["num_loss_tokens"])
+
+
+@torch.no_grad()
+def evaluate_causal_lm(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+    """Token-weighted loss over the whole eval set (not a mean of batch means) and its perplexity."""
+    total_loss = 0.0
+    total_tokens = 0
+    correct = 0
+    for batch in batches:
+        logits, targets = loss_position_logits(model, batch)
+        total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
+        correct += int((logits.argmax(-1) == targets).sum())
+        total_tokens += batch["num_loss_tokens"]
+    eval_loss = total_loss / max(total_tokens, 1)
+    return {
+        "eval_loss": eval_loss,
+        "perplexity": math.exp(min(eval_loss, 50.0)),
+        "token_accuracy": correct / max(total_tokens, 1),
+        "eval_tokens": total_tokens,
+    }
+
+
+for _name in ("sft", "pretrain"):
+    register(
+        ObjectiveSpec(
+            name=_name,
+            model_kind="causal_lm",
+            collate=collate_padded,
+            loss=causal_lm_loss,
+            evaluate=evaluate_causal_lm,
+            supports_packing=True,
+        )
+    )

@@ -1,0 +1,47 @@
+"""classify: cross-entropy of a sequence-classification head (encoder or decoder backbone)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+
+from tunesmith.data.collate import collate_classification
+from tunesmith.objectives.base import LossOutput, ObjectiveSpec, model_inputs, register
+
+
+def classification_loss(model: torch.nn.Module, batch: dict) -> LossOutput:
+    logits = model(**model_inputs(batch)).logits.float()  # (B, C)
+    loss_sum = F.cross_entropy(logits, batch["class_labels"], reduction="sum")
+    return LossOutput(loss_sum=loss_sum, num_loss_tokens=batch["num_loss_tokens"])
+
+
+@torch.no_grad()
+def evaluate_classification(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+    total_loss = 0.0
+    predictions: list[int] = []
+    references: list[int] = []
+    for batch in batches:
+        logits = model(**model_inputs(batch)).logits.float()  # (B, C)
+        total_loss += F.cross_entropy(logits, batch["class_labels"], reduction="sum").item()
+        predictions += logits.argmax(-1).tolist()
+        references += batch["class_labels"].tolist()
+    return {
+        "eval_loss": total_loss / max(len(references), 1),
+        "accuracy": float(accuracy_score(references, predictions)),
+        "f1_macro": float(f1_score(references, predictions, average="macro", zero_division=0)),
+        "eval_examples": len(references),
+    }
+
+
+register(
+    ObjectiveSpec(
+        name="classify",
+        model_kind="sequence_classification",
+        collate=collate_classification,
+        loss=classification_loss,
+        evaluate=evaluate_classification,
+    )
+)

@@ -1,0 +1,338 @@
+"""The one training loop, shared by every method and objective.
+
+It owns devices and precision (accelerate), the data order, gradient accumulation with loss
+normalised by the total number of loss tokens in each optimiser step, clipping, the schedule,
+evaluation, early stopping, the best-checkpoint export, checkpoints and resume, signals and
+logging. A method decides what trains; an objective decides what the loss is; nothing else
+about training lives outside this file and its helpers in this package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tunesmith.config import RunConfig, dump_config
+from tunesmith.data import prepare_data, write_rejects
+from tunesmith.data.collate import batch_order, collate_packed, eval_batches, pack_examples, steps_per_epoch
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.methods import METHODS, count_parameters
+from tunesmith.models import load_model, load_tokenizer
+from tunesmith.objectives import OBJECTIVES
+from tunesmith.objectives.base import ObjectiveSpec
+from tunesmith.training.checkpoint import (
+    complete_checkpoints,
+    load_best,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+)
+from tunesmith.training.metrics import MetricsLog, peak_memory_mb
+from tunesmith.training.optim import build_optimizer, build_scheduler
+
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    exit_code: int
+
+
+class StopSignal:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each optimiser step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def prepare_run_dir(config: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """Check the run directory before any expensive work starts."""
+    run_dir = config.output_dir
+    has_content = run_dir.exists() and any(run_dir.iterdir())
+    if resume:
+        if not complete_checkpoints(run_dir / "checkpoints"):
+            raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    elif has_content:
+        if not overwrite:
+            raise ConfigError(
+                f"output_dir: {run_dir} already holds files; pass --resume to continue that run, "
+                "--overwrite to replace it, or choose another output_dir"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    return run_dir
+
+
+def micro_batch_stream(lengths: list[int], config: RunConfig, start: int) -> Iterator[list[int]]:
+    """Item indices of each micro-batch, epoch after epoch, starting at micro-batch number `start`."""
+    per_epoch = math.ceil(len(lengths) / config.train.batch_size)
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        order = batch_order(lengths, config.train.batch_size, config.train.seed, epoch, config.data.group_by_length)
+        yield from order[offset:]
+        epoch, offset = epoch + 1, 0
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def evaluate(model, objective: ObjectiveSpec, examples: list[dict], pad_id: int, batch_size: int, device) -> dict:
+    lengths = [len(example["input_ids"]) for example in examples]
+    batches = (
+        to_device(objective.collate([examples[index] for index in indices], pad_id), device)
+        for indices in eval_batches(lengths, batch_size)
+    )
+    was_training = model.training
+    model.eval()
+    metrics = objective.evaluate(model, batches)
+    model.train(was_training)
+    return metrics
+
+
+def mixed_precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return setting
+
+
+def train(
+    config: RunConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    should_stop: Callable[[int], bool] | None = None,
+    console: Console | None = None,
+) -> TrainResult:
+    """Run one fine-tuning job described by `config`; `should_stop(step)` lets tests simulate a kill."""
+    console = console or Console(stderr=True)
+    objective = OBJECTIVES.get(config.task, "task")
+    method = METHODS.get(config.method.name, "method.name")
+    train_config = config.train
+
+    # --- setup: everything that can fail on bad input happens before the first step ---
+    run_dir = prepare_run_dir(config, resume, overwrite)
+    torch.manual_seed(train_config.seed)
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_data(config, tokenizer)
+    write_rejects(data.rejects, run_dir / "rejects.jsonl")
+    if not data.train:
+        rejected = len(data.rejects)
+        raise DataError(f"{config.data.train}: no usable training record ({rejected} rejected, see rejects.jsonl)")
+    if data.label_names is not None:
+        (run_dir / "labels.json").write_text(json.dumps(data.label_names), encoding="utf-8")
+    if config.data.packing and not objective.supports_packing:
+        raise ConfigError(f"data.packing: task {config.task} does not support packing")
+
+    model = load_model(config.model, config.task, data.label_names)
+    model = method.apply(model, config.method, config.task)
+    trainable_params, total_params = count_parameters(model)
+    console.print(
+        f"[bold]{config.method.name}[/]: training {trainable_params:,} of {total_params:,} parameters "
+        f"({100 * trainable_params / total_params:.2f}%) on {len(data.train):,} records"
+    )
+    if train_config.gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pad_id = tokenizer.pad_token_id
+
+    if config.data.packing:
+        items = pack_examples(data.train, config.data.max_length)
+        collate = collate_packed
+        lengths = [sum(len(example["input_ids"]) for example in row) for row in items]
+    else:
+        items = data.train
+        collate = objective.collate
+        lengths = [len(example["input_ids"]) for example in items]
+    per_epoch = steps_per_epoch(len(items), train_config.batch_size, train_config.grad_accum)
+    total_steps = train_config.max_steps or max(1, math.ceil(train_config.epochs * per_epoch))
+
+    accelerator = Accelerator(mixed_precision=mixed_precision(train_config.mixed_precision))
+    optimizer = build_optimizer(model, train_config)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = build_scheduler(optimizer, train_config, total_steps)
+    device = accelerator.device
+    eval_batch_size = train_config.eval_batch_size or train_config.batch_size
+    checkpoints_dir = run_dir / "checkpoints"
+    watched = train_config.early_stopping.metric if train_config.early_stopping else "eval_loss"
+    lower_is_better = train_config.early_stopping.lower_is_better if train_config.early_stopping else True
+
+    state: dict[str, Any] = {
+        "step": 0,
+        "micro_batches": 0,
+        "train_tokens": 0,
+        "train_seconds": 0.0,
+        "best": None,  # {"step", "metrics"} of the best evaluation so far
+        "evals_without_improvement": 0,
+        "eval_before": None,
+        "last_eval": None,
+    }
+    if resume:
+        newest = complete_checkpoints(checkpoints_dir)[-1]
+        state = load_checkpoint(newest, accelerator.unwrap_model(model), optimizer, scheduler)
+        console.print(f"resumed from {newest.name} (step {state['step']})")
+    elif train_config.eval_before and data.eval:
+        state["eval_before"] = evaluate(model, objective, data.eval, pad_id, eval_batch_size, device)
+        console.print(f"before training: {format_metrics(state['eval_before'])}")
+
+    log = MetricsLog(run_dir, train_config.report_to, append=resume)
+    stream = micro_batch_stream(lengths, config, state["micro_batches"])
+    save_every = train_config.save_every or train_config.eval_every
+    exit_code = 0
+    stopped_early = False
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            checkpoints_dir, state["step"], accelerator.unwrap_model(model), optimizer, scheduler,
+            state, train_config.keep_checkpoints,
+        )
+
+    def evaluate_and_track() -> bool:
+        """Evaluate, keep the best weights, and say whether early stopping should end the run."""
+        metrics = evaluate(model, objective, data.eval, pad_id, eval_batch_size, device)
+        state["last_eval"] = {"step": state["step"], "metrics": metrics}
+        log.write({"step": state["step"], **metrics})
+        console.print(f"step {state['step']}: {format_metrics(metrics)}")
+        if watched not in metrics:
+            raise ConfigError(f"train.early_stopping.metric: {watched!r} is not one of {sorted(metrics)}")
+        best = state["best"]
+        min_delta = train_config.early_stopping.min_delta if train_config.early_stopping else 0.0
+        improvement = (
+            math.inf if best is None
+            else (best["metrics"][watched] - metrics[watched]) * (1 if lower_is_better else -1)
+        )
+        if improvement > min_delta:
+            state["best"] = {"step": state["step"], "metrics": metrics}
+            state["evals_without_improvement"] = 0
+            save_best(checkpoints_dir, accelerator.unwrap_model(model), state["best"])
+        else:
+            state["evals_without_improvement"] += 1
+        patience = train_config.early_stopping.patience if train_config.early_stopping else None
+        return patience is not None and state["evals_without_improvement"] >= patience
+
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console,
+    )
+    model.train()
+    with StopSignal() as stop_signal, progress:
+        bar = progress.add_task("train", total=total_steps, completed=state["step"], loss="-", lr="-", tps="-")
+        while state["step"] < total_steps:
+            started = time.perf_counter()
+            # One optimiser step: collate its micro-batches first, so the loss can be divided by
+            # the total number of loss tokens of the whole step (not a mean of micro-batch means).
+            micro_batches = [
+                collate([items[index] for index in next(stream)], pad_id) for _ in range(train_config.grad_accum)
+            ]
+            step_loss_tokens = sum(batch["num_loss_tokens"] for batch in micro_batches)
+            step_loss = torch.zeros((), device=device)
+            for batch in micro_batches:
+                with accelerator.autocast():
+                    output = objective.loss(model, to_device(batch, device))
+                loss = output.loss_sum / max(step_loss_tokens, 1)
+                accelerator.backward(loss)
+                step_loss += loss.detach()
+            if train_config.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state["step"] += 1
+            state["micro_batches"] += train_config.grad_accum
+            step_tokens = sum(batch["num_tokens"] for batch in micro_batches)
+            state["train_tokens"] += step_tokens
+            elapsed = time.perf_counter() - started
+            state["train_seconds"] += elapsed
+            if state["step"] % train_config.log_every == 0 or state["step"] == total_steps:
+                loss_value = step_loss.item()
+                learning_rate = scheduler.get_last_lr()[0]
+                log.write({
+                    "step": state["step"], "loss": loss_value, "lr": learning_rate,
+                    "loss_tokens": step_loss_tokens, "tokens": step_tokens,
+                    "tokens_per_s": step_tokens / elapsed,
+                })
+                progress.update(
+                    bar, loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", tps=f"{step_tokens / elapsed:.0f}"
+                )
+            progress.update(bar, completed=state["step"])
+
+            at_end = state["step"] == total_steps
+            if data.eval and (at_end or (train_config.eval_every and state["step"] % train_config.eval_every == 0)):
+                stopped_early = evaluate_and_track() and not at_end
+            interrupted = stop_signal.received is not None or (should_stop is not None and should_stop(state["step"]))
+            if interrupted or stopped_early or (save_every and state["step"] % save_every == 0 and not at_end):
+                checkpoint()
+            if interrupted:
+                console.print(f"interrupted: checkpoint saved at step {state['step']}; continue with --resume")
+                exit_code = EXIT_INTERRUPTED
+                break
+            if stopped_early:
+                console.print(f"early stopping: {watched} did not improve for "
+                              f"{state['evals_without_improvement']} evaluations")
+                break
+    log.close()
+
+    summary = {
+        "steps": state["step"],
+        "total_steps": total_steps,
+        "train_tokens": state["train_tokens"],
+        "train_seconds": round(state["train_seconds"], 3),
+        "tokens_per_s": state["train_tokens"] / max(state["train_seconds"], 1e-9),
+        "trainable_params": trainable_params,
+        "total_params": total_params,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "eval_before": state["eval_before"],
+        "eval": state["last_eval"]["metrics"] if state["last_eval"] else None,
+        "best": state["best"]["metrics"] if state["best"] else None,
+        "best_step": state["best"]["step"] if state["best"] else None,
+        "stopped_early": stopped_early,
+        "interrupted": exit_code == EXIT_INTERRUPTED,
+        "data": data.stats,
+        "method": config.method.name,
+        "task": config.task,
+    }
+    if exit_code == 0:
+        unwrapped = accelerator.unwrap_model(model)
+        exported = load_best(checkpoints_dir, unwrapped) if state["best"] else None
+        summary["exported_step"] = exported["step"] if exported else state["step"]
+        export_dir = run_dir / ("adapter" if method.saves == "adapter" else "model")
+        unwrapped.save_pretrained(export_dir, safe_serialization=True)
+        tokenizer.save_pretrained(export_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return TrainResult(run_dir=run_dir, summary=summary, exit_code=exit_code)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(
+        f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}" for key, value in metrics.items()
+    )

@@ -1,0 +1,35 @@
+"""AdamW with the usual no-decay groups, and warmup + decay schedules (transformers' get_scheduler)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import get_scheduler
+
+from tunesmith.config import TrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as in BERT and GPT-2 practice."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = torch.cuda.is_available() and all(parameter.is_cuda for parameter in decay + no_decay)
+    return torch.optim.AdamW(
+        [group for group in groups if group["params"]], lr=train.lr, betas=train.adam_betas, fused=fused or None
+    )
+
+
+def warmup_steps(train: TrainConfig, total_steps: int) -> int:
+    return round(train.warmup * total_steps) if train.warmup < 1 else int(train.warmup)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
+    names = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+    return get_scheduler(
+        names[train.scheduler],
+        optimizer=optimizer,
+        num_warmup_steps=warmup_steps(train, total_steps),
+        num_training_steps=total_steps,
+    )
