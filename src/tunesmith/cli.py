@@ -82,7 +82,7 @@ def models() -> None:
 @data_app.command("inspect")
 def data_inspect(
     path: Annotated[Path, typer.Argument(help="A data file or folder.")],
-    model: Annotated[str, typer.Option(help="Model whose tokenizer and chat template apply.")] = "smollm2-135m-instruct",
+    model: Annotated[str, typer.Option(help="Model whose tokenizer and template apply.")] = "smollm2-135m-instruct",
     task: Annotated[str, typer.Option(help="sft, pretrain or classify.")] = "sft",
     overrides: Overrides = None,
 ) -> None:

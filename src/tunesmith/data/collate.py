@@ -6,6 +6,7 @@ predicts token i+1 of the same record and the last token of one packed record ne
 first token of the next. A packed row restarts `position_ids` at 0 for each record and is passed
 without an attention mask: transformers then builds a block-diagonal causal mask from the
 position ids (masking_utils.find_packed_sequence_indices), so records never attend to each other.
+That detection only runs without a KV cache: packed batches must be run with `use_cache=False`.
 """
 
 from __future__ import annotations

@@ -118,6 +118,24 @@ def evaluate(model, objective: ObjectiveSpec, examples: list[dict], pad_id: int,
     return metrics
 
 
+def accumulate_gradients(model, objective: ObjectiveSpec, micro_batches: list[dict], accelerator) -> torch.Tensor:
+    """Backward over one optimiser step's micro-batches; returns the step's loss (detached).
+
+    Each micro-batch's summed loss is divided by the loss-token count of the WHOLE step, so the
+    accumulated gradient is the gradient of the mean over every loss token of the step, whatever
+    the split into micro-batches: batch 8 x accumulation 1 == batch 2 x accumulation 4.
+    """
+    step_loss_tokens = max(sum(batch["num_loss_tokens"] for batch in micro_batches), 1)
+    step_loss = torch.zeros((), device=accelerator.device)
+    for batch in micro_batches:
+        with accelerator.autocast():
+            output = objective.loss(model, to_device(batch, accelerator.device))
+        loss = output.loss_sum / step_loss_tokens
+        accelerator.backward(loss)
+        step_loss += loss.detach()
+    return step_loss
+
+
 def mixed_precision(setting: str) -> str:
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -196,7 +214,10 @@ def train(
     }
     if resume:
         newest = complete_checkpoints(checkpoints_dir)[-1]
-        state = load_checkpoint(newest, accelerator.unwrap_model(model), optimizer, scheduler)
+        try:
+            state = load_checkpoint(newest, accelerator.unwrap_model(model), optimizer, scheduler)
+        except (ValueError, KeyError) as error:
+            raise ConfigError(f"--resume: {newest} does not fit this config ({error})") from None
         console.print(f"resumed from {newest.name} (step {state['step']})")
     elif train_config.eval_before and data.eval:
         state["eval_before"] = evaluate(model, objective, data.eval, pad_id, eval_batch_size, device)
@@ -254,13 +275,7 @@ def train(
                 collate([items[index] for index in next(stream)], pad_id) for _ in range(train_config.grad_accum)
             ]
             step_loss_tokens = sum(batch["num_loss_tokens"] for batch in micro_batches)
-            step_loss = torch.zeros((), device=device)
-            for batch in micro_batches:
-                with accelerator.autocast():
-                    output = objective.loss(model, to_device(batch, device))
-                loss = output.loss_sum / max(step_loss_tokens, 1)
-                accelerator.backward(loss)
-                step_loss += loss.detach()
+            step_loss = accumulate_gradients(model, objective, micro_batches, accelerator)
             if train_config.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
             optimizer.step()

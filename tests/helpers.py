@@ -1,0 +1,51 @@
+"""Small builders shared by the tests: data files and run configs on the tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import build_config, merge
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def chat_records(count: int) -> list[dict]:
+    """Short, distinct multi-turn chats: easy to memorise, cheap to train."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {index} plus {index}?"},
+                {"role": "assistant", "content": f"{index} plus {index} is {2 * index}."},
+                {"role": "user", "content": "Thanks!"},
+                {"role": "assistant", "content": f"You are welcome, number {index}."},
+            ]
+        }
+        for index in range(count)
+    ]
+
+
+def classification_records(count: int) -> list[dict]:
+    words = {"positive": "great lovely wonderful", "negative": "awful boring terrible"}
+    return [
+        {"text": f"this film was {words[label].split()[index % 3]} number {index}", "label": label}
+        for index in range(count)
+        for label in ("positive", "negative")
+    ]
+
+
+def run_config(model_dir: Path, train_file: Path, output_dir: Path, **sections: Any):
+    """A RunConfig for a tiny model; keyword sections (data=..., train=..., method=...) override defaults."""
+    base = {
+        "model": {"name": str(model_dir)},
+        "data": {"train": str(train_file), "eval_split": 0.0, "max_length": 128},
+        "task": "sft",
+        "method": {"name": "full"},
+        "train": {"batch_size": 4, "max_steps": 4, "lr": 1e-3, "warmup": 0, "eval_before": False, "seed": 0},
+        "output_dir": str(output_dir),
+    }
+    return build_config(merge(base, sections))
