@@ -109,22 +109,23 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
 ) -> None:
     """Answer prompts with a trained run, using its saved chat template."""
+    from tunesmith.inference import compare
     from tunesmith.inference import generate as generate_text
     from tunesmith.models import load_run
 
     model, tokenizer = load_run(run)
-    tuned = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     if not base:
-        for answer in tuned:
+        for answer in generate_text(model, tokenizer, prompt, **settings):
             console.print(answer)
         return
-    base_model, base_tokenizer = load_run(run, base=True)
-    untuned = generate_text(base_model, base_tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+    # An adapter run answers as the base with its adapters disabled; a full run loads the base.
+    base_model, base_tokenizer = (None, None) if hasattr(model, "disable_adapter") else load_run(run, base=True)
     table = Table(show_lines=True)
     for column in ("prompt", "base", "tuned"):
         table.add_column(column, ratio=1)
-    for row in zip(prompt, untuned, tuned, strict=True):
-        table.add_row(*row)
+    for answer in compare(model, tokenizer, prompt, base_model, base_tokenizer, **settings):
+        table.add_row(answer.prompt, answer.base, answer.tuned)
     console.print(table)
 
 

