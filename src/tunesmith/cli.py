@@ -97,7 +97,7 @@ def data_inspect(
     tokenizer = load_tokenizer(run_config.model)
     report = inspect_data(run_config.data.train, tokenizer, run_config.data, run_config.task)
     if report:
-        console.print(report)
+        console.print(report, markup=False, highlight=False)
 
 
 @app.command()
