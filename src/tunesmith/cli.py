@@ -159,7 +159,9 @@ def export(
 def main() -> None:
     """Entry point: user errors become one line and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a command's exit code instead of exiting.
+        exit_code = app(standalone_mode=False)
+        sys.exit(exit_code if isinstance(exit_code, int) else 0)
     except UserError as error:
         err_console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)

@@ -1,0 +1,26 @@
+"""Every example config loads and validates (paths resolve against ../shared/data from the repo root)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunesmith.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_there_are_examples_for_every_task_and_method():
+    configs = [load_config(path) for path in EXAMPLES]
+    assert {config.task for config in configs} >= {"sft", "pretrain", "classify"}
+    assert {config.method.name for config in configs} >= {"full", "freeze", "lora"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[path.stem for path in EXAMPLES])
+def test_example_validates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    config = load_config(path)
+    assert config.data.train.exists()
+    assert str(config.output_dir).startswith("runs/")
