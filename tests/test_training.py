@@ -36,9 +36,8 @@ def losses(run_dir) -> list[float]:
 
 
 def test_memorises_eight_records(tiny_llama_dir, chat_file, tmp_path):
-    config = run_config(
-        tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 150, "batch_size": 8, "lr": 5e-3, "scheduler": "constant"}
-    )
+    schedule = {"max_steps": 150, "batch_size": 8, "lr": 5e-3, "scheduler": "constant"}
+    config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train=schedule)
     result = train(config)
     history = losses(result.run_dir)
     assert result.exit_code == 0

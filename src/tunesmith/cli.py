@@ -24,6 +24,15 @@ app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """Keep the terminal for tunesmith's own progress: library progress bars and info logs off."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 ConfigPath = Annotated[Path, typer.Argument(help="Run config (YAML).")]
 Overrides = Annotated[
     list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=1e-4 (repeatable).")

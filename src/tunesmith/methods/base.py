@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -59,8 +58,3 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def classification_head_names(model: torch.nn.Module) -> list[str]:
     """Names of the modules a sequence-classification model creates new (`classifier`, `score`)."""
     return [name for name in ("classifier", "score") if hasattr(model, name)]
-
-
-def save_method_output(model: torch.nn.Module, run_model_dir: Path) -> None:
-    """Full models and peft adapters both save with `save_pretrained` as safetensors."""
-    model.save_pretrained(run_model_dir, safe_serialization=True)

@@ -341,7 +341,7 @@ def train(
         exported = load_best(checkpoints_dir, unwrapped) if state["best"] else None
         summary["exported_step"] = exported["step"] if exported else state["step"]
         export_dir = run_dir / ("adapter" if method.saves == "adapter" else "model")
-        unwrapped.save_pretrained(export_dir, safe_serialization=True)
+        unwrapped.save_pretrained(export_dir)  # transformers 5 always writes safetensors
         tokenizer.save_pretrained(export_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return TrainResult(run_dir=run_dir, summary=summary, exit_code=exit_code)
