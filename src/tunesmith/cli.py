@@ -165,6 +165,18 @@ def export(
     console.print(f"merged model written to {written}")
 
 
+def _register_stage_commands() -> None:
+    """Stages that live in their own package add their commands here (one `register(app)` each)."""
+    import importlib
+
+    for module_name in STAGE_COMMANDS:
+        importlib.import_module(module_name).register(app)
+
+
+STAGE_COMMANDS: tuple[str, ...] = ()
+_register_stage_commands()
+
+
 def main() -> None:
     """Entry point: user errors become one line and exit code 2, never a traceback."""
     try:
