@@ -114,7 +114,7 @@ def test_gradient_is_split_invariant(tiny_llama_dir):
     def gradient(batch_size: int) -> torch.Tensor:
         model.zero_grad()
         batches = [collate_padded(examples[i : i + batch_size], 0) for i in range(0, 8, batch_size)]
-        accumulate_gradients(model, objective, batches, accelerator)
+        accumulate_gradients(model, objective, None, batches, accelerator)
         return torch.cat([parameter.grad.flatten() for parameter in model.parameters()])
 
     whole, split = gradient(8), gradient(2)
@@ -122,7 +122,7 @@ def test_gradient_is_split_invariant(tiny_llama_dir):
 
     model.zero_grad()  # the bug this guards against: averaging per-micro-batch means
     for start in range(0, 8, 2):
-        output = objective.loss(model, collate_padded(examples[start : start + 2], 0))
+        output = objective.loss(model, collate_padded(examples[start : start + 2], 0), None)
         (output.loss_sum / output.num_loss_tokens / 4).backward()
     mean_of_means = torch.cat([parameter.grad.flatten() for parameter in model.parameters()])
     assert not torch.allclose(mean_of_means, whole, rtol=1e-2, atol=1e-6)

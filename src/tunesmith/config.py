@@ -137,7 +137,10 @@ MethodConfig = Annotated[
 class RunConfig(Section):
     model: ModelConfig
     data: DataConfig
-    task: str = Field("sft", description="Objective: sft, pretrain or classify.")
+    task: str = Field("sft", description="Objective: sft, pretrain, classify (and those registered later).")
+    objective: Any = Field(
+        None, validate_default=True, description="The task's own settings, e.g. {beta: 0.1} for dpo."
+    )
     method: MethodConfig = Field(default_factory=lambda: METHODS.get("lora").settings())
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: Path = Field(Path("runs/run"), description="Run directory written by `tunesmith train`.")
@@ -151,6 +154,18 @@ class RunConfig(Section):
             raise ValueError(f"unknown task {task!r}{closest(task, OBJECTIVES.names())}; "
                              f"known: {', '.join(OBJECTIVES.names())}")
         return task
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_settings(cls, value: Any, info) -> Any:
+        from tunesmith.objectives import OBJECTIVES, ObjectiveSettings
+
+        if "task" not in info.data:  # the task itself failed validation; that error is reported
+            return value
+        settings = OBJECTIVES.get(info.data["task"]).settings
+        if isinstance(value, ObjectiveSettings):
+            value = value.model_dump()
+        return settings.model_validate(value or {})
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -222,7 +237,7 @@ def _fields_at(model_class: type[BaseModel], location: tuple) -> list[str]:
     return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
 
 
-def describe_validation_error(error: ValidationError, root: type[BaseModel] = None) -> str:
+def describe_validation_error(error: ValidationError, root: type[BaseModel] = None, task: str = "") -> str:
     """The first problem as one line: `key.path: what is wrong`."""
     root = root or RunConfig
     first = error.errors()[0]
@@ -233,6 +248,10 @@ def describe_validation_error(error: ValidationError, root: type[BaseModel] = No
         siblings = _fields_at(root, location[:-1])
         if location[:-1] == ("method",):
             siblings = _method_fields(first.get("input"), error)
+        if location[:-1] == ("objective",):
+            from tunesmith.objectives import OBJECTIVES
+
+            siblings = list(OBJECTIVES.get(task).settings.model_fields) if task in OBJECTIVES else []
         return f"{key}: unknown key{closest(str(location[-1]), siblings)}"
     if kind == "missing":
         return f"{key}: required but missing"
@@ -256,7 +275,8 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error)) from None
+        task = raw.get("task", "sft") if isinstance(raw, dict) else ""
+        raise ConfigError(describe_validation_error(error, task=str(task))) from None
 
 
 def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:

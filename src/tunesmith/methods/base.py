@@ -32,6 +32,8 @@ class MethodSpec:
     """The learning rate used when `train.lr` is not set (current practice for this method)."""
     saves: Literal["model", "adapter"]
     """What the run directory holds: a full model folder or a peft adapter folder."""
+    optimizer_groups: Callable[[torch.nn.Module, MethodSettings, float, float], list[dict]] | None = None
+    """Optional optimizer_groups(model, settings, lr, weight_decay) -> AdamW parameter groups."""
 
 
 METHODS: Registry[MethodSpec] = Registry("method")

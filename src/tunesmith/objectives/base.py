@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from tunesmith.registry import Registry
 
@@ -27,16 +28,29 @@ class LossOutput:
     """Extra summed quantities to log, divided by num_loss_tokens by the loop."""
 
 
+class ObjectiveSettings(BaseModel):
+    """Base of every objective's settings (the `objective:` config section); sft and classify have none."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     name: str
     model_kind: Literal["causal_lm", "sequence_classification"]
     collate: Callable[[list[dict], int], dict]
     """collate(examples, pad_id) -> batch of tensors plus `num_loss_tokens` and `num_tokens` ints."""
-    loss: Callable[[torch.nn.Module, dict], LossOutput]
-    evaluate: Callable[[torch.nn.Module, Iterable[dict]], dict[str, float]]
-    """evaluate(model, batches) -> metrics by name; always includes `eval_loss`."""
+    loss: Callable[[torch.nn.Module, dict, Any], LossOutput]
+    """loss(model, batch, settings) -> summed loss, its term count, summed metrics."""
+    evaluate: Callable[[torch.nn.Module, Iterable[dict], Any], dict[str, float]]
+    """evaluate(model, batches, settings) -> metrics by name; always includes `eval_loss`."""
+    settings: type[ObjectiveSettings] = ObjectiveSettings
     supports_packing: bool = False
+    reference: Callable[[torch.nn.Module, dict, Any], dict[str, torch.Tensor]] | None = None
+    """For objectives that compare against the starting model (DPO, KL penalties):
+    reference(reference_model, batch, settings) -> tensors added to the batch before `loss`.
+    The loop runs it without gradients, in eval mode, on the reference: for a peft model the
+    same model with its adapters disabled (no second copy), otherwise a frozen copy."""
 
 
 OBJECTIVES: Registry[ObjectiveSpec] = Registry("task")

@@ -56,14 +56,14 @@ def loss_position_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Ten
     return logits.float(), targets[has_target]
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossOutput:
+def causal_lm_loss(model: torch.nn.Module, batch: dict, settings=None) -> LossOutput:
     logits, targets = loss_position_logits(model, batch)
     loss_sum = F.cross_entropy(logits, targets, reduction="sum")
     return LossOutput(loss_sum=loss_sum, num_loss_tokens=batch["num_loss_tokens"])
 
 
 @torch.no_grad()
-def evaluate_causal_lm(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+def evaluate_causal_lm(model: torch.nn.Module, batches: Iterable[dict], settings=None) -> dict[str, float]:
     """Token-weighted loss over the whole eval set (not a mean of batch means) and its perplexity."""
     total_loss = 0.0
     total_tokens = 0

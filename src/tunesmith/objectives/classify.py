@@ -12,14 +12,14 @@ from tunesmith.data.collate import collate_classification
 from tunesmith.objectives.base import LossOutput, ObjectiveSpec, model_inputs, register
 
 
-def classification_loss(model: torch.nn.Module, batch: dict) -> LossOutput:
+def classification_loss(model: torch.nn.Module, batch: dict, settings=None) -> LossOutput:
     logits = model(**model_inputs(batch)).logits.float()  # (B, C)
     loss_sum = F.cross_entropy(logits, batch["class_labels"], reduction="sum")
     return LossOutput(loss_sum=loss_sum, num_loss_tokens=batch["num_loss_tokens"])
 
 
 @torch.no_grad()
-def evaluate_classification(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+def evaluate_classification(model: torch.nn.Module, batches: Iterable[dict], settings=None) -> dict[str, float]:
     total_loss = 0.0
     predictions: list[int] = []
     references: list[int] = []

@@ -41,6 +41,7 @@ from tunesmith.training.checkpoint import (
 )
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.reference import ReferenceModel, add_reference_outputs
 
 EXIT_INTERRUPTED = 130
 
@@ -105,20 +106,29 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
-def evaluate(model, objective: ObjectiveSpec, examples: list[dict], pad_id: int, batch_size: int, device) -> dict:
+def evaluate(
+    model, objective: ObjectiveSpec, settings, examples: list[dict], pad_id: int, batch_size: int, device,
+    reference: ReferenceModel | None = None,
+) -> dict:
     lengths = [len(example["input_ids"]) for example in examples]
     batches = (
-        to_device(objective.collate([examples[index] for index in indices], pad_id), device)
+        add_reference_outputs(
+            objective, reference, model,
+            to_device(objective.collate([examples[index] for index in indices], pad_id), device), settings,
+        )
         for indices in eval_batches(lengths, batch_size)
     )
     was_training = model.training
     model.eval()
-    metrics = objective.evaluate(model, batches)
+    metrics = objective.evaluate(model, batches, settings)
     model.train(was_training)
     return metrics
 
 
-def accumulate_gradients(model, objective: ObjectiveSpec, micro_batches: list[dict], accelerator) -> torch.Tensor:
+def accumulate_gradients(
+    model, objective: ObjectiveSpec, settings, micro_batches: list[dict], accelerator,
+    reference: ReferenceModel | None = None,
+) -> torch.Tensor:
     """Backward over one optimiser step's micro-batches; returns the step's loss (detached).
 
     Each micro-batch's summed loss is divided by the loss-token count of the WHOLE step, so the
@@ -128,8 +138,9 @@ def accumulate_gradients(model, objective: ObjectiveSpec, micro_batches: list[di
     step_loss_tokens = max(sum(batch["num_loss_tokens"] for batch in micro_batches), 1)
     step_loss = torch.zeros((), device=accelerator.device)
     for batch in micro_batches:
+        batch = add_reference_outputs(objective, reference, model, to_device(batch, accelerator.device), settings)
         with accelerator.autocast():
-            output = objective.loss(model, to_device(batch, accelerator.device))
+            output = objective.loss(model, batch, settings)
         loss = output.loss_sum / step_loss_tokens
         accelerator.backward(loss)
         step_loss += loss.detach()
@@ -193,7 +204,9 @@ def train(
     total_steps = train_config.max_steps or max(1, math.ceil(train_config.epochs * per_epoch))
 
     accelerator = Accelerator(mixed_precision=mixed_precision(train_config.mixed_precision))
-    optimizer = build_optimizer(model, train_config)
+    # The reference is the model as it starts, before any step or resume changes it.
+    reference = ReferenceModel(model) if objective.reference is not None else None
+    optimizer = build_optimizer(model, train_config, method, config.method)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, train_config, total_steps)
     device = accelerator.device
@@ -220,7 +233,9 @@ def train(
             raise ConfigError(f"--resume: {newest} does not fit this config ({error})") from None
         console.print(f"resumed from {newest.name} (step {state['step']})")
     elif train_config.eval_before and data.eval:
-        state["eval_before"] = evaluate(model, objective, data.eval, pad_id, eval_batch_size, device)
+        state["eval_before"] = evaluate(
+            model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference
+        )
         console.print(f"before training: {format_metrics(state['eval_before'])}")
 
     log = MetricsLog(run_dir, train_config.report_to, append=resume)
@@ -237,7 +252,7 @@ def train(
 
     def evaluate_and_track() -> bool:
         """Evaluate, keep the best weights, and say whether early stopping should end the run."""
-        metrics = evaluate(model, objective, data.eval, pad_id, eval_batch_size, device)
+        metrics = evaluate(model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference)
         state["last_eval"] = {"step": state["step"], "metrics": metrics}
         log.write({"step": state["step"], **metrics})
         console.print(f"step {state['step']}: {format_metrics(metrics)}")
@@ -275,7 +290,7 @@ def train(
                 collate([items[index] for index in next(stream)], pad_id) for _ in range(train_config.grad_accum)
             ]
             step_loss_tokens = sum(batch["num_loss_tokens"] for batch in micro_batches)
-            step_loss = accumulate_gradients(model, objective, micro_batches, accelerator)
+            step_loss = accumulate_gradients(model, objective, config.objective, micro_batches, accelerator, reference)
             if train_config.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
             optimizer.step()

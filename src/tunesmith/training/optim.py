@@ -8,14 +8,23 @@ from transformers import get_scheduler
 from tunesmith.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as in BERT and GPT-2 practice."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = torch.cuda.is_available() and all(parameter.is_cuda for parameter in decay + no_decay)
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, method=None, method_settings=None) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as in BERT and GPT-2 practice.
+
+    A method may shape the parameter groups itself (LoRA+ gives B matrices a larger learning rate)
+    through `MethodSpec.optimizer_groups`.
+    """
+    custom = getattr(method, "optimizer_groups", None)
+    if custom is not None:
+        groups = custom(model, method_settings, train.lr, train.weight_decay)
+    else:
+        decay, no_decay = [], []
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                (no_decay if parameter.ndim < 2 else decay).append(parameter)
+        groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    parameters = [parameter for group in groups for parameter in group["params"]]
+    fused = torch.cuda.is_available() and all(parameter.is_cuda for parameter in parameters)
     return torch.optim.AdamW(
         [group for group in groups if group["params"]], lr=train.lr, betas=train.adam_betas, fused=fused or None
     )

@@ -1,0 +1,45 @@
+"""The reference model for objectives that compare against the starting policy (DPO, KL penalties).
+
+For a peft model the reference is the same model with its adapters disabled: the frozen base IS
+the starting policy, so no second copy is held in memory. Any other model gets a frozen copy,
+made before the first optimiser step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class ReferenceModel:
+    def __init__(self, model: torch.nn.Module):
+        self.uses_disabled_adapters = hasattr(model, "disable_adapter")
+        self.frozen_copy = None
+        if not self.uses_disabled_adapters:
+            self.frozen_copy = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @contextmanager
+    def active(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The module to run as the reference, in eval mode (no dropout) and without gradients."""
+        if self.frozen_copy is not None:
+            with torch.no_grad():
+                yield self.frozen_copy
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), model.disable_adapter():
+                yield model
+        finally:
+            model.train(was_training)
+
+
+def add_reference_outputs(objective, reference: ReferenceModel | None, model, batch: dict, settings) -> dict:
+    """Run the objective's reference computation (if it has one) and add its tensors to the batch."""
+    if objective.reference is None or reference is None:
+        return batch
+    with reference.active(model) as reference_model:
+        return {**batch, **objective.reference(reference_model, batch, settings)}
