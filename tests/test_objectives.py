@@ -107,3 +107,20 @@ def test_length_grouping_reduces_padding():
     grouped = padding(batch_order(lengths, 8, 0, 0, True))
     random = padding(batch_order(lengths, 8, 0, 0, False))
     assert grouped < random / 4
+
+
+def test_chunked_loss_equals_one_piece_in_value_and_gradient(tiny_lm):
+    from tunesmith.objectives.causal_lm import CausalLMSettings
+
+    examples = make_examples(6, tiny_lm.config.vocab_size, seed=4)
+    batch = collate_padded(examples, pad_id=0)
+    results = []
+    for chunk in (None, 7):
+        tiny_lm.zero_grad()
+        output = causal_lm_loss(tiny_lm, batch, CausalLMSettings(loss_chunk_tokens=chunk))
+        output.loss_sum.backward()
+        results.append((output.loss_sum.detach(), [p.grad.clone() for p in tiny_lm.parameters()]))
+    assert batch["num_loss_tokens"] > 7 * 3  # several chunks were used
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for chunked, whole in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)

@@ -11,9 +11,11 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.collate import IGNORE_INDEX, collate_padded
-from tunesmith.objectives.base import LossOutput, ObjectiveSpec, model_inputs, register
+from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, model_inputs, register
 
 
 def _language_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -38,27 +40,74 @@ def _can_skip_unused_logits(model: torch.nn.Module) -> bool:
     return hasattr(language_model, language_model.base_model_prefix)
 
 
-def loss_position_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, V) in float32 at the N positions that have a target, and those targets (N,).
+class CausalLMSettings(ObjectiveSettings):
+    loss_chunk_tokens: int | None = Field(
+        1024,
+        ge=1,
+        description="Compute the loss over chunks of this many positions, recomputing their logits in the "
+        "backward pass, so the (N, V) float32 logits never exist at once (exact). null: one piece.",
+    )
+
+
+def loss_position_hidden(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.nn.Module]:
+    """Final hidden states (N, H) at the N positions that have a target, and the output head.
 
     Only loss positions need logits: with a 49k vocabulary the (B, T, V) logits tensor is the
     largest activation of a small model, and in sft most positions are prompt.
     """
+    language_model = _language_model(model)
+    backbone = getattr(language_model, language_model.base_model_prefix)
+    hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, H)
+    return hidden[batch["targets"] != IGNORE_INDEX], language_model.get_output_embeddings()
+
+
+def loss_position_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, V) in float32 at the N positions that have a target, and those targets (N,)."""
     targets = batch["targets"]  # (B, T)
     has_target = targets != IGNORE_INDEX  # (B, T)
     if _can_skip_unused_logits(model):
-        language_model = _language_model(model)
-        backbone = getattr(language_model, language_model.base_model_prefix)
-        hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, H)
-        logits = language_model.get_output_embeddings()(hidden[has_target])  # (N, V)
+        hidden, head = loss_position_hidden(model, batch)
+        logits = head(hidden)  # (N, V)
     else:
         logits = model(**model_inputs(batch), use_cache=False).logits[has_target]  # (N, V)
     return logits.float(), targets[has_target]
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict, settings=None) -> LossOutput:
-    logits, targets = loss_position_logits(model, batch)
-    loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+def _chunk_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy_sum(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_tokens: int | None
+) -> torch.Tensor:
+    """Sum of cross-entropy over N positions, holding at most chunk_tokens x V logits at a time.
+
+    Each chunk's logits are recomputed in the backward pass (activation checkpointing of the
+    head + loss), trading one extra head matmul for never materialising (N, V) in float32.
+    """
+    if chunk_tokens is None or hidden.shape[0] <= chunk_tokens or not torch.is_grad_enabled():
+        return _chunk_cross_entropy_sum(hidden, targets, head)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        total = total + checkpoint(
+            _chunk_cross_entropy_sum,
+            hidden[start : start + chunk_tokens],  # (C, H)
+            targets[start : start + chunk_tokens],  # (C,)
+            head,
+            use_reentrant=False,
+        )
+    return total
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict, settings: CausalLMSettings | None = None) -> LossOutput:
+    chunk_tokens = settings.loss_chunk_tokens if settings is not None else None
+    targets = batch["targets"]  # (B, T)
+    if _can_skip_unused_logits(model):
+        hidden, head = loss_position_hidden(model, batch)  # (N, H)
+        loss_sum = chunked_cross_entropy_sum(hidden, head, targets[targets != IGNORE_INDEX], chunk_tokens)
+    else:
+        logits, loss_targets = loss_position_logits(model, batch)
+        loss_sum = F.cross_entropy(logits, loss_targets, reduction="sum")
     return LossOutput(loss_sum=loss_sum, num_loss_tokens=batch["num_loss_tokens"])
 
 
@@ -90,6 +139,7 @@ for _name in ("sft", "pretrain"):
             collate=collate_padded,
             loss=causal_lm_loss,
             evaluate=evaluate_causal_lm,
+            settings=CausalLMSettings,
             supports_packing=True,
         )
     )
