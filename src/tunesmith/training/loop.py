@@ -219,6 +219,7 @@ def train(
         "step": 0,
         "micro_batches": 0,
         "train_tokens": 0,
+        "train_positions": 0,  # tokens + padding the model processed
         "train_seconds": 0.0,
         "best": None,  # {"step", "metrics"} of the best evaluation so far
         "evals_without_improvement": 0,
@@ -301,6 +302,7 @@ def train(
             state["micro_batches"] += train_config.grad_accum
             step_tokens = sum(batch["num_tokens"] for batch in micro_batches)
             state["train_tokens"] += step_tokens
+            state["train_positions"] += sum(batch["input_ids"].numel() for batch in micro_batches)
             elapsed = time.perf_counter() - started
             state["train_seconds"] += elapsed
             if state["step"] % train_config.log_every == 0 or state["step"] == total_steps:
@@ -338,6 +340,7 @@ def train(
         "train_tokens": state["train_tokens"],
         "train_seconds": round(state["train_seconds"], 3),
         "tokens_per_s": state["train_tokens"] / max(state["train_seconds"], 1e-9),
+        "padding_fraction": 1 - state["train_tokens"] / max(state.get("train_positions", 0), 1),
         "trainable_params": trainable_params,
         "total_params": total_params,
         "peak_memory_mb": round(peak_memory_mb(), 1),

@@ -1,0 +1,271 @@
+"""Training throughput: tunesmith vs transformers Trainer + peft vs trl SFTTrainer, same job, one run.
+
+The same model, data (tokenised once, identical token ids and loss masks for every tool), LoRA
+config, max length, effective batch, steps, learning-rate schedule, seed and threads. Each tool
+runs in its own subprocess so peak memory (RSS on CPU, max allocated on CUDA) is its own.
+
+    python bench/train_throughput.py                       # the default job (see --help)
+    python bench/train_throughput.py --steps 4 --json out.json
+
+Figures: trained (non-pad) tokens/s, padding fraction (share of processed positions that were
+padding), peak memory, final loss (mean of the last half of the logged steps), and the ratios
+tunesmith / each peer. Loss agreement: the tools see the same records in different orders and
+packings, so per-step losses differ; the mean loss over the last half of the run must agree
+within --loss-tolerance (relative), or the script says so and exits 1.
+
+Requires trl (`pip install trl`); the other tools are tunesmith's own dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TOOLS = ("tunesmith", "trl", "trainer")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--records", type=int, default=96, help="records drawn from GSM8K + dpo_en_demo chats")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=2, help="rows per micro-batch (packed rows if packing)")
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--loss-tolerance", type=float, default=0.15)
+    parser.add_argument("--json", type=Path, help="also write the figures here, one object per tool")
+    parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+# --- the shared job --------------------------------------------------------------------------
+
+
+def write_job_data(path: Path, count: int, seed: int = 0) -> Path:
+    """Real, variable-length chat records: GSM8K Q/A pairs and dpo_en_demo conversations + chosen reply."""
+    records = []
+    with open(SHARED_DATA / "sft" / "gsm8k_train.jsonl", encoding="utf-8") as handle:
+        for _, line in zip(range(count), handle, strict=False):
+            row = json.loads(line)
+            records.append({"messages": [{"role": "user", "content": row["question"]},
+                                         {"role": "assistant", "content": row["answer"]}]})
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    for row in json.loads((SHARED_DATA / "preference" / "dpo_en_demo.json").read_text())[:count]:
+        turns = row["conversations"] + [row["chosen"]]
+        records.append({"messages": [{"role": roles[t["from"]], "content": t["value"]} for t in turns]})
+    random.Random(seed).shuffle(records)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records[:count]), encoding="utf-8")
+    return path
+
+
+def job_config(args: argparse.Namespace, output_dir: Path, packing: bool):
+    from tunesmith.config import build_config
+
+    return build_config({
+        "model": {"name": args.model},
+        "data": {"train": str(args.data), "eval_split": 0.0, "max_length": args.max_length, "packing": packing,
+                 "on_error": "skip"},
+        "task": "sft",
+        "method": {"name": "lora", "r": args.rank, "dropout": 0.0},
+        "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                  "lr": args.lr, "warmup": 1, "scheduler": "cosine", "seed": 0, "eval_before": False,
+                  "log_every": 1},
+        "output_dir": str(output_dir),
+    })
+
+
+def tokenised_examples(args: argparse.Namespace) -> tuple[list[dict], object]:
+    """The job's records tokenised once by tunesmith's data layer: the same ids and masks for every tool."""
+    from tunesmith.data import prepare_data
+    from tunesmith.models import load_tokenizer
+
+    config = job_config(args, Path(tempfile.mkdtemp()), packing=False)
+    tokenizer = load_tokenizer(config.model)
+    return prepare_data(config, tokenizer).train, tokenizer
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- workers: one tool each, in its own process ---------------------------------------------
+
+
+def run_tunesmith(args: argparse.Namespace) -> dict:
+    from tunesmith.training import train
+
+    with tempfile.TemporaryDirectory() as folder:
+        result = train(job_config(args, Path(folder) / "run", packing=True))
+        losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = result.summary
+    return {"tokens_per_s": summary["tokens_per_s"], "padding_fraction": summary["padding_fraction"],
+            "train_seconds": summary["train_seconds"], "losses": losses}
+
+
+class CountingCollator:
+    """Wraps a peer's collator to count real tokens and processed positions exactly."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.tokens = 0
+        self.positions = 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.tokens += sum(len(feature["input_ids"]) for feature in features)
+        self.positions += batch["input_ids"].numel()
+        return batch
+
+
+def peer_lora_model(args: argparse.Namespace):
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load_model
+
+    model = load_model(ModelConfig(name=args.model), "sft")
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def timed_train(trainer, collator: CountingCollator) -> dict:
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"tokens_per_s": collator.tokens / seconds, "padding_fraction": 1 - collator.tokens / collator.positions,
+            "train_seconds": seconds, "losses": losses}
+
+
+def peer_arguments(args: argparse.Namespace, output_dir: str, arguments_class, **extra):
+    import torch
+
+    # bf16 autocast on GPUs, float32 on CPU: the same precision tunesmith's `mixed_precision: auto` picks.
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return arguments_class(
+        bf16=bf16, use_cpu=not torch.cuda.is_available(),
+        output_dir=output_dir, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
+        lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1, save_strategy="no", report_to=[],
+        seed=0, dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0, **extra,
+    )
+
+
+def run_trainer(args: argparse.Namespace) -> dict:
+    """The plain stack: Trainer + peft, dynamic padding, no packing, no length grouping."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    examples, tokenizer = tokenised_examples(args)
+    dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+    collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(model=peer_lora_model(args), args=peer_arguments(args, folder, TrainingArguments),
+                          train_dataset=dataset, data_collator=collator)
+        return timed_train(trainer, collator)
+
+
+def run_trl(args: argparse.Namespace) -> dict:
+    """trl's best settings: BFD packing with padding-free batches, loss on the same tokens as ours."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    examples, tokenizer = tokenised_examples(args)
+    dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+    with tempfile.TemporaryDirectory() as folder:
+        config = peer_arguments(args, folder, SFTConfig, packing=True, packing_strategy="bfd", padding_free=True,
+                                max_length=args.max_length)
+        trainer = SFTTrainer(model=peer_lora_model(args), args=config, train_dataset=dataset,
+                             processing_class=tokenizer)
+        # trl refuses a custom collator with padding-free batches; wrap the one it built instead.
+        collator = CountingCollator(trainer.data_collator)
+        trainer.data_collator = collator
+        return timed_train(trainer, collator)
+
+
+WORKERS = {"tunesmith": run_tunesmith, "trainer": run_trainer, "trl": run_trl}
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    figures = WORKERS[args.worker](args)
+    figures["peak_memory_mb"] = peak_memory_mb()
+    losses = figures["losses"]
+    figures["final_loss"] = statistics.fmean(losses[len(losses) // 2 :]) if losses else float("nan")
+    print("RESULT " + json.dumps(figures))
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def run_worker(tool: str, args: argparse.Namespace, data: Path) -> dict:
+    command = [sys.executable, __file__, "--worker", tool, "--data", str(data)]
+    for name in ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "rank", "threads"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        raise SystemExit(f"{tool} failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    tools = [tool for tool in args.tools.split(",") if tool]
+    with tempfile.TemporaryDirectory() as folder:
+        data = write_job_data(Path(folder) / "job.jsonl", args.records)
+        figures = {tool: run_worker(tool, args, data) for tool in tools}
+
+    print(f"\njob: {args.model}, LoRA r={args.rank} all-linear, {args.records} real chat records, max length "
+          f"{args.max_length}, batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, "
+          f"{args.threads} threads\n")
+    print(f"{'tool':<10} {'tokens/s':>10} {'padding':>8} {'peak MB':>9} {'final loss':>11}")
+    for tool, row in figures.items():
+        print(f"{tool:<10} {row['tokens_per_s']:>10.1f} {row['padding_fraction']:>8.3f} "
+              f"{row['peak_memory_mb']:>9.0f} {row['final_loss']:>11.4f}")
+    ours = figures.get("tunesmith")
+    agree = True
+    if ours:
+        for peer in (tool for tool in figures if tool != "tunesmith"):
+            theirs = figures[peer]
+            relative = abs(ours["final_loss"] - theirs["final_loss"]) / abs(theirs["final_loss"])
+            agree &= relative <= args.loss_tolerance
+            print(f"tunesmith / {peer}: tokens/s x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}, "
+                  f"peak memory x{ours['peak_memory_mb'] / theirs['peak_memory_mb']:.2f}, "
+                  f"final loss differs by {100 * relative:.1f}%")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    if not agree:
+        raise SystemExit(f"loss curves disagree by more than {100 * args.loss_tolerance:.0f}%")
+
+
+if __name__ == "__main__":
+    main()
