@@ -39,6 +39,7 @@ from tunesmith.training.checkpoint import (
     save_best,
     save_checkpoint,
 )
+from tunesmith.training.distributed import ProcessGroup
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs
@@ -73,32 +74,43 @@ class StopSignal:
             signal.signal(signum, handler)
 
 
-def prepare_run_dir(config: RunConfig, resume: bool, overwrite: bool) -> Path:
-    """Check the run directory before any expensive work starts."""
+def prepare_run_dir(config: RunConfig, resume: bool, overwrite: bool, group: ProcessGroup) -> Path:
+    """Check the run directory before any expensive work starts (every process), then create it (main)."""
     run_dir = config.output_dir
     has_content = run_dir.exists() and any(run_dir.iterdir())
     if resume:
         if not complete_checkpoints(run_dir / "checkpoints"):
             raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-    elif has_content:
-        if not overwrite:
-            raise ConfigError(
-                f"output_dir: {run_dir} already holds files; pass --resume to continue that run, "
-                "--overwrite to replace it, or choose another output_dir"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    elif has_content and not overwrite:
+        raise ConfigError(
+            f"output_dir: {run_dir} already holds files; pass --resume to continue that run, "
+            "--overwrite to replace it, or choose another output_dir"
+        )
+    group.barrier()
+    if group.is_main:
+        if has_content and not resume:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    group.barrier()
     return run_dir
 
 
-def micro_batch_stream(lengths: list[int], config: RunConfig, start: int) -> Iterator[list[int]]:
-    """Item indices of each micro-batch, epoch after epoch, starting at micro-batch number `start`."""
-    per_epoch = math.ceil(len(lengths) / config.train.batch_size)
+def micro_batch_stream(lengths: list[int], config: RunConfig, start: int, group: ProcessGroup) -> Iterator[list[int]]:
+    """This process's item indices for each micro-batch, epoch after epoch, from micro-batch `start`.
+
+    A global micro-batch holds batch_size x processes items and each process takes its share, so
+    the order of global batches does not depend on how many processes there are. With several
+    processes, a global batch too small to give every process an item (an epoch's tail) is skipped.
+    """
+    global_size = config.train.batch_size * group.world
+    per_epoch = math.ceil(len(lengths) / global_size)
     epoch, offset = divmod(start, per_epoch)
     while True:
-        order = batch_order(lengths, config.train.batch_size, config.train.seed, epoch, config.data.group_by_length)
-        yield from order[offset:]
+        order = batch_order(lengths, global_size, config.train.seed, epoch, config.data.group_by_length)
+        for global_batch in order[offset:]:
+            if len(global_batch) >= group.world:
+                yield group.shard(global_batch)
         epoch, offset = epoch + 1, 0
 
 
@@ -127,15 +139,18 @@ def evaluate(
 
 def accumulate_gradients(
     model, objective: ObjectiveSpec, settings, micro_batches: list[dict], accelerator,
-    reference: ReferenceModel | None = None,
+    reference: ReferenceModel | None = None, step_loss_tokens: float | None = None,
 ) -> torch.Tensor:
     """Backward over one optimiser step's micro-batches; returns the step's loss (detached).
 
-    Each micro-batch's summed loss is divided by the loss-token count of the WHOLE step, so the
-    accumulated gradient is the gradient of the mean over every loss token of the step, whatever
-    the split into micro-batches: batch 8 x accumulation 1 == batch 2 x accumulation 4.
+    Each micro-batch's summed loss is divided by the loss-token count of the WHOLE step (across
+    all processes when `step_loss_tokens` is given), so the accumulated gradient is the gradient
+    of the mean over every loss token of the step, whatever the split into micro-batches and
+    processes: batch 8 x accumulation 1 == batch 2 x accumulation 4 == 2 processes x batch 4.
     """
-    step_loss_tokens = max(sum(batch["num_loss_tokens"] for batch in micro_batches), 1)
+    if step_loss_tokens is None:
+        step_loss_tokens = sum(batch["num_loss_tokens"] for batch in micro_batches)
+    step_loss_tokens = max(step_loss_tokens, 1)
     step_loss = torch.zeros((), device=accelerator.device)
     for batch in micro_batches:
         batch = add_reference_outputs(objective, reference, model, to_device(batch, accelerator.device), settings)
@@ -161,21 +176,27 @@ def train(
     console: Console | None = None,
 ) -> TrainResult:
     """Run one fine-tuning job described by `config`; `should_stop(step)` lets tests simulate a kill."""
-    console = console or Console(stderr=True)
     objective = OBJECTIVES.get(config.task, "task")
     method = METHODS.get(config.method.name, "method.name")
     train_config = config.train
+    # cpu=True on CPU-only machines: without it accelerate ignores a torchrun / accelerate launch world.
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(train_config.mixed_precision), cpu=not torch.cuda.is_available()
+    )
+    group = ProcessGroup(accelerator)
+    console = console or Console(stderr=True, quiet=not group.is_main)
 
     # --- setup: everything that can fail on bad input happens before the first step ---
-    run_dir = prepare_run_dir(config, resume, overwrite)
+    run_dir = prepare_run_dir(config, resume, overwrite, group)
     torch.manual_seed(train_config.seed)
     tokenizer = load_tokenizer(config.model)
     data = prepare_data(config, tokenizer)
-    write_rejects(data.rejects, run_dir / "rejects.jsonl")
+    if group.is_main:
+        write_rejects(data.rejects, run_dir / "rejects.jsonl")
     if not data.train:
         rejected = len(data.rejects)
         raise DataError(f"{config.data.train}: no usable training record ({rejected} rejected, see rejects.jsonl)")
-    if data.label_names is not None:
+    if data.label_names is not None and group.is_main:
         (run_dir / "labels.json").write_text(json.dumps(data.label_names), encoding="utf-8")
     if config.data.packing and not objective.supports_packing:
         raise ConfigError(f"data.packing: task {config.task} does not support packing")
@@ -200,14 +221,15 @@ def train(
         items = data.train
         collate = objective.collate
         lengths = [len(example["input_ids"]) for example in items]
-    per_epoch = steps_per_epoch(len(items), train_config.batch_size, train_config.grad_accum)
+    per_epoch = steps_per_epoch(len(items), train_config.batch_size * group.world, train_config.grad_accum)
     total_steps = train_config.max_steps or max(1, math.ceil(train_config.epochs * per_epoch))
 
-    accelerator = Accelerator(mixed_precision=mixed_precision(train_config.mixed_precision))
+    # Not accelerator.prepare(model): that would wrap it in DDP (see training/distributed.py).
+    model = model.to(accelerator.device)
     # The reference is the model as it starts, before any step or resume changes it.
     reference = ReferenceModel(model) if objective.reference is not None else None
-    optimizer = build_optimizer(model, train_config, method, config.method)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer = accelerator.prepare_optimizer(build_optimizer(model, train_config, method, config.method))
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     scheduler = build_scheduler(optimizer, train_config, total_steps)
     device = accelerator.device
     eval_batch_size = train_config.eval_batch_size or train_config.batch_size
@@ -229,7 +251,7 @@ def train(
     if resume:
         newest = complete_checkpoints(checkpoints_dir)[-1]
         try:
-            state = load_checkpoint(newest, accelerator.unwrap_model(model), optimizer, scheduler)
+            state = load_checkpoint(newest, model, optimizer, scheduler)
         except (ValueError, KeyError) as error:
             raise ConfigError(f"--resume: {newest} does not fit this config ({error})") from None
         console.print(f"resumed from {newest.name} (step {state['step']})")
@@ -239,23 +261,26 @@ def train(
         )
         console.print(f"before training: {format_metrics(state['eval_before'])}")
 
-    log = MetricsLog(run_dir, train_config.report_to, append=resume)
-    stream = micro_batch_stream(lengths, config, state["micro_batches"])
+    log = MetricsLog(run_dir, train_config.report_to, append=resume) if group.is_main else None
+    stream = micro_batch_stream(lengths, config, state["micro_batches"], group)
     save_every = train_config.save_every or train_config.eval_every
     exit_code = 0
     stopped_early = False
 
     def checkpoint() -> None:
-        save_checkpoint(
-            checkpoints_dir, state["step"], accelerator.unwrap_model(model), optimizer, scheduler,
-            state, train_config.keep_checkpoints,
-        )
+        # Written once, by the main process; with several processes the RNG saved is the main one's.
+        if group.is_main:
+            save_checkpoint(
+                checkpoints_dir, state["step"], model, optimizer, scheduler, state, train_config.keep_checkpoints
+            )
+        group.barrier()
 
     def evaluate_and_track() -> bool:
         """Evaluate, keep the best weights, and say whether early stopping should end the run."""
         metrics = evaluate(model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference)
         state["last_eval"] = {"step": state["step"], "metrics": metrics}
-        log.write({"step": state["step"], **metrics})
+        if log is not None:
+            log.write({"step": state["step"], **metrics})
         console.print(f"step {state['step']}: {format_metrics(metrics)}")
         if watched not in metrics:
             raise ConfigError(f"train.early_stopping.metric: {watched!r} is not one of {sorted(metrics)}")
@@ -268,7 +293,9 @@ def train(
         if improvement > min_delta:
             state["best"] = {"step": state["step"], "metrics": metrics}
             state["evals_without_improvement"] = 0
-            save_best(checkpoints_dir, accelerator.unwrap_model(model), state["best"])
+            if group.is_main:
+                save_best(checkpoints_dir, model, state["best"])
+            group.barrier()
         else:
             state["evals_without_improvement"] += 1
         patience = train_config.early_stopping.patience if train_config.early_stopping else None
@@ -290,8 +317,16 @@ def train(
             micro_batches = [
                 collate([items[index] for index in next(stream)], pad_id) for _ in range(train_config.grad_accum)
             ]
-            step_loss_tokens = sum(batch["num_loss_tokens"] for batch in micro_batches)
-            step_loss = accumulate_gradients(model, objective, config.objective, micro_batches, accelerator, reference)
+            local_counts = [
+                sum(batch["num_loss_tokens"] for batch in micro_batches),
+                sum(batch["num_tokens"] for batch in micro_batches),
+                sum(batch["input_ids"].numel() for batch in micro_batches),
+            ]
+            step_loss_tokens, step_tokens, step_positions = group.sum(local_counts)
+            step_loss = accumulate_gradients(
+                model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens
+            )
+            group.sum_gradients(trainable)
             if train_config.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
             optimizer.step()
@@ -300,19 +335,19 @@ def train(
 
             state["step"] += 1
             state["micro_batches"] += train_config.grad_accum
-            step_tokens = sum(batch["num_tokens"] for batch in micro_batches)
-            state["train_tokens"] += step_tokens
-            state["train_positions"] += sum(batch["input_ids"].numel() for batch in micro_batches)
+            state["train_tokens"] += int(step_tokens)
+            state["train_positions"] += int(step_positions)
             elapsed = time.perf_counter() - started
             state["train_seconds"] += elapsed
             if state["step"] % train_config.log_every == 0 or state["step"] == total_steps:
-                loss_value = step_loss.item()
+                loss_value = group.sum([step_loss.item()])[0]
                 learning_rate = scheduler.get_last_lr()[0]
-                log.write({
-                    "step": state["step"], "loss": loss_value, "lr": learning_rate,
-                    "loss_tokens": step_loss_tokens, "tokens": step_tokens,
-                    "tokens_per_s": step_tokens / elapsed,
-                })
+                if log is not None:
+                    log.write({
+                        "step": state["step"], "loss": loss_value, "lr": learning_rate,
+                        "loss_tokens": int(step_loss_tokens), "tokens": int(step_tokens),
+                        "tokens_per_s": step_tokens / elapsed,
+                    })
                 progress.update(
                     bar, loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", tps=f"{step_tokens / elapsed:.0f}"
                 )
@@ -321,7 +356,8 @@ def train(
             at_end = state["step"] == total_steps
             if data.eval and (at_end or (train_config.eval_every and state["step"] % train_config.eval_every == 0)):
                 stopped_early = evaluate_and_track() and not at_end
-            interrupted = stop_signal.received is not None or (should_stop is not None and should_stop(state["step"]))
+            asked_to_stop = stop_signal.received is not None or (should_stop is not None and should_stop(state["step"]))
+            interrupted = group.sum([float(asked_to_stop)])[0] > 0  # every process stops at the same step
             if interrupted or stopped_early or (save_every and state["step"] % save_every == 0 and not at_end):
                 checkpoint()
             if interrupted:
@@ -332,7 +368,8 @@ def train(
                 console.print(f"early stopping: {watched} did not improve for "
                               f"{state['evals_without_improvement']} evaluations")
                 break
-    log.close()
+    if log is not None:
+        log.close()
 
     summary = {
         "steps": state["step"],
@@ -353,15 +390,17 @@ def train(
         "data": data.stats,
         "method": config.method.name,
         "task": config.task,
+        "processes": group.world,
     }
-    if exit_code == 0:
-        unwrapped = accelerator.unwrap_model(model)
-        exported = load_best(checkpoints_dir, unwrapped) if state["best"] else None
+    if exit_code == 0 and group.is_main:
+        exported = load_best(checkpoints_dir, model) if state["best"] else None
         summary["exported_step"] = exported["step"] if exported else state["step"]
         export_dir = run_dir / ("adapter" if method.saves == "adapter" else "model")
-        unwrapped.save_pretrained(export_dir)  # transformers 5 always writes safetensors
+        model.save_pretrained(export_dir)  # transformers 5 always writes safetensors
         tokenizer.save_pretrained(export_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if group.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    group.barrier()
     return TrainResult(run_dir=run_dir, summary=summary, exit_code=exit_code)
 
 

@@ -1,0 +1,50 @@
+"""Two processes (gloo on CPU) reach the same weights as one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import chat_records, write_jsonl
+from safetensors.torch import load_file
+
+
+def write_config(tmp_path, model_dir, data, name: str, batch_size: int):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"model: {{name: {model_dir}}}\n"
+        f"data: {{train: {data}, eval_split: 0.0, max_length: 128, group_by_length: true}}\n"
+        "method: {name: full}\n"
+        f"train: {{max_steps: 3, batch_size: {batch_size}, lr: 1e-3, warmup: 0, eval_before: false, seed: 3}}\n"
+        f"output_dir: {tmp_path / name}\n"
+    )
+    return path
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
+    single = write_config(tmp_path, tiny_llama_dir, data, "single", batch_size=4)
+    double = write_config(tmp_path, tiny_llama_dir, data, "double", batch_size=2)
+    one = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(single)], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    two = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "tunesmith.cli", "train", str(double)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, [line for line in two.stderr.splitlines() if "error" in line.lower()][:5]
+
+    summary = json.loads((tmp_path / "double" / "summary.json").read_text())
+    assert summary["processes"] == 2
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    losses_two = [json.loads(line)["loss"] for line in (tmp_path / "double" / "metrics.jsonl").read_text().splitlines()]
+    assert losses_two == pytest.approx(losses, rel=1e-5)
+    expected = load_file(tmp_path / "single" / "model" / "model.safetensors")
+    actual = load_file(tmp_path / "double" / "model" / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-6)
