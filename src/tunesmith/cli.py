@@ -49,10 +49,10 @@ def train(
 ) -> None:
     """Fine-tune: config -> run directory (model or adapter, metrics, summary)."""
     from tunesmith.config import load_config
-    from tunesmith.training import train as run_training
+    from tunesmith.pipeline import run
 
     run_config = load_config(config, overrides)
-    result = run_training(run_config, resume=resume, overwrite=overwrite)
+    result = run(run_config, resume=resume, overwrite=overwrite)
     summary = result.summary
     table = Table(title=f"run {result.run_dir}")
     table.add_column("metric")
@@ -173,7 +173,7 @@ def _register_stage_commands() -> None:
         importlib.import_module(module_name).register(app)
 
 
-STAGE_COMMANDS: tuple[str, ...] = ()
+STAGE_COMMANDS: tuple[str, ...] = ("tunesmith.curate.cli", "tunesmith.evaluate.cli")
 _register_stage_commands()
 
 

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from tunesmith.curate.config import CurateConfig
 from tunesmith.errors import ConfigError
+from tunesmith.evaluate.config import EvalSuiteConfig
 from tunesmith.methods import METHODS
 from tunesmith.registry import closest
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from tunesmith.settings import Section
 
 
 class ModelConfig(Section):
@@ -144,6 +143,12 @@ class RunConfig(Section):
     method: MethodConfig = Field(default_factory=lambda: METHODS.get("lora").settings())
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: Path = Field(Path("runs/run"), description="Run directory written by `tunesmith train`.")
+    curate: CurateConfig | None = Field(
+        None, description="Curate data.train first (see `tunesmith curate`); training reads the kept records."
+    )
+    eval: EvalSuiteConfig | None = Field(
+        None, description="Evaluation suite run on the result after training (see `tunesmith eval`)."
+    )
 
     @field_validator("task")
     @classmethod

@@ -1,0 +1,35 @@
+"""The `tunesmith curate` command: arguments in, `curate(...)` called, a summary printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="curate")(curate_command)
+
+
+def curate_command(
+    inputs: Annotated[list[Path], typer.Argument(help="Data files or folders (jsonl, json, csv, tsv, parquet).")],
+    config: Annotated[
+        Path, typer.Option("--config", help="Curate config (YAML): steps, or a run config's curate: section.")
+    ],
+    output: Annotated[Path, typer.Option("--output", help="Folder for kept.jsonl, rejected.jsonl and the reports.")],
+    workers: Annotated[int | None, typer.Option(min=1, help="Processes for record-by-record steps.")] = None,
+    engine: Annotated[str | None, typer.Option(help="local (default) or ray.")] = None,
+) -> None:
+    """Clean, filter, deduplicate and decontaminate data; every removed record is kept with its reason."""
+    from rich.console import Console
+
+    from tunesmith.curate import curate, load_curate_config
+
+    settings = load_curate_config(config, workers=workers, engine=engine)
+    result = curate(settings, inputs, output)
+    console = Console()
+    for row in result.report["funnel"]:
+        console.print(f"{row['step']:>18}: {row['in']:>9,} in  {row['out']:>9,} out")
+    console.print(f"{result.records_in:,} records: {result.kept:,} kept, {result.rejected:,} rejected "
+                  f"({result.report['seconds']:.1f} s); report: {output / 'report.html'}")

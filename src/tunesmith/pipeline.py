@@ -1,0 +1,46 @@
+"""`tunesmith train` as the whole loop: curate (optional) -> train -> evaluate (optional).
+
+Each stage writes a folder the next one reads: the curated records are written beside the run
+directory (`<output_dir>.curated/`, with their report), training reads its kept.jsonl, and the
+evaluation of the result goes to `<output_dir>/eval/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from tunesmith.config import RunConfig
+from tunesmith.training import TrainResult, train
+
+
+def curated_dir(config: RunConfig) -> Path:
+    return config.output_dir.with_name(config.output_dir.name + ".curated")
+
+
+def with_train_file(config: RunConfig, path: Path) -> RunConfig:
+    return config.model_copy(update={"data": config.data.model_copy(update={"train": path})})
+
+
+def run(
+    config: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None
+) -> TrainResult:
+    console = console or Console(stderr=True)
+    if config.curate is not None and not resume:
+        from tunesmith.curate import curate
+
+        result = curate(config.curate, [config.data.train], curated_dir(config))
+        console.print(f"curated {result.records_in:,} records: kept {result.kept:,}, rejected {result.rejected:,} "
+                      f"(report: {result.output_dir / 'report.html'})")
+        config = with_train_file(config, result.output_dir / "kept.jsonl")
+    elif config.curate is not None:  # resume trains on what the first run curated
+        config = with_train_file(config, curated_dir(config) / "kept.jsonl")
+
+    trained = train(config, resume=resume, overwrite=overwrite, console=console)
+    if config.eval is not None and trained.exit_code == 0:
+        from tunesmith.evaluate import evaluate
+
+        evaluate([str(trained.run_dir)], config.eval, trained.run_dir / "eval", baseline="base")
+        console.print(f"evaluation: {trained.run_dir / 'eval' / 'report.html'}")
+    return trained

@@ -1,0 +1,31 @@
+"""`tunesmith train` with `curate:` and `eval:` sections runs the whole loop: curate -> train -> eval."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import chat_records, run_config, write_jsonl
+
+from tunesmith.pipeline import curated_dir, run
+
+
+def test_curate_then_train_then_evaluate(tiny_llama_dir, tmp_path):
+    records = chat_records(8)
+    records += records[:3]  # exact duplicates the curate step must remove
+    data = write_jsonl(tmp_path / "chats.jsonl", records)
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": f"{i} plus {i} is {2 * i}."} for i in range(6)])
+    config = run_config(
+        tiny_llama_dir, data, tmp_path / "run",
+        train={"max_steps": 2},
+        curate={"steps": ["exact_dedup"]},
+        eval={"tasks": [{"name": "ppl", "type": "perplexity", "data": str(texts), "role": "target"}]},
+    )
+    result = run(config)
+    assert result.exit_code == 0
+    curated = curated_dir(config)
+    assert len((curated / "kept.jsonl").read_text().splitlines()) == 8
+    assert len((curated / "rejected.jsonl").read_text().splitlines()) == 3
+    assert result.summary["data"]["read"] == 8
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert "ppl" in json.dumps(results)
+    assert (tmp_path / "run" / "eval" / "report.html").exists()
