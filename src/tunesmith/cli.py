@@ -173,7 +173,7 @@ def _register_stage_commands() -> None:
         importlib.import_module(module_name).register(app)
 
 
-STAGE_COMMANDS: tuple[str, ...] = ("tunesmith.curate.cli", "tunesmith.evaluate.cli")
+STAGE_COMMANDS: tuple[str, ...] = ("tunesmith.curate.cli", "tunesmith.evaluate.cli", "tunesmith.preference_cli")
 _register_stage_commands()
 
 

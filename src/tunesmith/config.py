@@ -176,6 +176,8 @@ class RunConfig(Section):
     def _consistent(self):
         if self.data.packing and self.task == "classify":
             raise ValueError("data.packing: packing applies to sft and pretrain, not classify")
+        if self.data.packing and not METHODS.get(self.method.name).supports_packing:
+            raise ValueError(f"data.packing: method {self.method.name} prepends virtual tokens and cannot use packing")
         if self.train.lr is None:
             self.train.lr = METHODS.get(self.method.name).default_lr
         return self

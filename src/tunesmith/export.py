@@ -20,12 +20,16 @@ def export_merged(run_dir: Path, out_dir: Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ModelError(f"{out_dir}: already exists and is not empty; choose a new output folder")
     run = read_run(run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if run.is_adapter:
         # Merge on CPU: merging is cheap, and the result is saved from CPU anyway.
         model, tokenizer = load_run(run_dir, device="cpu")
-        merged = model.merge_and_unload()
-        merged.save_pretrained(out_dir)
+        if not is_mergeable(model):
+            raise ModelError(
+                f"{run_dir}: method {run.method!r} adds virtual tokens or modules that cannot be merged into "
+                "the base weights; use the run's adapter/ folder with its base model instead"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.merge_and_unload().save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     else:
         shutil.copytree(run.weights_dir, out_dir, dirs_exist_ok=True)
@@ -33,3 +37,9 @@ def export_merged(run_dir: Path, out_dir: Path) -> Path:
     if labels.is_file():
         shutil.copy2(labels, out_dir / "labels.json")
     return out_dir
+
+
+def is_mergeable(model) -> bool:
+    """Weight-space adapters (LoRA, IA3, LoHa, LoKr) merge; prompt learning and bottleneck adapters do not."""
+    peft_config = getattr(model, "active_peft_config", None)
+    return hasattr(model, "merge_and_unload") and not (peft_config is not None and peft_config.is_prompt_learning)

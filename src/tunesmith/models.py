@@ -437,6 +437,9 @@ class RunInfo:
     label_names: list[str] | None
 
 
+ADAPTER_CONFIG_FILES = ("adapter_config.json", "bottleneck_adapter.json")
+
+
 def read_run(run_dir: Path) -> RunInfo:
     """Parse a run directory, with a ModelError saying what is missing when it is not one.
 
@@ -454,8 +457,10 @@ def read_run(run_dir: Path) -> RunInfo:
         raise ModelError(f"{config_path}: cannot read the model section ({error})") from None
     task = str(raw.get("task", "sft"))
     method = str((raw.get("method") or {}).get("name", ""))
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        weights_dir, is_adapter = run_dir / "adapter", True
+    adapter_dir = run_dir / "adapter"
+    # adapter_config.json: a peft adapter; bottleneck_adapter.json: tunesmith's bottleneck adapters.
+    if any((adapter_dir / name).is_file() for name in ADAPTER_CONFIG_FILES):
+        weights_dir, is_adapter = adapter_dir, True
     elif (run_dir / "model" / "config.json").is_file():
         weights_dir, is_adapter = run_dir / "model", False
     else:
@@ -486,9 +491,15 @@ def load_run(
     elif run.is_adapter:
         from peft import PeftModel
 
+        from tunesmith.methods import METHODS
+
         check_weights_format(run.weights_dir, run.model.allow_pickle)
         base_model = load_model_from(_adapter_base_folder(run), run.model, run.task, run.label_names)
-        model = PeftModel.from_pretrained(base_model, str(run.weights_dir), is_trainable=False)
+        method = METHODS.get(run.method) if run.method in METHODS else None
+        if method is not None and method.load is not None:  # a format of our own (bottleneck adapters)
+            model = method.load(base_model, run.weights_dir)
+        else:
+            model = PeftModel.from_pretrained(base_model, str(run.weights_dir), is_trainable=False)
     else:
         model = load_model_from(run.weights_dir, run.model, run.task)  # labels are in its config.json
     model.to(device or default_device())
@@ -502,10 +513,14 @@ def _adapter_base_folder(run: RunInfo) -> Path:
     try:
         return resolve_model(run.model)
     except ModelError:
-        recorded = json.loads((run.weights_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        folder = Path(recorded.get("base_model_name_or_path") or "")
-        if recorded.get("base_model_name_or_path") and (folder / "config.json").is_file():
-            return folder
+        for name in ADAPTER_CONFIG_FILES:
+            if not (run.weights_dir / name).is_file():
+                continue
+            recorded = json.loads((run.weights_dir / name).read_text(encoding="utf-8"))
+            # peft records base_model_name_or_path; the bottleneck adapter records base_model (or the same key).
+            base_path = recorded.get("base_model_name_or_path") or recorded.get("base_model") or ""
+            if base_path and (Path(base_path) / "config.json").is_file():
+                return Path(base_path)
         raise
 
 

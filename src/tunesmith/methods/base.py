@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -34,6 +35,14 @@ class MethodSpec:
     """What the run directory holds: a full model folder or a peft adapter folder."""
     optimizer_groups: Callable[[torch.nn.Module, MethodSettings, float, float], list[dict]] | None = None
     """Optional optimizer_groups(model, settings, lr, weight_decay) -> AdamW parameter groups."""
+    save: Callable[[torch.nn.Module, Path], None] | None = None
+    """Optional save(model, folder) for a method whose saved form is not `model.save_pretrained(folder)`
+    (PiSSA/OLoRA convert their adapter so it applies to the ORIGINAL base). None: save_pretrained."""
+    supports_packing: bool = True
+    """False for methods that prepend virtual tokens: peft ignores position_ids for them."""
+    load: Callable[[torch.nn.Module, Path], torch.nn.Module] | None = None
+    """Optional load(base_model, folder) -> tuned model, for a format plain peft cannot read
+    (the bottleneck `adapter`). None: the folder is a peft adapter (`PeftModel.from_pretrained`)."""
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -60,3 +69,20 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def classification_head_names(model: torch.nn.Module) -> list[str]:
     """Names of the modules a sequence-classification model creates new (`classifier`, `score`)."""
     return [name for name in ("classifier", "score") if hasattr(model, name)]
+
+
+def peft_task_type(task: str):
+    """peft's TaskType for a tunesmith task: SEQ_CLS trains and saves the new head (modules_to_save)."""
+    from peft import TaskType
+
+    return TaskType.SEQ_CLS if creates_head(task) else TaskType.CAUSAL_LM
+
+
+def creates_head(task: str) -> bool:
+    """Whether the task puts a new, randomly initialised head on the model (classify, reward).
+
+    Such a head is always trained in full: a frozen random head cannot learn anything.
+    """
+    from tunesmith.objectives import OBJECTIVES  # objectives import the data layer; keep config light
+
+    return OBJECTIVES.get(task).model_kind == "sequence_classification"

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field, model_validator
 
 from tunesmith.errors import ConfigError
-from tunesmith.methods.base import MethodSettings, MethodSpec, classification_head_names, register
+from tunesmith.methods.base import MethodSettings, MethodSpec, classification_head_names, creates_head, register
 
 
 class FreezeSettings(MethodSettings):
@@ -67,7 +67,7 @@ def trained_by_freeze(model: torch.nn.Module, settings: FreezeSettings) -> set[s
 
 def apply_freeze(model, settings: FreezeSettings, task: str):
     trained = trained_by_freeze(model, settings)
-    heads = tuple(f"{head}." for head in classification_head_names(model)) if task == "classify" else ()
+    heads = tuple(f"{head}." for head in classification_head_names(model)) if creates_head(task) else ()
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in trained or (bool(heads) and name.startswith(heads)))
     if not any(parameter.requires_grad for parameter in model.parameters()):

@@ -69,7 +69,10 @@ def loss_position_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Ten
         hidden, head = loss_position_hidden(model, batch)
         logits = head(hidden)  # (N, V)
     else:
-        logits = model(**model_inputs(batch), use_cache=False).logits[has_target]  # (N, V)
+        logits = model(**model_inputs(batch), use_cache=False).logits  # (B, P + T, V)
+        # Prompt and p-tuning prepend P virtual tokens to the input (prefix tuning puts them in
+        # the attention cache instead, P = 0 here); targets are (B, T) for the real tokens only.
+        logits = logits[:, logits.shape[1] - targets.shape[1]:][has_target]  # (N, V)
     return logits.float(), targets[has_target]
 
 

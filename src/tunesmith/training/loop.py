@@ -140,8 +140,8 @@ def evaluate(
 def accumulate_gradients(
     model, objective: ObjectiveSpec, settings, micro_batches: list[dict], accelerator,
     reference: ReferenceModel | None = None, step_loss_tokens: float | None = None,
-) -> torch.Tensor:
-    """Backward over one optimiser step's micro-batches; returns the step's loss (detached).
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Backward over one optimiser step's micro-batches; returns the step's loss and metrics (detached).
 
     Each micro-batch's summed loss is divided by the loss-token count of the WHOLE step (across
     all processes when `step_loss_tokens` is given), so the accumulated gradient is the gradient
@@ -152,6 +152,7 @@ def accumulate_gradients(
         step_loss_tokens = sum(batch["num_loss_tokens"] for batch in micro_batches)
     step_loss_tokens = max(step_loss_tokens, 1)
     step_loss = torch.zeros((), device=accelerator.device)
+    step_metrics: dict[str, torch.Tensor] = {}
     for batch in micro_batches:
         batch = add_reference_outputs(objective, reference, model, to_device(batch, accelerator.device), settings)
         with accelerator.autocast():
@@ -159,7 +160,11 @@ def accumulate_gradients(
         loss = output.loss_sum / step_loss_tokens
         accelerator.backward(loss)
         step_loss += loss.detach()
-    return step_loss
+        # Objectives report summed metrics (reward accuracy, margins, KL); like the loss, they are
+        # divided by the step's unit count, so they are means over the whole step.
+        for name, value in output.metrics.items():
+            step_metrics[name] = step_metrics.get(name, 0) + value.detach() / step_loss_tokens
+    return step_loss, step_metrics
 
 
 def mixed_precision(setting: str) -> str:
@@ -323,7 +328,7 @@ def train(
                 sum(batch["input_ids"].numel() for batch in micro_batches),
             ]
             step_loss_tokens, step_tokens, step_positions = group.sum(local_counts)
-            step_loss = accumulate_gradients(
+            step_loss, step_metrics = accumulate_gradients(
                 model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens
             )
             group.sum_gradients(trainable)
@@ -340,13 +345,14 @@ def train(
             elapsed = time.perf_counter() - started
             state["train_seconds"] += elapsed
             if state["step"] % train_config.log_every == 0 or state["step"] == total_steps:
-                loss_value = group.sum([step_loss.item()])[0]
+                names = sorted(step_metrics)
+                loss_value, *metric_values = group.sum([step_loss.item(), *(step_metrics[n].item() for n in names)])
                 learning_rate = scheduler.get_last_lr()[0]
                 if log is not None:
                     log.write({
                         "step": state["step"], "loss": loss_value, "lr": learning_rate,
                         "loss_tokens": int(step_loss_tokens), "tokens": int(step_tokens),
-                        "tokens_per_s": step_tokens / elapsed,
+                        "tokens_per_s": step_tokens / elapsed, **dict(zip(names, metric_values, strict=True)),
                     })
                 progress.update(
                     bar, loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", tps=f"{step_tokens / elapsed:.0f}"
@@ -396,7 +402,10 @@ def train(
         exported = load_best(checkpoints_dir, model) if state["best"] else None
         summary["exported_step"] = exported["step"] if exported else state["step"]
         export_dir = run_dir / ("adapter" if method.saves == "adapter" else "model")
-        model.save_pretrained(export_dir)  # transformers 5 always writes safetensors
+        if method.save is not None:  # a method whose saved form differs from save_pretrained's
+            method.save(model, export_dir)
+        else:
+            model.save_pretrained(export_dir)  # transformers 5 always writes safetensors
         tokenizer.save_pretrained(export_dir)
     if group.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -1,0 +1,114 @@
+"""Longest trainable sequence in a fixed memory budget: tunesmith vs the plain transformers + peft step.
+
+For each sequence length (doubling), one LoRA training step (forward + backward, batch 1, every
+token trained) runs in a fresh subprocess and reports its peak memory (RSS on CPU, max allocated
+on CUDA). The plain stack is what Trainer does by default: `model(input_ids, labels=labels)`
+(full (T, V) float32 logits, no activation checkpointing). tunesmith runs its own loss path:
+logits only at loss positions, chunked loss, and gradient checkpointing.
+
+    python bench/max_context.py --budget-mb 4000
+    python bench/max_context.py --lengths 512,1024,2048 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
+    parser.add_argument("--budget-mb", type=float, default=4000.0)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", choices=("tunesmith", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load_model
+    from tunesmith.objectives.causal_lm import CausalLMSettings, causal_lm_loss
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(ModelConfig(name=args.model), "sft")
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora).to(device)
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(10, model.config.vocab_size, (1, args.length), generator=generator).to(device)
+    started = time.perf_counter()
+    if args.worker == "plain":
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    else:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        targets = torch.cat([input_ids[:, 1:], torch.full((1, 1), -100, device=device)], dim=1)  # (1, T)
+        batch = {"input_ids": input_ids, "targets": targets, "num_loss_tokens": args.length - 1}
+        output = causal_lm_loss(model, batch, CausalLMSettings())
+        loss = output.loss_sum / output.num_loss_tokens
+    loss.backward()
+    print("RESULT " + json.dumps({"peak_memory_mb": peak_memory_mb(), "seconds": time.perf_counter() - started,
+                                  "loss": loss.item()}))
+
+
+def measure(tool: str, length: int, args: argparse.Namespace) -> dict | None:
+    command = [sys.executable, __file__, "--worker", tool, "--length", str(length), "--model", args.model,
+               "--rank", str(args.rank)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        return None  # out of memory or failed: treated as "does not fit"
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker(args)
+        return
+    lengths = [int(value) for value in args.lengths.split(",")]
+    figures: dict[str, dict] = {"tunesmith": {}, "plain": {}}
+    print(f"{'length':>7} {'tunesmith MB':>13} {'plain MB':>9} {'tunesmith s':>12} {'plain s':>8}")
+    for length in lengths:
+        row = {tool: measure(tool, length, args) for tool in figures}
+        for tool, result in row.items():
+            figures[tool][length] = result
+        cells = [f"{row[t]['peak_memory_mb']:>.0f}" if row[t] else "failed" for t in ("tunesmith", "plain")]
+        times = [f"{row[t]['seconds']:.1f}" if row[t] else "-" for t in ("tunesmith", "plain")]
+        print(f"{length:>7} {cells[0]:>13} {cells[1]:>9} {times[0]:>12} {times[1]:>8}")
+
+    def longest(tool: str) -> int:
+        fitting = [length for length, result in figures[tool].items()
+                   if result and result["peak_memory_mb"] <= args.budget_mb]
+        return max(fitting, default=0)
+
+    ours, theirs = longest("tunesmith"), longest("plain")
+    ratio = ours / theirs if theirs else float("inf")
+    print(f"\nlongest length within {args.budget_mb:.0f} MB: tunesmith {ours}, plain {theirs} (x{ratio:.1f})")
+    if args.json:
+        args.json.write_text(json.dumps({"budget_mb": args.budget_mb, "longest": {"tunesmith": ours, "plain": theirs},
+                                         "figures": figures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

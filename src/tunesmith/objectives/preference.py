@@ -1,0 +1,395 @@
+"""Preference optimisation: dpo (sigmoid, ipo, hinge, robust), simpo, orpo and kto, as registered objectives.
+
+Every objective here scores a response by its summed (or length-averaged) log-probability under the
+policy, `log pi(y|x)`, over the response tokens only (the data layer's assistant-only labels). Each
+loss variant is a named function in `PAIRWISE_LOSSES` (for `dpo: {loss: ...}`) or its own objective,
+with the paper it comes from; departures from the paper are flagged where they are made.
+
+Normalisation: `loss` returns the SUM over pairs (kto: over examples) and the pair count, so the loop
+divides by the pairs of the whole optimiser step (batch 8 x 1 == batch 2 x 4). Metrics are summed over
+pairs as well: reward_accuracy, chosen_reward, rejected_reward, reward_margin, chosen_logps,
+rejected_logps (dpo's rewards are beta * log(pi / pi_ref); simpo and orpo report their own implicit
+rewards, as trl does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+
+from tunesmith.data.collate import IGNORE_INDEX, shift_labels
+from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, register
+from tunesmith.objectives.causal_lm import loss_position_logits
+from tunesmith.registry import Registry, closest
+
+# --- batches --------------------------------------------------------------------------------------------
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    longest = max(len(row) for row in rows)
+    out = torch.full((len(rows), longest), value, dtype=torch.long)  # (B, T)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = torch.tensor(row)
+    return out
+
+
+def collate_pairs(examples: list[dict], pad_id: int) -> dict:
+    """Chosen rows then rejected rows in ONE right-padded batch (2B, T), so a pair costs one forward.
+
+    `num_loss_tokens` counts PAIRS: the loop divides the step's summed loss by it.
+    """
+    ids = [example["input_ids"] for example in examples] + [example["rejected_input_ids"] for example in examples]
+    labels = [example["labels"] for example in examples] + [example["rejected_labels"] for example in examples]
+    input_ids = _pad(ids, pad_id)  # (2B, T)
+    attention_mask = _pad([[1] * len(row) for row in ids], 0)  # (2B, T)
+    targets = _pad([shift_labels(row) for row in labels], IGNORE_INDEX)  # (2B, T)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "targets": targets,
+        "num_loss_tokens": len(examples),
+        "num_tokens": int(attention_mask.sum()),
+    }
+
+
+def collate_unpaired(examples: list[dict], pad_id: int) -> dict:
+    """kto: one response per row (B, T) and whether it is desirable (B,); counts examples."""
+    input_ids = _pad([example["input_ids"] for example in examples], pad_id)  # (B, T)
+    attention_mask = _pad([[1] * len(example["input_ids"]) for example in examples], 0)  # (B, T)
+    targets = _pad([shift_labels(example["labels"]) for example in examples], IGNORE_INDEX)  # (B, T)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "targets": targets,
+        "desirable": torch.tensor([example["desirable"] for example in examples], dtype=torch.bool),  # (B,)
+        "num_loss_tokens": len(examples),
+        "num_tokens": int(attention_mask.sum()),
+    }
+
+
+# --- log-probabilities of responses ------------------------------------------------------------------------
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log pi(y|x) over each row's response tokens (R,) in float32, and the response lengths (R,).
+
+    Logits come from sft's `loss_position_logits`, at target positions only: the (R, T, V) logits
+    tensor is the largest activation of a small model and most positions are prompt.
+    """
+    has_target = batch["targets"] != IGNORE_INDEX  # (R, T)
+    logits, targets = loss_position_logits(model, batch)  # (N, V), (N,)
+    token_logps = -F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    rows = has_target.nonzero()[:, 0]  # (N,) the row of each target token
+    logps = torch.zeros(has_target.shape[0], device=token_logps.device).index_add(0, rows, token_logps)  # (R,)
+    return logps, has_target.sum(-1).float()
+
+
+def pair_logps(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """policy_chosen_logps, policy_rejected_logps (B,) and the response lengths of both sides (B,)."""
+    logps, lengths = sequence_logps(model, batch)
+    chosen_logps, rejected_logps = logps.chunk(2)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    return {
+        "policy_chosen_logps": chosen_logps,
+        "policy_rejected_logps": rejected_logps,
+        "chosen_lengths": chosen_lengths,
+        "rejected_lengths": rejected_lengths,
+    }
+
+
+def reference_pair_logps(reference_model: torch.nn.Module, batch: dict, settings) -> dict[str, torch.Tensor]:
+    """The loop runs this on the reference (adapters disabled, or a frozen copy) without gradients."""
+    logps, _ = sequence_logps(reference_model, batch)
+    chosen, rejected = logps.chunk(2)
+    return {"reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
+
+
+def reference_logps(reference_model: torch.nn.Module, batch: dict, settings) -> dict[str, torch.Tensor]:
+    logps, _ = sequence_logps(reference_model, batch)
+    return {"reference_logps": logps}
+
+
+# --- the pairwise losses ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairLoss:
+    losses: torch.Tensor
+    """(B,) per-pair loss."""
+    chosen_rewards: torch.Tensor
+    """(B,) implicit reward of the chosen response (detached)."""
+    rejected_rewards: torch.Tensor
+
+
+PairLossFunction = Callable[[dict[str, torch.Tensor], "ObjectiveSettings"], PairLoss]
+PAIRWISE_LOSSES: Registry[PairLossFunction] = Registry("dpo loss")
+
+
+def register_pairwise_loss(name: str):
+    def decorate(function: PairLossFunction) -> PairLossFunction:
+        return PAIRWISE_LOSSES.register(name, function)
+
+    return decorate
+
+
+def _dpo_rewards(logps: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """beta * log(pi/pi_ref) of each side (B,): DPO's implicit reward (Rafailov et al. 2023, eq. 5)."""
+    chosen = beta * (logps["policy_chosen_logps"] - logps["reference_chosen_logps"])
+    rejected = beta * (logps["policy_rejected_logps"] - logps["reference_rejected_logps"])
+    return chosen, rejected
+
+
+@register_pairwise_loss("sigmoid")
+def dpo_sigmoid_loss(logps: dict[str, torch.Tensor], settings) -> PairLoss:
+    """DPO, Rafailov et al. 2023, "Direct Preference Optimization", eq. 7:
+    -log sigma(beta * [log pi/pi_ref (y_w) - log pi/pi_ref (y_l)])."""
+    chosen, rejected = _dpo_rewards(logps, settings.beta)
+    return PairLoss(-F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach())
+
+
+@register_pairwise_loss("robust")
+def dpo_robust_loss(logps: dict[str, torch.Tensor], settings) -> PairLoss:
+    """Robust DPO, Chowdhury et al. 2024, "Provably Robust DPO", eq. 8: an unbiased loss when a fraction
+    eps = label_smoothing of the labels is flipped. (Mitchell's cDPO note uses the biased mixture
+    -(1-eps) log sigma(h) - eps log sigma(-h); this is the rDPO form trl's `robust` implements.)"""
+    chosen, rejected = _dpo_rewards(logps, settings.beta)
+    margin = chosen - rejected  # (B,)
+    eps = settings.label_smoothing
+    losses = (-(1 - eps) * F.logsigmoid(margin) + eps * F.logsigmoid(-margin)) / (1 - 2 * eps)
+    return PairLoss(losses, chosen.detach(), rejected.detach())
+
+
+@register_pairwise_loss("hinge")
+def dpo_hinge_loss(logps: dict[str, torch.Tensor], settings) -> PairLoss:
+    """SLiC-HF, Zhao et al. 2023, eq. 2 with delta = 1, on the DPO log-ratios (the `hinge` of trl):
+    max(0, 1 - beta * [log pi/pi_ref (y_w) - log pi/pi_ref (y_l)])."""
+    chosen, rejected = _dpo_rewards(logps, settings.beta)
+    return PairLoss(torch.relu(1 - (chosen - rejected)), chosen.detach(), rejected.detach())
+
+
+@register_pairwise_loss("ipo")
+def dpo_ipo_loss(logps: dict[str, torch.Tensor], settings) -> PairLoss:
+    """IPO, Azar et al. 2023, "A General Theoretical Paradigm...", eq. 17: (h - 1/(2 tau))^2 with tau = beta.
+
+    Departure from the paper's notation: h uses log-ratios AVERAGED over response tokens, not summed;
+    summed log-probs make the squared loss scale with length. trl does the same and reports that the
+    IPO authors confirmed the paper's results use this normalised form.
+    """
+    chosen_ratio = (logps["policy_chosen_logps"] - logps["reference_chosen_logps"]) / logps["chosen_lengths"].clamp(
+        min=1)
+    rejected_ratio = (logps["policy_rejected_logps"] - logps["reference_rejected_logps"]) / logps[
+        "rejected_lengths"].clamp(min=1)
+    losses = (chosen_ratio - rejected_ratio - 1 / (2 * settings.beta)) ** 2
+    chosen, rejected = _dpo_rewards(logps, settings.beta)  # logged on the usual DPO scale
+    return PairLoss(losses, chosen.detach(), rejected.detach())
+
+
+def simpo_loss(logps: dict[str, torch.Tensor], settings) -> PairLoss:
+    """SimPO, Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6:
+    -log sigma(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma). No reference model."""
+    chosen = settings.beta * logps["policy_chosen_logps"] / logps["chosen_lengths"].clamp(min=1)
+    rejected = settings.beta * logps["policy_rejected_logps"] / logps["rejected_lengths"].clamp(min=1)
+    return PairLoss(-F.logsigmoid(chosen - rejected - settings.gamma), chosen.detach(), rejected.detach())
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012)."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_odds_ratio_term(chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor) -> torch.Tensor:
+    """log sigma(log odds(y_w) - log odds(y_l)) (B,), ORPO eqs. 4 and 7, with odds(y) = P / (1 - P) and
+    P = exp(mean token log-prob)."""
+    log_odds = (chosen_mean_logps - rejected_mean_logps) - (log1mexp(chosen_mean_logps) - log1mexp(rejected_mean_logps))
+    return F.logsigmoid(log_odds)
+
+
+def orpo_loss(logps: dict[str, torch.Tensor], settings) -> PairLoss:
+    """ORPO, Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", eq. 6:
+    L_SFT(y_w) - lambda * log sigma(log odds ratio). Both use length-averaged log-probs (eq. 3)."""
+    chosen_mean = logps["policy_chosen_logps"] / logps["chosen_lengths"].clamp(min=1)  # (B,)
+    rejected_mean = logps["policy_rejected_logps"] / logps["rejected_lengths"].clamp(min=1)  # (B,)
+    losses = -chosen_mean - settings.beta * orpo_odds_ratio_term(chosen_mean, rejected_mean)
+    return PairLoss(losses, settings.beta * chosen_mean.detach(), settings.beta * rejected_mean.detach())
+
+
+# --- settings -------------------------------------------------------------------------------------------------
+
+
+class DPOSettings(ObjectiveSettings):
+    beta: float = Field(0.1, gt=0, description="KL strength beta (Rafailov et al. 2023 use 0.1); tau for ipo.")
+    loss: str = Field("sigmoid", description="Loss variant: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="robust: assumed fraction of flipped preference labels."
+    )
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, loss: str) -> str:
+        if loss not in PAIRWISE_LOSSES:
+            known = ", ".join(PAIRWISE_LOSSES.names())
+            raise ValueError(f"unknown dpo loss {loss!r}{closest(loss, PAIRWISE_LOSSES.names())}; known: {known}")
+        return loss
+
+    @model_validator(mode="after")
+    def _smoothing_needs_robust(self):
+        if self.label_smoothing and self.loss != "robust":
+            raise ValueError("label_smoothing applies to loss: robust only")
+        return self
+
+
+class SimPOSettings(ObjectiveSettings):
+    beta: float = Field(2.0, gt=0, description="Reward scale beta (SimPO paper: 2.0 to 2.5).")
+    gamma: float = Field(1.0, ge=0, description="Target reward margin gamma (paper: gamma / beta about 0.5).")
+
+
+class ORPOSettings(ObjectiveSettings):
+    beta: float = Field(0.1, gt=0, description="Weight lambda of the odds-ratio term (ORPO paper: 0.1).")
+
+
+class KTOSettings(ObjectiveSettings):
+    beta: float = Field(0.1, gt=0, description="Risk aversion beta (KTO paper: 0.1).")
+    desirable_weight: float = Field(1.0, gt=0, description="lambda_D, weight of desirable examples.")
+    undesirable_weight: float = Field(1.0, gt=0, description="lambda_U, weight of undesirable examples.")
+
+
+# --- pairwise objectives --------------------------------------------------------------------------------------
+
+
+def _pair_metrics(logps: dict[str, torch.Tensor], result: PairLoss) -> dict[str, torch.Tensor]:
+    """Metrics summed over pairs (the loop divides by the pair count)."""
+    margin = result.chosen_rewards - result.rejected_rewards
+    return {
+        "reward_accuracy": (margin > 0).float().sum(),
+        "chosen_reward": result.chosen_rewards.sum(),
+        "rejected_reward": result.rejected_rewards.sum(),
+        "reward_margin": margin.sum(),
+        "chosen_logps": logps["policy_chosen_logps"].detach().sum(),
+        "rejected_logps": logps["policy_rejected_logps"].detach().sum(),
+    }
+
+
+def pairwise_objective(loss_function: Callable[[dict, ObjectiveSettings], PairLoss]):
+    """(loss, evaluate) of a pairwise objective built on `loss_function(logps, settings)`."""
+
+    def loss(model: torch.nn.Module, batch: dict, settings) -> LossOutput:
+        logps = {**pair_logps(model, batch), **{key: value for key, value in batch.items() if "reference_" in key}}
+        result = loss_function(logps, settings)
+        return LossOutput(result.losses.sum(), batch["num_loss_tokens"], _pair_metrics(logps, result))
+
+    @torch.no_grad()
+    def evaluate(model: torch.nn.Module, batches: Iterable[dict], settings) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        pairs = 0
+        for batch in batches:
+            output = loss(model, batch, settings)
+            for key, value in {"eval_loss": output.loss_sum, **output.metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+            pairs += output.num_loss_tokens
+        metrics = {key: value / max(pairs, 1) for key, value in totals.items()}
+        return {**metrics, "eval_pairs": pairs}
+
+    return loss, evaluate
+
+
+def dpo_loss_function(logps: dict, settings: DPOSettings) -> PairLoss:
+    return PAIRWISE_LOSSES.get(settings.loss, "objective.loss")(logps, settings)
+
+
+_dpo_loss, _dpo_evaluate = pairwise_objective(dpo_loss_function)
+register(ObjectiveSpec(
+    name="dpo", model_kind="causal_lm", collate=collate_pairs, loss=_dpo_loss, evaluate=_dpo_evaluate,
+    settings=DPOSettings, reference=reference_pair_logps,
+))
+_simpo_loss, _simpo_evaluate = pairwise_objective(simpo_loss)
+register(ObjectiveSpec(
+    name="simpo", model_kind="causal_lm", collate=collate_pairs, loss=_simpo_loss, evaluate=_simpo_evaluate,
+    settings=SimPOSettings,
+))
+_orpo_loss, _orpo_evaluate = pairwise_objective(orpo_loss)
+register(ObjectiveSpec(
+    name="orpo", model_kind="causal_lm", collate=collate_pairs, loss=_orpo_loss, evaluate=_orpo_evaluate,
+    settings=ORPOSettings,
+))
+
+
+# --- kto: unpaired ----------------------------------------------------------------------------------------------
+
+
+def kto_losses(
+    policy_logps: torch.Tensor, reference_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
+    settings: KTOSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example KTO loss (B,) and reward beta * log(pi/pi_ref) (B,); Ethayarajh et al. 2024,
+    "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8:
+    desirable:   lambda_D (1 - sigma(beta (r - z0)));  undesirable: lambda_U (1 - sigma(beta (z0 - r))),
+    with r = log pi/pi_ref (y|x) and z0 the reference point `kl` (detached)."""
+    logratios = policy_logps - reference_logps  # (B,)
+    desirable_losses = settings.desirable_weight * (1 - torch.sigmoid(settings.beta * (logratios - kl)))
+    undesirable_losses = settings.undesirable_weight * (1 - torch.sigmoid(settings.beta * (kl - logratios)))
+    losses = torch.where(desirable, desirable_losses, undesirable_losses)
+    return losses, settings.beta * logratios.detach()
+
+
+def kto_reference_point(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> torch.Tensor:
+    """z0 = max(0, mean log pi/pi_ref) over the batch's responses, detached.
+
+    Departure from the paper: KTO (sec. 4.2) estimates KL(pi || pi_ref) on MISMATCHED pairs (x_i, y_j),
+    which costs a second forward of every batch. We use the batch's own responses, which needs no extra
+    pass; z0 is a detached baseline that only shifts where the sigmoid saturates.
+    """
+    return (policy_logps - reference_logps).detach().mean().clamp(min=0)
+
+
+def kto_loss(model: torch.nn.Module, batch: dict, settings: KTOSettings) -> LossOutput:
+    policy_logps, _ = sequence_logps(model, batch)  # (B,)
+    reference = batch["reference_logps"]  # (B,)
+    kl = kto_reference_point(policy_logps, reference)
+    losses, rewards = kto_losses(policy_logps, reference, batch["desirable"], kl, settings)
+    desirable = batch["desirable"].float()
+    metrics = {
+        # A desirable response should get a positive reward, an undesirable one a negative reward.
+        "reward_accuracy": ((rewards > 0).float() * desirable + (rewards < 0).float() * (1 - desirable)).sum(),
+        "chosen_reward": (rewards * desirable).sum(),
+        "rejected_reward": (rewards * (1 - desirable)).sum(),
+        "chosen_logps": (policy_logps.detach() * desirable).sum(),
+        "rejected_logps": (policy_logps.detach() * (1 - desirable)).sum(),
+        "desirable": desirable.sum(),
+        "kl": kl * len(losses),
+    }
+    return LossOutput(losses.sum(), batch["num_loss_tokens"], metrics)
+
+
+@torch.no_grad()
+def evaluate_kto(model: torch.nn.Module, batches: Iterable[dict], settings: KTOSettings) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    examples = 0
+    for batch in batches:
+        output = kto_loss(model, batch, settings)
+        for key, value in {"eval_loss": output.loss_sum, **output.metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+        examples += output.num_loss_tokens
+    desirable = totals.pop("desirable", 0.0)
+    undesirable = examples - desirable
+    metrics = {
+        "eval_loss": totals.get("eval_loss", 0.0) / max(examples, 1),
+        "reward_accuracy": totals.get("reward_accuracy", 0.0) / max(examples, 1),
+        "chosen_reward": totals.get("chosen_reward", 0.0) / max(desirable, 1),
+        "rejected_reward": totals.get("rejected_reward", 0.0) / max(undesirable, 1),
+        "chosen_logps": totals.get("chosen_logps", 0.0) / max(desirable, 1),
+        "rejected_logps": totals.get("rejected_logps", 0.0) / max(undesirable, 1),
+        "kl": totals.get("kl", 0.0) / max(examples, 1),
+        "eval_examples": examples,
+    }
+    metrics["reward_margin"] = metrics["chosen_reward"] - metrics["rejected_reward"]
+    return metrics
+
+
+register(ObjectiveSpec(
+    name="kto", model_kind="causal_lm", collate=collate_unpaired, loss=kto_loss, evaluate=evaluate_kto,
+    settings=KTOSettings, reference=reference_logps,
+))

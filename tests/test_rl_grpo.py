@@ -1,0 +1,107 @@
+"""grpo: reward functions, group advantages, the clipped/KL loss by formula, and learning on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import run_config, write_jsonl
+
+from tunesmith.config import ModelConfig
+from tunesmith.data.preference import tokenize_preference_record
+from tunesmith.models import load_model, load_tokenizer
+from tunesmith.objectives.rl import (
+    REWARD_FUNCTIONS,
+    GRPOSettings,
+    collate_prompts,
+    final_number,
+    group_advantages,
+    grpo_loss,
+    grpo_token_losses,
+    register_reward,
+)
+from tunesmith.training import train
+
+
+@register_reward("test_digits")
+def digit_fraction(prompts, completions, answers) -> list[float]:
+    """Fraction of the completion's characters that are digits: learnable by a random tiny model."""
+    return [sum(char.isdigit() for char in text) / max(len(text), 1) for text in completions]
+
+
+def test_gsm8k_rewards_on_real_answers(shared_data):
+    record = json.loads((shared_data / "sft" / "gsm8k_train.jsonl").read_text().splitlines()[0])
+    correct = REWARD_FUNCTIONS.get("gsm8k_correctness")
+    assert final_number(record["answer"]) == "72"
+    assert correct([], [record["answer"], "So the total is 72.", "It is 71.", ""], [record["answer"]] * 4) == [
+        1.0, 1.0, 0.0, 0.0]
+    assert REWARD_FUNCTIONS.get("gsm8k_format")([], ["x #### 72", "72"], [None, None]) == [1.0, 0.0]
+    assert final_number("#### 1,234") == "1234" and final_number("costs $5.50.") == "5.5"
+
+
+def test_group_advantages_and_loss_follow_the_formulas():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 5.0])
+    advantages = group_advantages(rewards, group=4)
+    first = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    torch.testing.assert_close(advantages[:4], (first - 0.5) / (first.std() + 1e-4))
+    assert advantages[:4].sum().abs() < 1e-6 and advantages[4:].sum().abs() < 1e-5
+
+    settings = GRPOSettings(beta=0.1, epsilon=0.2)
+    logps = torch.tensor([[-1.0, -2.0]])
+    old = torch.tensor([[-1.5, -1.0]])  # ratios e^0.5 (clipped to 1.2 for A > 0) and e^-1
+    reference = torch.tensor([[-1.2, -2.0]])
+    losses, kl = grpo_token_losses(logps, old, reference, torch.tensor([2.0]), settings)
+    ratio = torch.exp(logps - old)
+    surrogate = torch.minimum(ratio * 2.0, ratio.clamp(0.8, 1.2) * 2.0)
+    expected_kl = torch.exp(reference - logps) - (reference - logps) - 1
+    torch.testing.assert_close(kl, expected_kl)
+    torch.testing.assert_close(losses, -(surrogate - 0.1 * expected_kl))
+    assert surrogate[0, 0].item() == pytest.approx(2.4)
+
+
+def test_grpo_raises_the_reward_on_the_tiny_model(tiny_llama_dir):
+    """Ten GRPO steps with a learnable reward raise the sampled reward well above where it started."""
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    tokenizer = load_tokenizer(model_config)
+    examples = [
+        tokenize_preference_record({"prompt": [{"role": "user", "content": f"Count to {index}"}], "answer": None},
+                                   "grpo", tokenizer, 64)[0]
+        for index in range(4)
+    ]
+    batch = collate_prompts(examples, tokenizer.pad_token_id)
+    settings = GRPOSettings(rewards=["test_digits"], group_size=8, max_new_tokens=8, beta=0.0)
+    torch.manual_seed(0)
+    model = load_model(model_config, "grpo").train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rewards = []
+    for _ in range(12):
+        output = grpo_loss(model, batch, settings)
+        (output.loss_sum / output.num_loss_tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        rewards.append(output.metrics["reward"].item() / output.num_loss_tokens)
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+
+
+def test_grpo_trains_through_the_loop_with_a_lora_reference(tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "prompts.jsonl",
+                       [{"question": f"What is {index} plus {index}?", "answer": f"#### {2 * index}"}
+                        for index in range(4)])
+    config = run_config(
+        tiny_llama_dir, data, tmp_path / "run", task="grpo", method={"name": "lora", "r": 4},
+        data={"eval": str(data)},
+        objective={"rewards": ["test_digits", "gsm8k_correctness"], "group_size": 2, "max_new_tokens": 6},
+        train={"max_steps": 2, "batch_size": 2},
+    )
+    result = train(config)
+    assert result.exit_code == 0 and (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert {"eval_loss", "reward", "reward_test_digits", "reward_gsm8k_correctness"} <= set(result.summary["eval"])
+
+
+def test_unknown_reward_function_is_a_config_error(tiny_llama_dir, tmp_path):
+    from tunesmith.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"question": "q", "answer": "#### 1"}])
+    with pytest.raises(ConfigError, match="did you mean 'gsm8k_correctness'"):
+        run_config(tiny_llama_dir, data, tmp_path / "run", task="grpo", objective={"rewards": ["gsm8k_corectness"]})
