@@ -16,7 +16,6 @@ Safety defaults (DESIGN.md, "Rules that hold everywhere"): no hub access unless
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -42,6 +41,7 @@ from transformers import (
 
 from tunesmith.config import ModelConfig
 from tunesmith.errors import ModelError
+from tunesmith.filelock import file_lock
 from tunesmith.registry import closest
 
 # --- built-in aliases ----------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def convert_gguf(gguf_path: Path, folder: Path, log: Callable[[str], None] | Non
     if (folder / "config.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(folder.parent / f".{folder.name}.lock"):
+    with file_lock(folder.parent / f".{folder.name}.lock"):
         if (folder / "config.json").exists():  # another process finished while we waited
             return folder
         # We hold the lock, so any temporary folder left for this name is from a killed conversion.
@@ -270,21 +270,6 @@ def _write_converted(gguf_path: Path, out: Path) -> None:
 
 def _is_tied(model: PreTrainedModel, key: str) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and key.startswith("lm_head.")
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # Windows: rely on the atomic rename alone
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _stderr(message: str) -> None:

@@ -28,7 +28,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from tunesmith.data.formats import SHAREGPT_ROLES, _chat_messages
-from tunesmith.data.readers import read_records
 from tunesmith.data.templates import ensure_chat_template, render_chat
 from tunesmith.data.tokenize import (
     IGNORE_INDEX,
@@ -37,7 +36,7 @@ from tunesmith.data.tokenize import (
     _reply_labels,
     assistant_spans,
 )
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError
 
 if TYPE_CHECKING:
     from tunesmith.config import RunConfig
@@ -294,7 +293,12 @@ def tokenize_preference_record(record: dict, task: str, tokenizer, max_length: i
 
 def prepare_preference_data(config: RunConfig, tokenizer):
     """`prepare_data` for preference tasks: read, detect, canonicalise, hold out eval, tokenise."""
-    from tunesmith.data.prepare import PreparedData, _reject_policy, split_eval
+    from tunesmith.data.prepare import FormatRules, PreparedData, _reject_policy, read_canonical, split_eval
+
+    rules = FormatRules(
+        detect_preference_format, check_preference_task_format, to_preference_canonical,
+        lambda task: PREFERENCE_TASK_FORMATS[task][0],
+    )
 
     data, task = config.data, config.task
     if data.format != "auto":
@@ -302,9 +306,9 @@ def prepare_preference_data(config: RunConfig, tokenizer):
     rejects: list[dict] = []
     reject = _reject_policy(data.on_error, rejects)
 
-    train, train_format, read_train = _read(data.train, config, data.limit, reject)
+    train, train_format, read_train = read_canonical(data.train, data, task, data.limit, reject, rules)
     if data.eval is not None:
-        held_out, eval_format, read_eval = _read(data.eval, config, data.eval_limit, reject)
+        held_out, eval_format, read_eval = read_canonical(data.eval, data, task, data.eval_limit, reject, rules)
     else:
         train, held_out = split_eval(train, data.eval_split, config.train.seed, data.eval_limit)
         eval_format, read_eval = train_format, 0
@@ -330,41 +334,14 @@ def prepare_preference_data(config: RunConfig, tokenizer):
     return PreparedData(train_examples, eval_examples, rejects, stats, label_names)
 
 
-def _read(path, config: RunConfig, limit: int | None, reject) -> tuple[list[tuple[str, dict, dict]], str, int]:
-    from itertools import islice
-
-    data, task = config.data, config.task
-    fmt, records, read = None, [], 0
-    for raw in islice(read_records(path, data.header, data.columns.values()), limit):
-        read += 1
-        if raw.fields is None:
-            reject(raw.source, raw.error, raw.raw)
-            continue
-        if fmt is None:
-            try:
-                fmt = detect_preference_format(raw.fields, data.columns)
-                check_preference_task_format(task, fmt)
-            except ValueError as error:
-                raise DataError(f"{raw.source}: {error}") from None
-        try:
-            canonical = to_preference_canonical(raw.fields, fmt, data.columns, data.system_prompt)
-        except ValueError as error:
-            reject(raw.source, str(error), raw.fields)
-            continue
-        records.append((raw.source, canonical, raw.fields))
-    if read == 0:
-        raise DataError(f"{path}: no records")
-    return records, fmt or PREFERENCE_TASK_FORMATS[task][0], read
-
-
 def _tokenize(records, task: str, tokenizer, max_length: int, reject) -> tuple[list[dict], int]:
     examples, truncated = [], 0
-    for source, canonical, raw in records:
-        result = tokenize_preference_record(canonical, task, tokenizer, max_length)
+    for record in records:
+        result = tokenize_preference_record(record.canonical, task, tokenizer, max_length)
         if isinstance(result, Rejection):
-            reject(source, result.reason, raw)
+            reject(record.source, result.reason, record.raw)
             continue
         for example in result:
             truncated += example.pop("truncated", False)
-            examples.append({**example, "source": source})
+            examples.append({**example, "source": record.source})
     return examples, truncated

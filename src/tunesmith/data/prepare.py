@@ -57,6 +57,23 @@ class _Record:
 Reject = Callable[[str, str, Any], None]
 
 
+@dataclass(frozen=True)
+class FormatRules:
+    """How records of a family of tasks are recognised and made canonical."""
+
+    detect: Callable[[dict, dict], str]
+    """detect(fields, columns) -> format name, from the first readable record."""
+    check: Callable[[str, str], None]
+    """check(task, format) raises ValueError when the task cannot use the format."""
+    convert: Callable[[dict, str, dict, str | None], dict]
+    """convert(fields, format, columns, system_prompt) -> canonical record (ValueError: reject it)."""
+    default_format: Callable[[str], str]
+    """The format assumed for a task when no record was readable."""
+
+
+SUPERVISED_FORMATS = FormatRules(detect_format, check_task_format, to_canonical, lambda task: TASK_FORMATS[task][0])
+
+
 def prepare_data(config: RunConfig, tokenizer) -> PreparedData:
     """Read, check, split and tokenise `config.data` for `config.task` (sft, pretrain or classify)."""
     data, task = config.data, config.task
@@ -122,7 +139,8 @@ def _reject_policy(on_error: str, rejects: list[dict]) -> Reject:
 
 
 def read_canonical(
-    path: Path, data: DataConfig, task: str, limit: int | None, reject: Reject
+    path: Path, data: DataConfig, task: str, limit: int | None, reject: Reject,
+    rules: FormatRules = SUPERVISED_FORMATS,
 ) -> tuple[list[_Record], str, int]:
     """Canonical records of one file or folder, its format, and how many records were read.
 
@@ -137,18 +155,18 @@ def read_canonical(
             continue
         if fmt is None:
             try:
-                fmt = detect_format(raw.fields, data.columns)
-                check_task_format(task, fmt)
+                fmt = rules.detect(raw.fields, data.columns)
+                rules.check(task, fmt)
             except ValueError as error:
                 raise DataError(f"{raw.source}: {error}") from None
         try:
-            canonical = to_canonical(raw.fields, fmt, data.columns, data.system_prompt)
+            canonical = rules.convert(raw.fields, fmt, data.columns, data.system_prompt)
         except ValueError as error:
             reject(raw.source, str(error), raw.fields)
             continue
         records.append(_Record(raw.source, canonical, raw.fields))
     if fmt is None:
-        fmt = TASK_FORMATS[task][0]
+        fmt = rules.default_format(task)
     if read == 0:
         raise DataError(f"{path}: no records")
     return records, fmt, read

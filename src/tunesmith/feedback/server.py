@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from tunesmith.filelock import file_lock
+
 
 @dataclass(frozen=True)
 class FeedbackItem:
@@ -38,21 +40,6 @@ class FeedbackItem:
         """Stable across restarts: a hash of what was shown."""
         text = json.dumps([self.prompt, self.response_a, self.response_b], ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # Windows: the thread lock alone
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class FeedbackStore:
@@ -80,7 +67,7 @@ class FeedbackStore:
         """Write the verdict on `item`; False (and nothing written) when it was already recorded."""
         if choice not in self.CHOICES:
             raise ValueError(f"choice must be one of {', '.join(self.CHOICES)}")
-        with self._lock, _file_lock(self.lock_path):
+        with self._lock, file_lock(self.lock_path):
             # Read under the lock: another process may have recorded it since we last looked.
             if item.id in self.recorded_ids():
                 return False
