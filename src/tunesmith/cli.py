@@ -76,6 +76,51 @@ def _fmt(value) -> str:
 
 
 @app.command()
+def plan(
+    config: ConfigPath,
+    overrides: Overrides = None,
+    budget_gb: Annotated[
+        float | None, typer.Option(help="Memory per device in GiB; default: this GPU's, else system RAM.")
+    ] = None,
+    gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="Plan for a GPU (bf16) or the CPU.")] = None,
+) -> None:
+    """Estimate memory per device for a run config, and what to change when it will not fit."""
+    import torch
+
+    from tunesmith.config import load_config
+    from tunesmith.plan import plan_memory
+
+    run_config = load_config(config, overrides)
+    on_gpu = torch.cuda.is_available() if gpu is None else gpu
+    if budget_gb is None:
+        budget_gb = _device_memory_gib(on_gpu)
+    estimate = plan_memory(run_config, budget_gb, on_gpu)
+    table = Table(title=f"memory per device: {run_config.model.name}, {run_config.method.name}, "
+                        f"batch {run_config.train.batch_size} x {run_config.data.max_length} tokens")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for name, gib in estimate.parts_gib.items():
+        table.add_row(name, f"{gib:.2f}")
+    table.add_row("[bold]total[/]", f"[bold]{estimate.total_gib:.2f}[/]")
+    console.print(table)
+    console.print(f"trainable {estimate.trainable_params:,} of {estimate.total_params:,} parameters; "
+                  f"budget {budget_gb:.1f} GiB: {'fits' if estimate.fits else 'does NOT fit'}")
+    for line in estimate.advice:
+        console.print(f"  change {line}")
+    raise typer.Exit(0 if estimate.fits else 1)
+
+
+def _device_memory_gib(on_gpu: bool) -> float:
+    import os
+
+    import torch
+
+    if on_gpu and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+@app.command()
 def models() -> None:
     """List the built-in models and whether they are installed."""
     from tunesmith.models import list_builtins

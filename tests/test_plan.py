@@ -1,0 +1,54 @@
+"""`tunesmith plan`: exact parameter counts from the meta device, and advice that names config keys."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from helpers import chat_records, run_config, write_jsonl
+
+from tunesmith.methods import METHODS, count_parameters
+from tunesmith.models import load_model
+from tunesmith.plan import GIB, plan_memory
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    return write_jsonl(tmp_path / "chats.jsonl", chat_records(4))
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}, {"name": "freeze", "layers": 1}])
+def test_parameter_counts_equal_the_real_model(method, tiny_llama_dir, chat_file, tmp_path):
+    config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method=method)
+    model = METHODS.get(config.method.name).apply(load_model(config.model, "sft"), config.method, "sft")
+    trainable, total = count_parameters(model)
+    plan = plan_memory(config, on_gpu=False)
+    assert (plan.trainable_params, plan.total_params) == (trainable, total)
+    assert plan.parts_gib["weights"] == pytest.approx(total * 4 / GIB)  # float32 on CPU
+    assert plan.parts_gib["optimizer (AdamW)"] == pytest.approx(trainable * 8 / GIB)
+
+
+def test_checkpointing_and_chunking_shrink_the_estimate(tiny_llama_dir, chat_file, tmp_path):
+    plain = run_config(tiny_llama_dir, chat_file, tmp_path / "a", data={"max_length": 512},
+                       train={"batch_size": 8}, objective={"loss_chunk_tokens": None})
+    lean = run_config(tiny_llama_dir, chat_file, tmp_path / "b", data={"max_length": 512},
+                      train={"batch_size": 8, "gradient_checkpointing": True}, objective={"loss_chunk_tokens": 256})
+    big, small = plan_memory(plain, on_gpu=False), plan_memory(lean, on_gpu=False)
+    assert small.parts_gib["activations"] < big.parts_gib["activations"]
+    assert small.parts_gib["logits + loss"] == pytest.approx(big.parts_gib["logits + loss"] * 256 / (8 * 512))
+
+
+def test_too_small_budget_gives_advice_by_config_key(tiny_llama_dir, chat_file, tmp_path):
+    config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", data={"max_length": 512}, train={"batch_size": 8})
+    plan = plan_memory(config, budget_gib=1e-4, on_gpu=False)
+    assert not plan.fits
+    assert any(line.startswith("train.gradient_checkpointing: true") for line in plan.advice)
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"model: {{name: {tiny_llama_dir}}}\ndata: {{train: {chat_file}}}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli", "plan", str(config_file), "--budget-gb", "0.0001", "--cpu"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1 and "does NOT fit" in result.stdout
