@@ -240,3 +240,18 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_llama_dir, chat_fil
 def test_order_covers_every_record_once_per_epoch():
     order = batch_order([5] * 10, 3, seed=1, epoch=0, group_by_length=True)
     assert sorted(index for batch in order for index in batch) == list(range(10))
+
+
+def test_sample_weights_file_reaches_the_loss(tiny_bert_dir, tmp_path):
+    """Weighting one class 0 makes the run learn only the other: the weighted class's records do not count."""
+    data = write_jsonl(tmp_path / "data.jsonl", classification_records(8))
+    weights = tmp_path / "weights.jsonl"
+    weights.write_text("".join(
+        json.dumps({"source": f"{data}:{line}", "weight": 0.0 if record["label"] == "negative" else 1.0}) + "\n"
+        for line, record in enumerate(classification_records(8), start=1)
+    ))
+    config = run_config(tiny_bert_dir, data, tmp_path / "run", task="classify",
+                        data={"sample_weights": str(weights), "eval": str(data)},
+                        train={"max_steps": 15, "batch_size": 16, "lr": 5e-3, "eval_before": False})
+    result = train(config)
+    assert result.summary["eval"]["accuracy"] == pytest.approx(0.5)  # everything predicted positive

@@ -55,12 +55,17 @@ class DataConfig(Section):
     system_prompt: str | None = Field(None, description="System message for chats that have none.")
     labels: list[str] | None = Field(None, description="classify: label names in id order; default sorted.")
     limit: int | None = Field(None, ge=1, description="Use only the first N training records.")
+    sample_weights: Path | None = Field(
+        None,
+        description="JSONL of {source: 'file:line', weight} per training record (e.g. `tunesmith eval --reweigh`); "
+        "each record's loss is multiplied by its weight. Records without a weight get 1.",
+    )
     eval_limit: int | None = Field(None, ge=1, description="Use only the first N evaluation records.")
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="On a bad record: stop (fail) or write it to rejects.jsonl and go on (skip)."
     )
 
-    @field_validator("train", "eval")
+    @field_validator("train", "eval", "sample_weights")
     @classmethod
     def _exists(cls, path: Path | None) -> Path | None:
         if path is not None and not path.exists():

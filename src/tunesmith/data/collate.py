@@ -30,18 +30,28 @@ def collate_padded(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)  # (B, T)
     targets = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    weights = torch.ones((len(examples), longest))  # (B, T): each record's sample weight on its tokens
     for row, example in enumerate(examples):
         length = len(example["input_ids"])
         input_ids[row, :length] = torch.tensor(example["input_ids"])
         attention_mask[row, :length] = 1
         targets[row, :length] = torch.tensor(shift_labels(example["labels"]))
-    return {
+        weights[row, :length] = example.get("weight", 1.0)
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "targets": targets,
         "num_loss_tokens": int((targets != IGNORE_INDEX).sum()),
         "num_tokens": int(attention_mask.sum()),
     }
+    return with_sample_weights(batch, examples, weights)
+
+
+def with_sample_weights(batch: dict, examples: list[dict], weights: torch.Tensor) -> dict:
+    """Add `sample_weights` only when some record carries a weight, so unweighted runs pay nothing."""
+    if any("weight" in example for example in examples):
+        batch["sample_weights"] = weights
+    return batch
 
 
 def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -51,31 +61,36 @@ def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tenso
         input_ids: list[int] = []
         targets: list[int] = []
         positions: list[int] = []
+        row_weights: list[float] = []
         for example in row:
             input_ids += example["input_ids"]
             targets += shift_labels(example["labels"])
             positions += range(len(example["input_ids"]))
-        flat_rows.append((input_ids, targets, positions))
-    longest = max(len(input_ids) for input_ids, _, _ in flat_rows)
+            row_weights += [example.get("weight", 1.0)] * len(example["input_ids"])
+        flat_rows.append((input_ids, targets, positions, row_weights))
+    longest = max(len(input_ids) for input_ids, _, _, _ in flat_rows)
     batch_input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
     batch_targets = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     # The padding tail is its own "record" starting at position 0, so it attends to nothing real.
     batch_positions = torch.arange(longest).repeat(len(rows), 1)  # (B, T)
+    batch_weights = torch.ones((len(rows), longest))  # (B, T)
     num_tokens = 0
-    for index, (input_ids, targets, positions) in enumerate(flat_rows):
+    for index, (input_ids, targets, positions, row_weights) in enumerate(flat_rows):
         length = len(input_ids)
         num_tokens += length
         batch_input_ids[index, :length] = torch.tensor(input_ids)
         batch_targets[index, :length] = torch.tensor(targets)
         batch_positions[index, :length] = torch.tensor(positions)
         batch_positions[index, length:] = torch.arange(longest - length)
-    return {
+        batch_weights[index, :length] = torch.tensor(row_weights)
+    batch = {
         "input_ids": batch_input_ids,
         "position_ids": batch_positions,
         "targets": batch_targets,
         "num_loss_tokens": int((batch_targets != IGNORE_INDEX).sum()),
         "num_tokens": num_tokens,
     }
+    return with_sample_weights(batch, [example for row in rows for example in row], batch_weights)
 
 
 def collate_classification(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -86,13 +101,15 @@ def collate_classification(examples: list[dict], pad_id: int) -> dict[str, torch
         length = len(example["input_ids"])
         input_ids[row, :length] = torch.tensor(example["input_ids"])
         attention_mask[row, :length] = 1
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "class_labels": torch.tensor([example["label"] for example in examples], dtype=torch.long),  # (B,)
         "num_loss_tokens": len(examples),
         "num_tokens": int(attention_mask.sum()),
     }
+    weights = torch.tensor([example.get("weight", 1.0) for example in examples])  # (B,)
+    return with_sample_weights(batch, examples, weights)
 
 
 def pack_examples(examples: list[dict], max_length: int) -> list[list[dict]]:

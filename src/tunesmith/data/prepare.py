@@ -101,6 +101,8 @@ def prepare_data(config: RunConfig, tokenizer) -> PreparedData:
         template_installed = ensure_chat_template(tokenizer)
     train_examples, train_truncated = _tokenize(train, task, tokenizer, data, reject)
     eval_examples, eval_truncated = _tokenize(held_out, task, tokenizer, data, reject)
+    if data.sample_weights is not None:
+        attach_sample_weights(train_examples, data.sample_weights)
 
     stats = {
         "format": train_format,
@@ -271,6 +273,35 @@ def _example(result: TokenizedExample, source: str) -> dict:
         example["label"] = result.label
     example["source"] = source
     return example
+
+
+def _source_key(source: str) -> tuple[str, str]:
+    """(resolved file, line) so that '../data/x.jsonl:3' and '/abs/data/x.jsonl:3' match."""
+    file, _, line = source.rpartition(":")
+    return str(Path(file).resolve()), line
+
+
+def attach_sample_weights(examples: list[dict], path: Path) -> None:
+    """Give each training example the `weight` its source has in `path` (1.0 when it has none).
+
+    Fairness reweighing (Kamiran & Calders 2012) writes weights that average to 1, so the loss
+    keeps its scale; the loss functions multiply each record's terms by its weight.
+    """
+    weights: dict[tuple[str, str], float] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            weight = float(record["weight"])
+            source = str(record["source"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise DataError(f"{path}:{number}: needs `source` and a numeric `weight` ({error})") from None
+        if weight < 0:
+            raise DataError(f"{path}:{number}: weight must be >= 0, got {weight}")
+        weights[_source_key(source)] = weight
+    for example in examples:
+        example["weight"] = weights.get(_source_key(example["source"]), 1.0)
 
 
 def write_rejects(rejects: list[dict], path: Path) -> None:

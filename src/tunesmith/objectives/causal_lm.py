@@ -76,12 +76,16 @@ def loss_position_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Ten
     return logits.float(), targets[has_target]
 
 
-def _chunk_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _chunk_cross_entropy_sum(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    losses = F.cross_entropy(head(hidden).float(), targets, reduction="none")  # (N,)
+    return losses.sum() if weights is None else (losses * weights).sum()
 
 
 def chunked_cross_entropy_sum(
-    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_tokens: int | None
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_tokens: int | None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of cross-entropy over N positions, holding at most chunk_tokens x V logits at a time.
 
@@ -89,7 +93,7 @@ def chunked_cross_entropy_sum(
     head + loss), trading one extra head matmul for never materialising (N, V) in float32.
     """
     if chunk_tokens is None or hidden.shape[0] <= chunk_tokens or not torch.is_grad_enabled():
-        return _chunk_cross_entropy_sum(hidden, targets, head)
+        return _chunk_cross_entropy_sum(hidden, targets, head, weights)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         total = total + checkpoint(
@@ -97,6 +101,7 @@ def chunked_cross_entropy_sum(
             hidden[start : start + chunk_tokens],  # (C, H)
             targets[start : start + chunk_tokens],  # (C,)
             head,
+            None if weights is None else weights[start : start + chunk_tokens],  # (C,)
             use_reentrant=False,
         )
     return total
@@ -105,12 +110,16 @@ def chunked_cross_entropy_sum(
 def causal_lm_loss(model: torch.nn.Module, batch: dict, settings: CausalLMSettings | None = None) -> LossOutput:
     chunk_tokens = settings.loss_chunk_tokens if settings is not None else None
     targets = batch["targets"]  # (B, T)
+    has_target = targets != IGNORE_INDEX  # (B, T)
+    # Per-record sample weights (data.sample_weights), spread over each record's tokens.
+    weights = batch["sample_weights"][has_target] if "sample_weights" in batch else None  # (N,)
     if _can_skip_unused_logits(model):
         hidden, head = loss_position_hidden(model, batch)  # (N, H)
-        loss_sum = chunked_cross_entropy_sum(hidden, head, targets[targets != IGNORE_INDEX], chunk_tokens)
+        loss_sum = chunked_cross_entropy_sum(hidden, head, targets[has_target], chunk_tokens, weights)
     else:
         logits, loss_targets = loss_position_logits(model, batch)
-        loss_sum = F.cross_entropy(logits, loss_targets, reduction="sum")
+        losses = F.cross_entropy(logits, loss_targets, reduction="none")  # (N,)
+        loss_sum = losses.sum() if weights is None else (losses * weights).sum()
     return LossOutput(loss_sum=loss_sum, num_loss_tokens=batch["num_loss_tokens"])
 
 

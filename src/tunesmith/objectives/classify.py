@@ -14,7 +14,9 @@ from tunesmith.objectives.base import LossOutput, ObjectiveSpec, model_inputs, r
 
 def classification_loss(model: torch.nn.Module, batch: dict, settings=None) -> LossOutput:
     logits = model(**model_inputs(batch)).logits.float()  # (B, C)
-    loss_sum = F.cross_entropy(logits, batch["class_labels"], reduction="sum")
+    losses = F.cross_entropy(logits, batch["class_labels"], reduction="none")  # (B,)
+    # Per-record sample weights (data.sample_weights, e.g. fairness reweighing) scale each example's term.
+    loss_sum = (losses * batch["sample_weights"]).sum() if "sample_weights" in batch else losses.sum()
     return LossOutput(loss_sum=loss_sum, num_loss_tokens=batch["num_loss_tokens"])
 
 
