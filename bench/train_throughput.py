@@ -9,9 +9,11 @@ runs in its own subprocess so peak memory (RSS on CPU, max allocated on CUDA) is
 
 Figures: trained (non-pad) tokens/s, padding fraction (share of processed positions that were
 padding), peak memory, final loss (mean of the last half of the logged steps), and the ratios
-tunesmith / each peer. Loss agreement: the tools see the same records in different orders and
-packings, so per-step losses differ; the mean loss over the last half of the run must agree
-within --loss-tolerance (relative), or the script says so and exits 1.
+tunesmith / each peer. Loss agreement: tunesmith and trl both pack rows of max length, so their
+steps see about the same amount of the same data (in different orders and packings): their mean
+loss over the last half of the run must agree within --loss-tolerance (relative), or the script
+says so and exits 1. The plain Trainer does not pack, so its steps see fewer records; its loss is
+printed for information only.
 
 Requires trl (`pip install trl`); the other tools are tunesmith's own dependencies.
 """
@@ -168,6 +170,7 @@ def peer_arguments(args: argparse.Namespace, output_dir: str, arguments_class, *
         output_dir=output_dir, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1, save_strategy="no", report_to=[],
+        gradient_checkpointing=False,  # trl turns it on by default; every tool runs without it here
         seed=0, dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0, **extra,
     )
 
@@ -257,7 +260,10 @@ def main() -> None:
         for peer in (tool for tool in figures if tool != "tunesmith"):
             theirs = figures[peer]
             relative = abs(ours["final_loss"] - theirs["final_loss"]) / abs(theirs["final_loss"])
-            agree &= relative <= args.loss_tolerance
+            # Only trl packs like we do, so only its steps see the same amount of data; the plain
+            # Trainer's steps hold fewer records, and its loss is shown for information.
+            if peer == "trl":
+                agree &= relative <= args.loss_tolerance
             print(f"tunesmith / {peer}: tokens/s x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}, "
                   f"peak memory x{ours['peak_memory_mb'] / theirs['peak_memory_mb']:.2f}, "
                   f"final loss differs by {100 * relative:.1f}%")
