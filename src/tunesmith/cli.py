@@ -218,7 +218,12 @@ def _register_stage_commands() -> None:
         importlib.import_module(module_name).register(app)
 
 
-STAGE_COMMANDS: tuple[str, ...] = ("tunesmith.curate.cli", "tunesmith.evaluate.cli", "tunesmith.preference_cli")
+STAGE_COMMANDS: tuple[str, ...] = (
+    "tunesmith.curate.cli",
+    "tunesmith.evaluate.cli",
+    "tunesmith.preference_cli",
+    "tunesmith.compare_methods",
+)
 _register_stage_commands()
 
 

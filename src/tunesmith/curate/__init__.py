@@ -3,7 +3,19 @@
 Importing this package registers every built-in step (one module per family of steps).
 """
 
-from tunesmith.curate import decontam, dedup, filters, normalise, pii, schema  # noqa: F401  (registers the steps)
+# noqa below: importing the modules registers the steps.
+from tunesmith.curate import (  # noqa: F401
+    balance,
+    decontam,
+    dedup,
+    diversity,
+    filters,
+    language,
+    normalise,
+    pii,
+    schema,
+    semantic,
+)
 from tunesmith.curate.base import STEPS, StepSettings, register_step
 from tunesmith.curate.config import CurateConfig
 from tunesmith.curate.pipeline import CurateResult, curate

@@ -38,10 +38,14 @@ class StepOutput:
 
 @dataclass
 class StepContext:
-    """What a step may need beyond its settings: where outputs go (for spill files) and the seed."""
+    """What a step may need beyond its settings: where outputs go (for spill files), the seed, and
+    the run's inputs (for a step that must count something over the whole input before it decides,
+    such as `balance` resampling to a target label distribution)."""
 
     output_dir: Path
     seed: int = 0
+    inputs: tuple[Path, ...] = ()
+    header: str = "auto"
 
 
 class Step(Protocol):

@@ -79,7 +79,7 @@ def curate(config: CurateConfig, inputs: list[Path], output_dir: Path) -> Curate
     if config.engine == "ray":
         raise UserError("--engine ray is not available yet; use --engine local (the default)")
     output_dir.mkdir(parents=True, exist_ok=True)
-    context = StepContext(output_dir=output_dir, seed=config.seed)
+    context = StepContext(output_dir=output_dir, seed=config.seed, inputs=tuple(inputs), header=config.header)
     steps = [STEPS.get(settings.name).build(settings, context) for settings in config.steps]
     parallel = [STEPS.get(settings.name).parallel for settings in config.steps]
     stats = [StepStats(settings.name) for settings in config.steps]

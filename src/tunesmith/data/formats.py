@@ -23,6 +23,7 @@ TASK_FORMATS = {
     "sft": ("chat", "instruction"),
     "pretrain": ("text", "chat", "instruction"),
     "classify": ("classification",),
+    "distill": ("chat", "instruction"),
 }
 
 # instruction-style field pairs, in the order they are tried: (prompt field, reply field).
