@@ -81,7 +81,8 @@ def _suite(tmp_path: Path, shared_data: Path) -> Path:
              "stride": 32},
             {"name": "mmlu_tiny", "type": "mmlu", "role": "retain", "data_dir": str(shared_data / "benchmark" / "mmlu"),
              "subjects": ["anatomy", "astronomy"], "shots": 1, "limit": 2},
-            {"name": "gender_probe", "type": "counterfactual", "role": "retain", "limit": 6},
+            {"name": "gender_probe", "type": "counterfactual", "role": "retain", "limit": 6,
+             "measures": ["loglik", "sentiment", "refusal"], "max_new_tokens": 4, "batch_size": 6},
         ],
     }
     path = tmp_path / "suite.yaml"
@@ -110,6 +111,8 @@ def test_eval_compare_on_tiny_models_writes_results_and_a_report_that_renders(
         "anatomy", "astronomy"}
     assert tasks["general_text"]["metrics"]["perplexity"]["value"] > 1
     assert set(tasks["sentiment"]["details"]["fairness"]["by_group"]) == {"a", "b"}
+    assert {"loglik_gap", "sentiment_gap", "abs_sentiment_gap", "refusal_gap", "refusal_flip_rate"} <= set(
+        tasks["gender_probe"]["metrics"])
 
     comparison = results["comparisons"][0]
     assert comparison["learning"]["tasks"] == ["gsm8k", "arithmetic", "sentiment"]
@@ -123,7 +126,7 @@ def test_eval_compare_on_tiny_models_writes_results_and_a_report_that_renders(
 
     dom = rendered_dom(out / "report.html")
     for anchor in ('id="results"', 'id="learn-forget"', 'id="fairness-sentiment"', 'id="samples"',
-                   'id="confusion-sentiment"'):
+                   'id="confusion-sentiment"', 'id="counterfactual-gender_probe"'):
         assert anchor in dom, anchor
     assert dom.count("data:image/png;base64,") >= 3  # task bars, learn/forget, the confusion matrix
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunesmith.evaluate.scoring import document_nll, encode_item, score_continuations
+from tunesmith.evaluate.scoring import (
+    MIN_SHARED_PREFIX,
+    document_nll,
+    encode_item,
+    score_continuations,
+    shared_prefix_length,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +48,25 @@ def test_shared_context_batched_scores_equal_one_forward_per_choice(tiny):
     # lm-eval moves the context's trailing space into the continuation.
     moved = encode_item(tokenizer, "Answer: ", ["4"])
     assert moved.context == tokenizer("Answer:", add_special_tokens=False)["input_ids"]
+
+
+def test_items_sharing_a_few_shot_prefix_score_as_one_forward_per_choice(tiny):
+    """The shared-prefix path (one MMLU subject: description + shots, then the question) equals plain
+    forwards, with single- and multi-token continuations and suffixes of different lengths."""
+    model, tokenizer = tiny
+    shots = "The following are questions about arithmetic.\n\n" + "".join(
+        f"Question: what is {a} + {a}?\nAnswer: {2 * a}\n\n" for a in range(1, 6))
+    items = [
+        (shots + "Question: what is 7 + 7?\nAnswer:", [" 14", " 15", " fourteen, of course"]),
+        (shots + "Question: what is 12 + 12, and then 3 + 3?\nAnswer:", [" A", " B"]),
+        (shots + "Question: 9?\nAnswer:", [" 18", " nine plus nine is eighteen"]),
+        ("Another subject entirely.\nAnswer:", [" yes", " no"]),
+    ]
+    encoded = [encode_item(tokenizer, context, choices) for context, choices in items[:3]]
+    assert shared_prefix_length([e.context for e in encoded]) >= MIN_SHARED_PREFIX
+    got = score_continuations(model, tokenizer, items, batch_size=3)
+    for (context, continuations), scores in zip(items, got, strict=True):
+        assert scores == pytest.approx(_plain_scores(model, tokenizer, context, continuations), abs=1e-4)
 
 
 def test_perplexity_is_exp_mean_token_nll_and_windows_score_every_token_once(tiny):

@@ -5,6 +5,7 @@ the same schema is the `eval:` section of a run config (`EvalSuiteConfig`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,8 +125,40 @@ class CounterfactualTask(TaskBase):
         "[[a, b], ...]."
     )
     templates: list[str] | None = Field(
-        None, description="Sentences with a {term} slot; default the shipped templates."
+        None, description="loglik: sentences with a {term} slot; default the shipped templates."
     )
+    measures: list[Literal["loglik", "sentiment", "refusal"]] = Field(
+        default_factory=lambda: ["loglik"], min_length=1,
+        description="Gaps between the two sides of each pair: loglik (of the template sentences), sentiment and "
+        "refusal (of the model's answers to the prompts; these generate, greedily).",
+    )
+    prompts: list[str] | None = Field(
+        None, description="sentiment/refusal: prompts with a {term} slot, sent with the chat template; default the "
+        "shipped prompts."
+    )
+    max_new_tokens: int = Field(48, ge=1, description="sentiment/refusal: most tokens generated per answer.")
+    system_prompt: str | None = Field(None, description="sentiment/refusal: system message for the chat template.")
+    sentiment_model: str | None = Field(
+        None, description="sentiment: a classify run dir, model folder or alias scoring 2 P(positive) - 1; default "
+        "the shipped lexicon (mean word valence, -1..1)."
+    )
+    sentiment_positive_label: str | None = Field(
+        None, description="sentiment_model: the label that means positive; default its last label."
+    )
+    refusal_patterns: list[str] | None = Field(
+        None, description="refusal: regular expressions (case-insensitive) any of which marks an answer as a "
+        "refusal; default the shipped list (probes/terms.yaml)."
+    )
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str] | None) -> list[str] | None:
+        for pattern in patterns or []:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
+        return patterns
 
 
 class EvalSuiteConfig(_Section):

@@ -79,6 +79,12 @@ def write_report(results: dict, path: Path) -> Path:
             if "per_subject_acc" in task["details"]:
                 report.heading(f"{name}: accuracy per subject ({system['name']})")
                 report.table(sorted(task["details"]["per_subject_acc"].items()), ["subject", "acc"])
+            gaps = task["details"].get("per_pair_mean_gap")
+            if gaps:
+                measures = sorted({measure for values in gaps.values() for measure in values})
+                report.heading(f"{name}: counterfactual gaps per term pair, first minus second ({system['name']})")
+                report.table([[pair, *(values.get(measure) for measure in measures)] for pair, values in gaps.items()],
+                             ["pair", *measures], element_id=f"counterfactual-{name}")
     _samples(report, systems, comparisons)
     return report.write(path)
 

@@ -60,11 +60,17 @@ def score_encoded(model, encoded: Sequence[EncodedItem], batch_size: int = 8, ma
     device = _device(model)
     results: list[list[float] | None] = [None] * len(encoded)
     # Longest first, as lm-eval does: similar lengths share a batch (less padding), and an
-    # out-of-memory error shows up on the first batch rather than after an hour.
+    # out-of-memory error shows up on the first batch rather than after an hour. Items whose
+    # contexts start alike (one MMLU subject's description and shots) are kept together first, so
+    # that a batch shares its prefix (see _score_batch); the group holding the longest item comes first.
     def total_length(index: int) -> int:
         return len(encoded[index].context) + max(map(len, encoded[index].continuations))
 
-    order = sorted(range(len(encoded)), key=lambda index: -total_length(index))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, item in enumerate(encoded):
+        groups.setdefault(tuple(item.context[:PREFIX_GROUP_TOKENS]), []).append(index)
+    order = [index for members in sorted(groups.values(), key=lambda m: -max(map(total_length, m)))
+             for index in sorted(members, key=lambda index: -total_length(index))]
     for start in range(0, len(order), batch_size):
         batch = [encoded[i] for i in order[start : start + batch_size]]
         for index, scores in zip(order[start : start + batch_size], _score_batch(model, batch, device, max_length),
@@ -73,20 +79,51 @@ def score_encoded(model, encoded: Sequence[EncodedItem], batch_size: int = 8, ma
     return results
 
 
+MIN_SHARED_PREFIX = 16
+"""Shorter common prefixes are not worth a separate forward pass."""
+PREFIX_GROUP_TOKENS = 64
+"""Items whose contexts agree on this many first tokens are batched together."""
+
+
+def shared_prefix_length(contexts: Sequence[Sequence[int]]) -> int:
+    """Tokens that every context starts with, leaving each at least one token of its own (its last
+    position's logits predict the first continuation token)."""
+    first, shortest = contexts[0], min(map(len, contexts))
+    length = 0
+    while length < shortest - 1 and all(c[length] == first[length] for c in contexts):
+        length += 1
+    return length
+
+
 def _score_batch(model, batch: list[EncodedItem], device, max_length: int) -> list[list[float]]:
     longest_continuation = max(len(c) for item in batch for c in item.continuations)
     # Left-truncate contexts so context + continuation fits the model, as lm-eval does.
     contexts = [item.context[-(max_length - longest_continuation + 1):] for item in batch]
-    width = max(map(len, contexts))
     pad = 0
+    # Few-shot items of one subject share a long prefix (description + solved examples): it runs
+    # once, as one row, and its KV cache is repeated for every row of the batch.
+    shared = shared_prefix_length(contexts) if len(contexts) > 1 else 0
+    past, prefix_mask = None, torch.ones((len(contexts), 0), dtype=torch.long, device=device)
+    if shared >= MIN_SHARED_PREFIX:
+        prefix = model(input_ids=torch.tensor([contexts[0][:shared]], device=device), use_cache=True,
+                       logits_to_keep=1)
+        past = prefix.past_key_values
+        past.batch_select_indices(torch.zeros(len(contexts), dtype=torch.long, device=device))
+        prefix_mask = torch.ones((len(contexts), shared), dtype=torch.long, device=device)
+        contexts = [c[shared:] for c in contexts]
+    else:
+        shared = 0
+    width = max(map(len, contexts))
     # Left padding: every context ends at the same column, so its last logits and its KV cache line up.
+    # After a shared prefix the padding sits between prefix and suffix, masked out like any padding.
     input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=device)
-    context_mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
-    position_ids = (context_mask.cumsum(-1) - 1).clamp(min=0)
+    suffix_mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
+    context_mask = torch.cat([prefix_mask, suffix_mask], dim=1)  # (B, shared + width)
+    position_ids = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
     # Only the last context position's logits are needed: (B, 1, V) instead of (B, T, V), which for a
     # 49k-token vocabulary is most of the memory and much of the time of a long few-shot context.
-    output = model(input_ids=input_ids, attention_mask=context_mask, position_ids=position_ids, use_cache=True,
-                   logits_to_keep=1)
+    output = model(input_ids=input_ids, attention_mask=context_mask, position_ids=position_ids, past_key_values=past,
+                   use_cache=True, logits_to_keep=1)
     first_logprobs = F.log_softmax(output.logits[:, -1, :].float(), dim=-1)  # (B, V)
 
     scores = [[float(first_logprobs[row, c[0]]) for c in item.continuations] for row, item in enumerate(batch)]

@@ -17,17 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from tunesmith.data.readers import read_records
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.evaluate import config as C
+from tunesmith.evaluate import counterfactual as CF
 from tunesmith.evaluate.metrics import TEXT_METRICS, classification_metrics, classification_report
 from tunesmith.evaluate.scoring import document_nll, score_continuations
 from tunesmith.evaluate.stats import MetricStats, mean_stats, ratio
 from tunesmith.registry import Registry
-
-PROBES_FILE = Path(__file__).parent / "probes" / "terms.yaml"
 
 
 @dataclass
@@ -443,47 +441,96 @@ def run_mmlu(cfg: C.MmluTask, system: System) -> TaskOutput:
 # --- counterfactual probes -------------------------------------------------------------------------
 
 
-def probe_pairs(cfg: C.CounterfactualTask) -> tuple[list[tuple[str, str]], list[str]]:
-    shipped = yaml.safe_load(PROBES_FILE.read_text(encoding="utf-8"))
-    if isinstance(cfg.pairs, str):
-        if cfg.pairs not in shipped["pairs"]:
-            known = ", ".join(shipped["pairs"])
-            raise ConfigError(f"{cfg.name}.pairs: no shipped list {cfg.pairs!r}; shipped: {known}")
-        pairs = [tuple(pair) for pair in shipped["pairs"][cfg.pairs]]
-    else:
-        pairs = list(cfg.pairs)
-    templates = cfg.templates or shipped["templates"]
-    for template in templates:
-        if "{term}" not in template:
-            raise ConfigError(f"{cfg.name}.templates: {template!r} has no {{term}} slot")
-    return pairs, templates
-
-
 def run_counterfactual(cfg: C.CounterfactualTask, system: System) -> TaskOutput:
-    """Log-likelihood gap between the two sentences of each template x term pair (first minus second).
+    """Gaps between the two sides of each term pair (first minus second), one mean per measure.
 
-    A model indifferent to the swapped term has a mean gap near 0; the CI says whether the
-    preference for one side is more than noise across templates and pairs.
+    A case is a (template, pair): loglik cases use `templates`, sentiment and refusal cases use
+    `prompts`. A model indifferent to the swapped term has gaps near 0; the bootstrap CI over cases
+    says whether a preference for one side is more than noise across templates and pairs.
     """
     _need_model(system, cfg.name)
-    pairs, templates = probe_pairs(cfg)
-    cases = [(template, a, b) for template in templates for a, b in pairs][: cfg.limit]
-    sentences = [(template.replace("{term}", a), template.replace("{term}", b)) for template, a, b in cases]
-    # Empty context: lm-eval scores a whole sentence after the end-of-text token.
-    scores = score_continuations(system.model, system.tokenizer, [("", [s_a, s_b]) for s_a, s_b in sentences],
-                                 cfg.batch_size)
-    gaps = np.array([row[0] - row[1] for row in scores])
-    metrics = {
-        "loglik_gap": mean_stats(gaps),
-        "abs_loglik_gap": MetricStats(mean_stats(np.abs(gaps)).stats, ratio, higher_is_better=False),
+    pairs = CF.probe_pairs(cfg.pairs, cfg.name)
+    metrics: dict[str, MetricStats] = {}
+    records: list[dict] = []
+    per_pair: dict[str, dict[str, list[float]]] = {}
+
+    def note(pair: tuple[str, str], measure: str, value: float) -> None:
+        per_pair.setdefault(f"{pair[0]} / {pair[1]}", {}).setdefault(measure, []).append(float(value))
+
+    if "loglik" in cfg.measures:
+        templates = CF.slotted(cfg.templates, "templates", f"{cfg.name}.templates")
+        cases = [(template, pair) for template in templates for pair in pairs][: cfg.limit]
+        sentences = [(CF.fill(template, a), CF.fill(template, b)) for template, (a, b) in cases]
+        # Empty context: lm-eval scores a whole sentence after the end-of-text token.
+        scores = score_continuations(system.model, system.tokenizer, [("", list(pair)) for pair in sentences],
+                                     cfg.batch_size)
+        gaps = np.array([row[0] - row[1] for row in scores])
+        metrics["loglik_gap"] = mean_stats(gaps)
+        metrics["abs_loglik_gap"] = MetricStats(mean_stats(np.abs(gaps)).stats, ratio, higher_is_better=False)
+        for (_, pair), (sentence_a, _), gap in zip(cases, sentences, gaps, strict=True):
+            records.append({"input": f"{pair[0]} / {pair[1]}", "prediction": f"{gap:+.3f}", "reference": sentence_a,
+                            "measure": "loglik"})
+            note(pair, "loglik_gap", gap)
+
+    generative = [measure for measure in ("sentiment", "refusal") if measure in cfg.measures]
+    if generative:
+        prompts = CF.slotted(cfg.prompts, "prompts", f"{cfg.name}.prompts")
+        cases = [(prompt, pair) for prompt in prompts for pair in pairs][: cfg.limit]
+        # Both sides of every case in one batched, greedy, length-sorted generate call: greedy so that a
+        # gap is the model's, not the sampler's.
+        asked = [CF.fill(prompt, term) for prompt, pair in cases for term in pair]
+        generation = C.GenerationTask(name=cfg.name, type="generation", data=Path("-"), batch_size=cfg.batch_size,
+                                      max_new_tokens=cfg.max_new_tokens, system_prompt=cfg.system_prompt)
+        answers = _generate_sorted(generation, system, asked)
+        answers_a, answers_b = answers[0::2], answers[1::2]
+        sentiment_a = sentiment_b = refused_a = refused_b = None
+        if "sentiment" in generative:
+            if cfg.sentiment_model:
+                from tunesmith.evaluate.run import load_system
+
+                judge = load_system(cfg.sentiment_model)
+                if judge.kind != "sequence_classification":
+                    raise ConfigError(f"{cfg.name}.sentiment_model: {cfg.sentiment_model} is not a sequence "
+                                      "classifier (a classify run or a *ForSequenceClassification model folder)")
+                sentiment = CF.classifier_sentiment(judge, answers, cfg.sentiment_positive_label, cfg.batch_size,
+                                                    f"{cfg.name}.sentiment_positive_label")
+            else:
+                lexicon = CF.SentimentLexicon.shipped()
+                sentiment = [lexicon.score(answer) for answer in answers]
+            sentiment_a, sentiment_b = np.array(sentiment[0::2]), np.array(sentiment[1::2])
+            gaps = sentiment_a - sentiment_b
+            metrics["sentiment_gap"] = mean_stats(gaps)
+            metrics["abs_sentiment_gap"] = MetricStats(mean_stats(np.abs(gaps)).stats, ratio, higher_is_better=False)
+        if "refusal" in generative:
+            patterns = CF.compile_refusal_patterns(cfg.refusal_patterns, f"{cfg.name}.refusal_patterns")
+            refused_a = np.array([float(CF.is_refusal(answer, patterns)) for answer in answers_a])
+            refused_b = np.array([float(CF.is_refusal(answer, patterns)) for answer in answers_b])
+            metrics["refusal_gap"] = mean_stats(refused_a - refused_b)
+            # Share of cases where exactly one side refused: 0 when refusals ignore the term.
+            metrics["refusal_flip_rate"] = MetricStats(mean_stats(np.abs(refused_a - refused_b)).stats, ratio,
+                                                       higher_is_better=False)
+            metrics["refusal_rate"] = MetricStats(mean_stats((refused_a + refused_b) / 2).stats, ratio,
+                                                  higher_is_better=False)
+        for index, (prompt, pair) in enumerate(cases):
+            record = {"input": CF.fill(prompt, f"{pair[0]} / {pair[1]}"),
+                      "prediction": f"[{pair[0]}] {answers_a[index][:300]}",
+                      "reference": f"[{pair[1]}] {answers_b[index][:300]}", "measure": "+".join(generative)}
+            if sentiment_a is not None:
+                record["sentiment"] = [float(sentiment_a[index]), float(sentiment_b[index])]
+                note(pair, "sentiment_gap", sentiment_a[index] - sentiment_b[index])
+            if refused_a is not None:
+                record["refused"] = [bool(refused_a[index]), bool(refused_b[index])]
+                note(pair, "refusal_gap", refused_a[index] - refused_b[index])
+            records.append(record)
+
+    primary = next(name for name in ("abs_loglik_gap", "abs_sentiment_gap", "refusal_flip_rate") if name in metrics)
+    details = {
+        "measures": list(cfg.measures),
+        "per_pair_mean_gap": {pair: {measure: float(np.mean(values)) for measure, values in measures.items()}
+                              for pair, measures in per_pair.items()},
+        "sentiment_scorer": (cfg.sentiment_model or "lexicon") if "sentiment" in cfg.measures else None,
     }
-    records = [{"input": f"{a} / {b}", "prediction": f"{gap:+.3f}", "reference": s_a}
-               for (_, a, b), (s_a, _), gap in zip(cases, sentences, gaps, strict=True)]
-    by_pair: dict[str, list[float]] = {}
-    for (_, a, b), gap in zip(cases, gaps, strict=True):
-        by_pair.setdefault(f"{a} / {b}", []).append(float(gap))
-    details = {"per_pair_mean_gap": {pair: float(np.mean(values)) for pair, values in by_pair.items()}}
-    return TaskOutput(cfg.name, cfg.type, cfg.role, metrics, "abs_loglik_gap", records, details)
+    return TaskOutput(cfg.name, cfg.type, cfg.role, metrics, primary, records, details)
 
 
 TASKS.register("perplexity", TaskType(C.PerplexityTask, run_perplexity))
