@@ -100,3 +100,9 @@ def test_cli_config_error_is_one_line_exit_2(config_file):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "train.lrr: unknown key (did you mean 'lr'?)" in lines[0]
+
+
+def test_cli_usage_error_is_one_line_exit_2():
+    result = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "Missing argument 'config'" in result.stderr

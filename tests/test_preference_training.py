@@ -14,9 +14,10 @@ from tunesmith.config import ModelConfig
 from tunesmith.data.preference import tokenize_preference_record
 from tunesmith.methods import METHODS
 from tunesmith.models import load_model, load_tokenizer
-from tunesmith.objectives.preference import collate_pairs, pair_logps, reference_pair_logps
+from tunesmith.objectives import OBJECTIVES
+from tunesmith.objectives.preference import cache_reference_outputs, collate_pairs, pair_logps, reference_pair_logps
 from tunesmith.training import train
-from tunesmith.training.reference import ReferenceModel
+from tunesmith.training.reference import ReferenceModel, add_reference_outputs
 
 
 def preference_records(count: int) -> list[dict]:
@@ -132,3 +133,50 @@ def test_reward_model_learns_preference_accuracy_and_scores(tiny_llama_dir, pair
         [*prompt, {"role": "assistant", "content": record["rejected"]}],
     ])
     assert good > bad
+
+
+@pytest.mark.parametrize(("task", "method"), [("dpo", "full"), ("kto", "full"), ("dpo", "lora")])
+def test_reference_cached_in_one_pass_equals_the_live_reference(task, method, tiny_llama_dir):
+    """Reference outputs cached per example before training give the batches (and the loss) that the live
+    reference gives (a frozen copy for full fine-tuning, disabled adapters for LoRA), in other batches."""
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    tokenizer = load_tokenizer(model_config)
+    examples = [
+        example
+        for record in preference_records(6)
+        for example in tokenize_preference_record(
+            {"prompt": [{"role": "user", "content": record["prompt"]}],
+             "chosen": [{"role": "assistant", "content": record["chosen"]}],
+             "rejected": [{"role": "assistant", "content": record["rejected"]}]},
+            task, tokenizer, 128,
+        )
+    ]
+    objective, pad_id = OBJECTIVES.get(task), tokenizer.pad_token_id
+    settings = objective.settings()
+    spec = METHODS.get(method)
+    policy = spec.apply(load_model(model_config, task), spec.settings(**({"r": 4} if method == "lora" else {})), task)
+    torch.manual_seed(0)
+
+    def move_trainable_parameters():  # as training moves them; LoRA's B leaves zero, so adapters matter
+        with torch.no_grad():
+            for parameter in policy.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+
+    if method == "lora":
+        move_trainable_parameters()  # the cache must still see the base, as `ReferenceModel` does
+    reference = ReferenceModel(policy)
+    assert (reference.frozen_copy is None) == (method == "lora")  # full: the copy that the cache replaces
+    cached = [dict(example) for example in examples]
+    cache_reference_outputs(objective, policy, cached, settings, pad_id, batch_size=4)
+    move_trainable_parameters()
+    for start in (0, 3):
+        live = add_reference_outputs(objective, reference, policy, objective.collate(examples[start:start + 3], pad_id),
+                                     settings)
+        from_cache = objective.collate(cached[start:start + 3], pad_id)
+        names = [name for name in live if name.startswith("reference_")]
+        assert names and sorted(names) == sorted(name for name in from_cache if name.startswith("reference_"))
+        for name in names:
+            torch.testing.assert_close(from_cache[name], live[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(objective.loss(policy, from_cache, settings).loss_sum,
+                                   objective.loss(policy, live, settings).loss_sum, rtol=1e-5, atol=1e-5)

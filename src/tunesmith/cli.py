@@ -227,6 +227,16 @@ STAGE_COMMANDS: tuple[str, ...] = (
 _register_stage_commands()
 
 
+# typer >= 0.29 raises the exceptions of its own bundled click, which are not click's classes.
+try:
+    from typer._click import exceptions as _bundled_click
+except ImportError:  # older typer: plain click
+    _bundled_click = click.exceptions
+EXIT_EXCEPTIONS = (click.exceptions.Exit, typer.Exit)
+ABORT_EXCEPTIONS = (click.exceptions.Abort, typer.Abort)
+USAGE_EXCEPTIONS = (click.ClickException, _bundled_click.ClickException)
+
+
 def main() -> None:
     """Entry point: user errors become one line and exit code 2, never a traceback."""
     try:
@@ -236,11 +246,11 @@ def main() -> None:
     except UserError as error:
         err_console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
-    except click.exceptions.Exit as done:
+    except EXIT_EXCEPTIONS as done:
         sys.exit(done.exit_code)
-    except click.exceptions.Abort:
+    except ABORT_EXCEPTIONS:
         sys.exit(130)
-    except click.ClickException as error:
+    except USAGE_EXCEPTIONS as error:
         err_console.print(f"[red]error:[/] {error.format_message()}", highlight=False, soft_wrap=True)
         sys.exit(2)
 

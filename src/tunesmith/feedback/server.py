@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from tunesmith.errors import UserError
 from tunesmith.filelock import file_lock
 
 
@@ -116,10 +117,14 @@ _ITEM = """<div class="prompt" id="prompt">{prompt}</div>
 
 class FeedbackApp:
     def __init__(self, items: list[FeedbackItem], store: FeedbackStore, token: str):
-        self.items = items
-        self.by_id = {item.id: item for item in items}
         self.store = store
         self.token = token
+        self.show(items)
+
+    def show(self, items: list[FeedbackItem]) -> None:
+        """The items to rate (set after binding, so a busy port fails before minutes of generation)."""
+        self.items = items
+        self.by_id = {item.id: item for item in items}
 
     def page(self) -> str:
         recorded = self.store.recorded_ids()
@@ -184,9 +189,17 @@ def _handler(app: FeedbackApp):
 
 
 def make_server(items: list[FeedbackItem], out: Path, port: int = 0, token: str | None = None):
-    """(server, url): a threading HTTP server on 127.0.0.1 (port 0 = any free port), not yet serving."""
+    """(server, url): a threading HTTP server on 127.0.0.1 (port 0 = any free port), not yet serving.
+
+    `server.app.show(items)` replaces the items later. A port that cannot be bound is a UserError.
+    """
     app = FeedbackApp(items, FeedbackStore(out), token or secrets.token_urlsafe(16))
-    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(app))
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), _handler(app))
+    except OSError as error:
+        raise UserError(f"--port: cannot listen on 127.0.0.1:{port} ({error.strerror or error}); "
+                        "pick another port, or 0 for any free one") from None
+    server.app = app
     return server, f"http://127.0.0.1:{server.server_address[1]}/?token={app.token}"
 
 
@@ -210,8 +223,8 @@ def load_or_generate_items(run_dir: Path, prompts: list[str], cache: Path, max_n
     return items
 
 
-def serve(items: list[FeedbackItem], out: Path, port: int = 0, announce=print) -> None:
-    server, url = make_server(items, out, port)
+def serve(server: ThreadingHTTPServer, url: str, out: Path, announce=print) -> None:
+    """Serve a `make_server` server until Ctrl-C."""
     announce(f"feedback page: {url}  (Ctrl-C to stop; votes go to {out})")
     try:
         server.serve_forever()

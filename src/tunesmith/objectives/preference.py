@@ -15,6 +15,7 @@ rewards, as trl does).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,7 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
         "targets": targets,
         "num_loss_tokens": len(examples),
         "num_tokens": int(attention_mask.sum()),
+        **cached_reference(examples),
     }
 
 
@@ -68,6 +70,7 @@ def collate_unpaired(examples: list[dict], pad_id: int) -> dict:
         "desirable": torch.tensor([example["desirable"] for example in examples], dtype=torch.bool),  # (B,)
         "num_loss_tokens": len(examples),
         "num_tokens": int(attention_mask.sum()),
+        **cached_reference(examples),
     }
 
 
@@ -111,6 +114,54 @@ def reference_pair_logps(reference_model: torch.nn.Module, batch: dict, settings
 def reference_logps(reference_model: torch.nn.Module, batch: dict, settings) -> dict[str, torch.Tensor]:
     logps, _ = sequence_logps(reference_model, batch)
     return {"reference_logps": logps}
+
+
+# --- reference log-probs cached in one pass (full fine-tuning without a frozen copy) ------------------------
+
+
+def cached_reference(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """The reference outputs `cache_reference_outputs` stored on the examples, as (B,) tensors; {} if none."""
+    keys = [key for key in examples[0] if key.startswith("reference_")]
+    return {key: torch.tensor([example[key] for example in examples], dtype=torch.float32) for key in keys}
+
+
+@torch.no_grad()
+def cache_reference_outputs(
+    objective, reference_model: torch.nn.Module, examples: list[dict], settings, pad_id: int, batch_size: int,
+    device: torch.device | str = "cpu",
+) -> None:
+    """Run `objective.reference` once over `examples` and store each example's outputs on it (keyed by name).
+
+    The reference of dpo and kto depends only on the example (log pi_ref(y|x) per response), so one
+    pass before the first optimiser step replaces the frozen model copy that full fine-tuning would
+    otherwise hold: 2 floats per pair instead of a second set of weights, and one reference forward
+    per example instead of one per example per epoch. The collate functions then put the cached
+    values in each batch under the same names the losses read. Call it on the model as it starts
+    (before any step or resume), like `ReferenceModel`. Values are float32, as computed; a row's
+    log-prob differs from the per-batch computation only by float noise from the other rows' padding.
+    """
+    from tunesmith.data.collate import eval_batches
+
+    was_training = reference_model.training
+    reference_model.eval()  # no dropout: the reference is the deterministic starting policy
+    # A peft model's reference is its base, as in `ReferenceModel` (PiSSA / OLoRA adapters do not start at zero).
+    adapters_off = reference_model.disable_adapter() if hasattr(reference_model, "disable_adapter") else nullcontext()
+    try:
+        with adapters_off:
+            for indices in eval_batches([len(example["input_ids"]) for example in examples], batch_size):
+                chunk = [examples[index] for index in indices]
+                batch = objective.collate([{key: value for key, value in example.items()
+                                            if not key.startswith("reference_")} for example in chunk], pad_id)
+                batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                         for key, value in batch.items()}
+                for key, values in objective.reference(reference_model, batch, settings).items():
+                    if values.shape != (len(chunk),):
+                        raise ValueError(f"task {objective.name}: reference output {key!r} has shape "
+                                         f"{tuple(values.shape)}, not one value per example; it cannot be cached")
+                    for example, value in zip(chunk, values.float().tolist(), strict=True):
+                        example[key] = value
+    finally:
+        reference_model.train(was_training)
 
 
 # --- the pairwise losses ------------------------------------------------------------------------------------

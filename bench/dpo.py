@@ -1,0 +1,283 @@
+"""DPO: tunesmith vs trl's DPOTrainer, the same job on the same micro-batches.
+
+The same model, preference pairs (dpo_en_demo.json, read in place and tokenised once by tunesmith's
+data layer: identical token ids and response masks for both tools), LoRA config, beta, max length,
+batch, accumulation, steps, constant learning rate, seed and threads. trl is fed tunesmith's
+micro-batches in tunesmith's order (one dataset row per micro-batch, sequential sampling), so the
+two loss and reward-accuracy curves are comparable step by step: with LoRA's B = 0 start, the policy
+equals the reference at step 1, so both must log loss ln 2 and accuracy 0 there. Each tool runs in
+its own subprocess so peak memory (RSS on CPU, max allocated on CUDA) is its own.
+
+    python bench/dpo.py                          # the default, tiny job (a few minutes on a laptop CPU)
+    python bench/dpo.py --pairs 256 --max-length 512 --steps 20 --json dpo.json
+
+Figures: pairs/s (pairs trained over the summed optimiser-step time; tunesmith's step time includes
+collation, trl's starts after its batches are collated), peak memory, and per step the loss, reward
+accuracy and reward margin; then the ratios tunesmith / trl. The script exits 1 when the step-1 losses
+differ from ln 2 or the mean losses differ by more than --loss-tolerance (relative).
+
+Requires trl (`pip install trl`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "preference" / "dpo_en_demo.json"
+TOOLS = ("tunesmith", "trl")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data", type=Path, default=DATA, help="preference data (any format tunesmith reads)")
+    parser.add_argument("--pairs", type=int, default=32, help="records read from the data (pairs cut by truncation "
+                                                               "to no response token are skipped)")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=2, help="pairs per micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--loss-tolerance", type=float, default=0.05)
+    parser.add_argument("--json", type=Path, help="also write the job and the figures here")
+    parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+# --- the shared job --------------------------------------------------------------------------
+
+
+def job_config(args: argparse.Namespace, output_dir: Path):
+    from tunesmith.config import build_config
+
+    return build_config({
+        "model": {"name": args.model},
+        "data": {"train": str(args.data), "eval_split": 0.0, "max_length": args.max_length, "limit": args.pairs,
+                 "on_error": "skip"},
+        "task": "dpo",
+        "objective": {"beta": args.beta, "loss": "sigmoid"},
+        "method": {"name": "lora", "r": args.rank, "dropout": 0.0},
+        "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                  "lr": args.lr, "warmup": 0, "scheduler": "constant", "seed": args.seed, "eval_before": False,
+                  "log_every": 1},
+        "output_dir": str(output_dir),
+    })
+
+
+def job_micro_batches(args: argparse.Namespace) -> tuple[list[list[dict]], object]:
+    """The examples of every micro-batch tunesmith's loop trains on, in its order, and the tokenizer.
+
+    Uses the loop's own `micro_batch_stream` (one process), so trl gets exactly these batches.
+    """
+    from tunesmith.data import prepare_data
+    from tunesmith.models import load_tokenizer
+    from tunesmith.training.distributed import ProcessGroup
+    from tunesmith.training.loop import micro_batch_stream
+
+    config = job_config(args, Path(tempfile.mkdtemp()))
+    tokenizer = load_tokenizer(config.model)
+    examples = prepare_data(config, tokenizer).train
+    one_process = ProcessGroup(SimpleNamespace(process_index=0, num_processes=1, is_main_process=True))
+    stream = micro_batch_stream([len(example["input_ids"]) for example in examples], config, 0, one_process)
+    batches = [[examples[index] for index in next(stream)] for _ in range(args.steps * args.grad_accum)]
+    return batches, tokenizer
+
+
+def peak_memory_mb() -> float:
+    from tunesmith.training.metrics import peak_memory_mb as measured
+
+    return measured()
+
+
+# --- workers: one tool each, in its own process ---------------------------------------------
+
+
+def run_tunesmith(args: argparse.Namespace) -> dict:
+    from tunesmith.training import train
+
+    with tempfile.TemporaryDirectory() as folder:
+        result = train(job_config(args, Path(folder) / "run"))
+        rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    return {
+        "pairs": sum(row["loss_tokens"] for row in steps),  # dpo counts pairs as its loss units
+        "pairs_in_data": result.summary["data"]["used_train"],  # after skipping pairs truncated to nothing
+        "train_seconds": result.summary["train_seconds"],
+        "losses": [row["loss"] for row in steps],
+        "reward_accuracy": [row["reward_accuracy"] for row in steps],
+        "reward_margin": [row["reward_margin"] for row in steps],
+    }
+
+
+class MicroBatchCollator:
+    """trl's batch format from one tunesmith micro-batch: tunesmith's own (2B, T) pair batch (chosen rows,
+    then rejected rows, right-padded), with `completion_mask` marking the tokens tunesmith scores."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.pairs = 0
+
+    def __call__(self, rows: list[list[dict]]) -> dict:
+        import torch
+
+        from tunesmith.data.collate import IGNORE_INDEX
+        from tunesmith.objectives.preference import collate_pairs
+
+        (examples,) = rows  # one dataset row is one whole micro-batch
+        self.pairs += len(examples)
+        batch = collate_pairs(examples, self.pad_id)
+        # tunesmith's targets are shifted (targets[t] is the token at t + 1); trl marks the scored tokens themselves.
+        completion_mask = torch.zeros_like(batch["input_ids"])  # (2B, T)
+        completion_mask[:, 1:] = batch["targets"][:, :-1] != IGNORE_INDEX
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "completion_mask": completion_mask}
+
+
+def run_trl(args: argparse.Namespace) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load_model
+
+    batches, tokenizer = job_micro_batches(args)
+    torch.manual_seed(args.seed)  # as tunesmith's loop seeds before it builds the model and its adapters
+    model = get_peft_model(load_model(ModelConfig(name=args.model), "dpo"), LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+    class StepTimer(TrainerCallback):
+        """Sums the time of each optimiser step (its micro-batches' forward and backward, and the update)."""
+
+        def __init__(self):
+            self.seconds = 0.0
+            self.started = 0.0
+
+        def on_step_begin(self, *_, **__):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.seconds += time.perf_counter() - self.started
+
+    timer = StepTimer()
+    collator = MicroBatchCollator(tokenizer.pad_token_id)
+    with tempfile.TemporaryDirectory() as folder:
+        config = DPOConfig(
+            output_dir=folder, use_cpu=not torch.cuda.is_available(),
+            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # tunesmith's `auto` precision
+            per_device_train_batch_size=1, gradient_accumulation_steps=args.grad_accum, max_steps=args.steps,
+            learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+            beta=args.beta, loss_type=["sigmoid"], max_length=args.max_length, logging_steps=1, save_strategy="no",
+            report_to=[], seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False,
+            train_sampling_strategy="sequential",
+        )
+        # trl tokenises the dataset it is built with; this placeholder is replaced by tunesmith's micro-batches
+        # (already tokenised) before training, so the tokenisation of neither tool is timed.
+        placeholder = Dataset.from_list([{"prompt": "hi", "chosen": " a", "rejected": " b"}])
+        trainer = DPOTrainer(model=model, args=config, train_dataset=placeholder, processing_class=tokenizer,
+                             data_collator=collator, callbacks=[timer])
+        trainer.train_dataset = batches
+        trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "pairs": collator.pairs,
+        "train_seconds": timer.seconds,
+        "losses": [entry["loss"] for entry in logs],
+        "reward_accuracy": [entry["rewards/accuracies"] for entry in logs],
+        "reward_margin": [entry["rewards/margins"] for entry in logs],
+    }
+
+
+WORKERS = {"tunesmith": run_tunesmith, "trl": run_trl}
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    figures = WORKERS[args.worker](args)
+    figures["pairs_per_s"] = figures["pairs"] / figures["train_seconds"]
+    figures["peak_memory_mb"] = peak_memory_mb()
+    print("RESULT " + json.dumps(figures))
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def run_worker(tool: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", tool]
+    for name in ("model", "data", "pairs", "max_length", "batch_size", "grad_accum", "steps", "lr", "beta", "rank",
+                 "seed", "threads"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        raise SystemExit(f"{tool} failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    figures = {tool: run_worker(tool, args) for tool in args.tools.split(",") if tool}
+    usable = figures.get("tunesmith", {}).get("pairs_in_data", "?")
+
+    print(f"\njob: {args.model}, DPO sigmoid beta={args.beta}, LoRA r={args.rank} all-linear, first {args.pairs} "
+          f"records of {args.data.name} ({usable} usable pairs), max length {args.max_length}, batch "
+          f"{args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, constant lr {args.lr}, "
+          f"seed {args.seed}, {args.threads} threads\n")
+    print(f"{'tool':<10} {'pairs':>6} {'seconds':>8} {'pairs/s':>8} {'peak MB':>8}")
+    for tool, row in figures.items():
+        print(f"{tool:<10} {row['pairs']:>6} {row['train_seconds']:>8.1f} {row['pairs_per_s']:>8.3f} "
+              f"{row['peak_memory_mb']:>8.0f}")
+    print("\nper step: " + "  ".join(f"{tool} loss / reward accuracy / margin" for tool in figures))
+    for step in range(max(len(row["losses"]) for row in figures.values())):
+        cells = [f"{row['losses'][step]:.4f} / {row['reward_accuracy'][step]:.2f} / {row['reward_margin'][step]:+.4f}"
+                 if step < len(row["losses"]) else "-" for row in figures.values()]
+        print(f"{step + 1:>4}  " + "    ".join(f"{cell:<28}" for cell in cells))
+    agree = True
+    for tool, row in figures.items():
+        if row["losses"] and abs(row["losses"][0] - math.log(2)) > 1e-3:
+            agree = False
+            print(f"{tool}: step-1 loss {row['losses'][0]:.5f} is not ln 2 although policy == reference")
+    ours, theirs = figures.get("tunesmith"), figures.get("trl")
+    if ours and theirs:
+        relative = abs(statistics.fmean(ours["losses"]) - statistics.fmean(theirs["losses"])) / statistics.fmean(
+            theirs["losses"])
+        agree &= relative <= args.loss_tolerance
+        figures["ratios"] = {"pairs_per_s": ours["pairs_per_s"] / theirs["pairs_per_s"],
+                             "peak_memory": ours["peak_memory_mb"] / theirs["peak_memory_mb"],
+                             "mean_loss_relative_difference": relative}
+        print(f"tunesmith / trl: pairs/s x{figures['ratios']['pairs_per_s']:.2f}, peak memory "
+              f"x{figures['ratios']['peak_memory']:.2f}, mean loss differs by {100 * relative:.2f}%")
+    if args.json:
+        job = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+               if key not in ("worker", "json", "tools")}
+        args.json.write_text(json.dumps({"job": job, **figures}, indent=2))
+    if not agree:
+        raise SystemExit(f"loss curves disagree (step 1 must be ln 2; means within {100 * args.loss_tolerance:.0f}%)")
+
+
+if __name__ == "__main__":
+    main()

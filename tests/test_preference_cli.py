@@ -1,0 +1,153 @@
+"""`tunesmith score` on a tiny reward run and `tunesmith feedback` start-up errors, through the real entry point:
+scores equal the library's, `-o` keeps the records, and every bad start is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import run_config, write_jsonl
+
+import tunesmith.cli as tunesmith_cli
+from tunesmith.training import train
+
+
+def tunesmith(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the real entry point in-process (torch is already imported: seconds instead of a subprocess)."""
+    old_argv = sys.argv
+    sys.argv = ["tunesmith", *map(str, args)]
+    try:
+        tunesmith_cli.main()
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    finally:
+        sys.argv = old_argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+PAIRS = [
+    {"prompt": f"What is {index} plus {index}?", "chosen": f"{index} plus {index} is {2 * index}.",
+     "rejected": f"No idea, maybe {3 * index + 1}."}
+    for index in range(8)
+]
+
+
+@pytest.fixture(scope="module")
+def reward_run(tiny_llama_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("reward")
+    pairs = write_jsonl(folder / "pairs.jsonl", PAIRS)
+    config = run_config(tiny_llama_dir, pairs, folder / "run", task="reward",
+                        train={"max_steps": 8, "batch_size": 8, "lr": 2e-3, "scheduler": "constant"})
+    return train(config).run_dir
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_llama_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sft")
+    chats = write_jsonl(folder / "chats.jsonl", [
+        {"messages": [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair["chosen"]}]}
+        for pair in PAIRS
+    ])
+    return train(run_config(tiny_llama_dir, chats, folder / "run", train={"max_steps": 1})).run_dir
+
+
+def test_score_prints_and_writes_the_reward_models_scores(reward_run, tmp_path, capsys):
+    from tunesmith.models import load_run
+    from tunesmith.objectives.reward import score_conversations
+
+    records = []
+    for pair in PAIRS[:3]:
+        records.append({"prompt": pair["prompt"], "response": pair["chosen"], "side": "chosen"})
+        records.append({"messages": [{"role": "user", "content": pair["prompt"]},
+                                     {"role": "assistant", "content": pair["rejected"]}], "side": "rejected"})
+    data = write_jsonl(tmp_path / "responses.jsonl", records)
+
+    code, out, err = tunesmith(capsys, "score", reward_run, data)
+    assert code == 0, err
+    printed = [float(line) for line in out.split()]
+    model, tokenizer = load_run(reward_run, device="cpu")
+    expected = score_conversations(model, tokenizer, [
+        [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+        if "prompt" in record else record["messages"] for record in records
+    ])
+    assert printed == pytest.approx(expected, abs=1e-4)
+    assert all(chosen > rejected for chosen, rejected in zip(printed[::2], printed[1::2], strict=True)), printed
+
+    written = tmp_path / "scored.jsonl"
+    code, out, err = tunesmith(capsys, "score", reward_run, data, "-o", written)
+    assert code == 0 and out == "", err
+    scored = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [{key: value for key, value in row.items() if key != "score"} for row in scored] == records
+    assert [row["score"] for row in scored] == pytest.approx(expected, abs=1e-5)
+
+
+def test_score_errors_are_one_line(reward_run, sft_run, tmp_path, capsys):
+    good = json.dumps({"prompt": "hi", "response": "hello"})
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(f"{good}\n{{oops\n")
+    no_fields = write_jsonl(tmp_path / "fields.jsonl", [{"prompt": "hi"}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+
+    assert_one_line_error(*tunesmith(capsys, "score", sft_run, bad_json)[::2], "'sft' run", "task: reward")
+    assert_one_line_error(*tunesmith(capsys, "score", reward_run, bad_json)[::2], f"{bad_json}:2:")
+    assert_one_line_error(*tunesmith(capsys, "score", reward_run, no_fields)[::2], f"{no_fields}:1:", "response")
+    assert_one_line_error(*tunesmith(capsys, "score", reward_run, empty)[::2], "no records")
+    assert_one_line_error(*tunesmith(capsys, "score", reward_run, tmp_path / "missing.jsonl")[::2], "not found")
+    assert_one_line_error(*tunesmith(capsys, "score", tmp_path, bad_json)[::2], "not a run directory")
+
+
+def test_feedback_start_up_errors_are_one_line_and_come_before_generation(reward_run, sft_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    import tunesmith.feedback.server as feedback_server
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a start-up error must stop the command before any response is generated")
+
+    monkeypatch.setattr(feedback_server, "load_or_generate_items", no_generation)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2 plus 2?\n")
+    bad_jsonl = tmp_path / "prompts.jsonl"
+    bad_jsonl.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n")
+    missing_run = tmp_path / "no-such-run"
+
+    def feedback(*args):
+        return tunesmith(capsys, "feedback", *args)[::2]
+
+    assert_one_line_error(*feedback(missing_run, "--prompts", prompts), "not a run directory")
+    assert not missing_run.exists()  # nothing written for a run that is not there
+    assert_one_line_error(*feedback(reward_run, "--prompts", prompts), "'reward' run", "does not generate")
+    assert_one_line_error(*feedback(sft_run, "--prompts", tmp_path / "none.txt"), "none.txt: file not found")
+    assert_one_line_error(*feedback(sft_run, "--prompts", blank), "no prompts")
+    assert_one_line_error(*feedback(sft_run, "--prompts", bad_jsonl), f"{bad_jsonl}:2:")
+    assert_one_line_error(*feedback(sft_run, "--prompts", prompts, "--out", tmp_path), "--out", "folder")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(*feedback(sft_run, "--prompts", prompts, "--port", port), "--port", str(port))
+    assert not (sft_run / "feedback.jsonl").exists()
+
+
+def test_feedback_usage_errors_are_one_line(sft_run, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2 plus 2?\n")
+    assert_one_line_error(*tunesmith(capsys, "feedback", sft_run)[::2], "--prompts")
+    assert_one_line_error(*tunesmith(capsys, "feedback", sft_run, "--prompts", prompts, "--port", "70000")[::2],
+                          "--port")
