@@ -49,3 +49,22 @@ def run_config(model_dir: Path, train_file: Path, output_dir: Path, **sections: 
         "output_dir": str(output_dir),
     }
     return build_config(merge(base, sections))
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the real `tunesmith` entry point in-process (seconds instead of a subprocess): (code, out, err)."""
+    import sys
+
+    import tunesmith.cli as tunesmith_cli
+
+    old_argv = sys.argv
+    sys.argv = ["tunesmith", *map(str, args)]
+    try:
+        tunesmith_cli.main()
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    finally:
+        sys.argv = old_argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

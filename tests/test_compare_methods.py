@@ -4,32 +4,17 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 import yaml
-from helpers import chat_records, write_jsonl
+from helpers import chat_records, run_cli, write_jsonl
 
-import tunesmith.cli as tunesmith_cli
 from tunesmith.compare_methods import parse_learning_rates, parse_methods
 from tunesmith.errors import ConfigError
 from tunesmith.methods import METHODS
 
-
-def tunesmith(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the real entry point in-process (seconds instead of a subprocess)."""
-    old_argv = sys.argv
-    sys.argv = ["tunesmith", *args]
-    try:
-        tunesmith_cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    finally:
-        sys.argv = old_argv
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+tunesmith = run_cli  # tunesmith(capsys, *args) -> (exit code, stdout, stderr)
 
 
 def test_two_methods_two_steps(tiny_llama_dir, tmp_path, capsys):

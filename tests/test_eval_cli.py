@@ -4,33 +4,15 @@ report in a real browser, one-line errors; and one real model on a handful of MM
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from browser import rendered_dom
+from helpers import run_cli
 
-import tunesmith.cli as tunesmith_cli
-from tunesmith.evaluate.cli import register
-
-
-def tunesmith(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the real entry point in-process (torch is already imported: seconds instead of a subprocess)."""
-    if "eval" not in {command.name for command in tunesmith_cli.app.registered_commands}:
-        register(tunesmith_cli.app)  # until cli.STAGE_COMMANDS lists tunesmith.evaluate.cli
-    old_argv = sys.argv
-    sys.argv = ["tunesmith", *args]
-    try:
-        tunesmith_cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    finally:
-        sys.argv = old_argv
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+tunesmith = run_cli  # tunesmith(capsys, *args) -> (exit code, stdout, stderr)
 
 
 def _jsonl(path: Path, records: list[dict]) -> Path:

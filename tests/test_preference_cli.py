@@ -5,29 +5,14 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_config, write_jsonl
+from helpers import run_cli, run_config, write_jsonl
 
-import tunesmith.cli as tunesmith_cli
 from tunesmith.training import train
 
-
-def tunesmith(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the real entry point in-process (torch is already imported: seconds instead of a subprocess)."""
-    old_argv = sys.argv
-    sys.argv = ["tunesmith", *map(str, args)]
-    try:
-        tunesmith_cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    finally:
-        sys.argv = old_argv
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+tunesmith = run_cli  # tunesmith(capsys, *args) -> (exit code, stdout, stderr)
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
