@@ -293,7 +293,7 @@ def tokenize_preference_record(record: dict, task: str, tokenizer, max_length: i
 
 def prepare_preference_data(config: RunConfig, tokenizer):
     """`prepare_data` for preference tasks: read, detect, canonicalise, hold out eval, tokenise."""
-    from tunesmith.data.prepare import FormatRules, PreparedData, _reject_policy, read_canonical, split_eval
+    from tunesmith.data.prepare import FormatRules, PreparedData, _reject_policy, data_stats, read_splits
 
     rules = FormatRules(
         detect_preference_format, check_preference_task_format, to_preference_canonical,
@@ -306,29 +306,12 @@ def prepare_preference_data(config: RunConfig, tokenizer):
     rejects: list[dict] = []
     reject = _reject_policy(data.on_error, rejects)
 
-    train, train_format, read_train = read_canonical(data.train, data, task, data.limit, reject, rules)
-    if data.eval is not None:
-        held_out, eval_format, read_eval = read_canonical(data.eval, data, task, data.eval_limit, reject, rules)
-    else:
-        train, held_out = split_eval(train, data.eval_split, config.train.seed, data.eval_limit)
-        eval_format, read_eval = train_format, 0
+    read = read_splits(config, reject, rules)
     template_installed = ensure_chat_template(tokenizer)
-    train_examples, train_truncated = _tokenize(train, task, tokenizer, data.max_length, reject)
-    eval_examples, eval_truncated = _tokenize(held_out, task, tokenizer, data.max_length, reject)
-    stats = {
-        "format": train_format,
-        "eval_format": eval_format,
-        "read": read_train + read_eval,
-        "read_train": read_train,
-        "read_eval": read_eval,
-        "used_train": len(train_examples),
-        "used_eval": len(eval_examples),
-        "rejected": len(rejects),
-        "truncated": train_truncated + eval_truncated,
-        "train_tokens": sum(len(example["input_ids"]) + len(example.get("rejected_input_ids", ()))
-                            for example in train_examples),
-        "chat_template_fallback": template_installed,
-    }
+    train_examples, train_truncated = _tokenize(read.train, task, tokenizer, data.max_length, reject)
+    eval_examples, eval_truncated = _tokenize(read.held_out, task, tokenizer, data.max_length, reject)
+    stats = data_stats(read, train_examples, eval_examples, rejects, train_truncated + eval_truncated,
+                       template_installed)
     # reward: a sequence classifier with one output, the scalar reward.
     label_names = ["reward"] if task == "reward" else None
     return PreparedData(train_examples, eval_examples, rejects, stats, label_names)

@@ -83,12 +83,8 @@ def prepare_data(config: RunConfig, tokenizer) -> PreparedData:
     rejects: list[dict] = []
     reject = _reject_policy(data.on_error, rejects)
 
-    train, train_format, read_train = read_canonical(data.train, data, task, data.limit, reject)
-    if data.eval is not None:
-        held_out, eval_format, read_eval = read_canonical(data.eval, data, task, data.eval_limit, reject)
-    else:
-        train, held_out = split_eval(train, data.eval_split, config.train.seed, data.eval_limit)
-        eval_format, read_eval = train_format, 0
+    read = read_splits(config, reject)
+    train, held_out = read.train, read.held_out
 
     label_names = None
     if task == "classify":
@@ -104,22 +100,57 @@ def prepare_data(config: RunConfig, tokenizer) -> PreparedData:
     if data.sample_weights is not None:
         attach_sample_weights(train_examples, data.sample_weights)
 
-    stats = {
-        "format": train_format,
-        "eval_format": eval_format,
-        "read": read_train + read_eval,
-        "read_train": read_train,
-        "read_eval": read_eval,
-        "used_train": len(train_examples),
-        "used_eval": len(eval_examples),
-        "rejected": len(rejects),
-        "truncated": train_truncated + eval_truncated,
-        "train_tokens": sum(len(example["input_ids"]) for example in train_examples),
-        "chat_template_fallback": template_installed,
-    }
+    stats = data_stats(read, train_examples, eval_examples, rejects, train_truncated + eval_truncated,
+                       template_installed)
     if label_names is not None:
         stats["num_labels"] = len(label_names)
     return PreparedData(train_examples, eval_examples, rejects, stats, label_names)
+
+
+@dataclass
+class ReadSplits:
+    """Canonical train and held-out records, their formats, and how many records each file had."""
+
+    train: list[_Record]
+    held_out: list[_Record]
+    train_format: str
+    eval_format: str
+    read_train: int
+    read_eval: int
+
+
+def read_splits(config: RunConfig, reject: Reject, rules: FormatRules = SUPERVISED_FORMATS) -> ReadSplits:
+    """Read data.train and data.eval, or hold out data.eval_split of train (seeded)."""
+    data, task = config.data, config.task
+    train, train_format, read_train = read_canonical(data.train, data, task, data.limit, reject, rules)
+    if data.eval is not None:
+        held_out, eval_format, read_eval = read_canonical(data.eval, data, task, data.eval_limit, reject, rules)
+    else:
+        train, held_out = split_eval(train, data.eval_split, config.train.seed, data.eval_limit)
+        eval_format, read_eval = train_format, 0
+    return ReadSplits(train, held_out, train_format, eval_format, read_train, read_eval)
+
+
+def data_stats(
+    read: ReadSplits, train_examples: list[dict], eval_examples: list[dict], rejects: list[dict],
+    truncated: int, template_installed: bool,
+) -> dict:
+    """The `data` block of summary.json; read = used_train + used_eval + rejected always holds."""
+    return {
+        "format": read.train_format,
+        "eval_format": read.eval_format,
+        "read": read.read_train + read.read_eval,
+        "read_train": read.read_train,
+        "read_eval": read.read_eval,
+        "used_train": len(train_examples),
+        "used_eval": len(eval_examples),
+        "rejected": len(rejects),
+        "truncated": truncated,
+        # Preference examples also carry the rejected response's tokens.
+        "train_tokens": sum(len(example["input_ids"]) + len(example.get("rejected_input_ids", ()))
+                            for example in train_examples),
+        "chat_template_fallback": template_installed,
+    }
 
 
 def check_configured_format(data: DataConfig, task: str) -> None:
