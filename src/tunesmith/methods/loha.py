@@ -13,9 +13,10 @@ from pydantic import Field, model_validator
 from tunesmith.methods.base import MethodSettings, MethodSpec, peft_task_type, register
 
 
-class LohaSettings(MethodSettings):
-    name: Literal["loha"] = "loha"
-    r: int = Field(8, ge=1, description="Rank of each of the two factors.")
+class LycorisSettings(MethodSettings):
+    """Settings LoHa and LoKr share (peft's LyCORIS family: a factored weight update per module)."""
+
+    r: int = Field(8, ge=1, description="Rank of the low-rank factors.")
     alpha: float | None = Field(None, gt=0, description="Scaling numerator (update x alpha/r); default r.")
     rank_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the rank dimension while training.")
     module_dropout: float = Field(0.0, ge=0, lt=1, description="Probability of skipping a module's update.")
@@ -28,6 +29,10 @@ class LohaSettings(MethodSettings):
         if self.alpha is None:
             self.alpha = float(self.r)
         return self
+
+
+class LohaSettings(LycorisSettings):
+    name: Literal["loha"] = "loha"
 
 
 def apply_loha(model, settings: LohaSettings, task: str):
