@@ -26,12 +26,14 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+from workers import report, run_worker
+
+from tunesmith.training.metrics import peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "preference" / "dpo_en_demo.json"
@@ -97,12 +99,6 @@ def job_micro_batches(args: argparse.Namespace) -> tuple[list[list[dict]], objec
     stream = micro_batch_stream([len(example["input_ids"]) for example in examples], config, 0, one_process)
     batches = [[examples[index] for index in next(stream)] for _ in range(args.steps * args.grad_accum)]
     return batches, tokenizer
-
-
-def peak_memory_mb() -> float:
-    from tunesmith.training.metrics import peak_memory_mb as measured
-
-    return measured()
 
 
 # --- workers: one tool each, in its own process ---------------------------------------------
@@ -216,23 +212,21 @@ def worker_main(args: argparse.Namespace) -> None:
     figures = WORKERS[args.worker](args)
     figures["pairs_per_s"] = figures["pairs"] / figures["train_seconds"]
     figures["peak_memory_mb"] = peak_memory_mb()
-    print("RESULT " + json.dumps(figures))
+    report(figures)
 
 
 # --- the driver --------------------------------------------------------------------------------
 
 
-def run_worker(tool: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", tool]
-    for name in ("model", "data", "pairs", "max_length", "batch_size", "grad_accum", "steps", "lr", "beta", "rank",
-                 "seed", "threads"):
-        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, env=environment)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode != 0 or not lines:
-        raise SystemExit(f"{tool} failed:\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+def run_tool(tool: str, args: argparse.Namespace) -> dict:
+    options = {"worker": tool}
+    shared = ("model", "data", "pairs", "max_length", "batch_size", "grad_accum", "steps", "lr", "beta", "rank",
+              "seed", "threads")
+    options |= {name: getattr(args, name) for name in shared}
+    figures = run_worker(__file__, options, args.threads)
+    if figures is None:
+        raise SystemExit(f"{tool} failed (its stderr is above)")
+    return figures
 
 
 def main() -> None:
@@ -240,7 +234,7 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
-    figures = {tool: run_worker(tool, args) for tool in args.tools.split(",") if tool}
+    figures = {tool: run_tool(tool, args) for tool in args.tools.split(",") if tool}
     usable = figures.get("tunesmith", {}).get("pairs_in_data", "?")
 
     print(f"\njob: {args.model}, DPO sigmoid beta={args.beta}, LoRA r={args.rank} all-linear, first {args.pairs} "

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from workers import report, run_worker
+
+from tunesmith.training.metrics import peak_memory_mb
 
 
 def parse_args() -> argparse.Namespace:
@@ -31,14 +32,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--worker", choices=("tunesmith", "plain"), help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     return parser.parse_args()
-
-
-def peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -67,18 +60,12 @@ def worker(args: argparse.Namespace) -> None:
         output = causal_lm_loss(model, batch, CausalLMSettings())
         loss = output.loss_sum / output.num_loss_tokens
     loss.backward()
-    print("RESULT " + json.dumps({"peak_memory_mb": peak_memory_mb(), "seconds": time.perf_counter() - started,
-                                  "loss": loss.item()}))
+    report({"peak_memory_mb": peak_memory_mb(), "seconds": time.perf_counter() - started, "loss": loss.item()})
 
 
 def measure(tool: str, length: int, args: argparse.Namespace) -> dict | None:
-    command = [sys.executable, __file__, "--worker", tool, "--length", str(length), "--model", args.model,
-               "--rank", str(args.rank)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode != 0 or not lines:
-        return None  # out of memory or failed: treated as "does not fit"
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    """None when the step failed (out of memory): treated as "does not fit"."""
+    return run_worker(__file__, {"worker": tool, "length": length, "model": args.model, "rank": args.rank})
 
 
 def main() -> None:

@@ -24,13 +24,14 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from workers import report, run_worker
+
+from tunesmith.training.metrics import peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -100,14 +101,6 @@ def tokenised_examples(args: argparse.Namespace) -> tuple[list[dict], object]:
     config = job_config(args, Path(tempfile.mkdtemp()), packing=False)
     tokenizer = load_tokenizer(config.model)
     return prepare_data(config, tokenizer).train, tokenizer
-
-
-def peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- workers: one tool each, in its own process ---------------------------------------------
@@ -219,22 +212,20 @@ def worker_main(args: argparse.Namespace) -> None:
     figures["peak_memory_mb"] = peak_memory_mb()
     losses = figures["losses"]
     figures["final_loss"] = statistics.fmean(losses[len(losses) // 2 :]) if losses else float("nan")
-    print("RESULT " + json.dumps(figures))
+    report(figures)
 
 
 # --- the driver --------------------------------------------------------------------------------
 
 
-def run_worker(tool: str, args: argparse.Namespace, data: Path) -> dict:
-    command = [sys.executable, __file__, "--worker", tool, "--data", str(data)]
-    for name in ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "rank", "threads"):
-        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, env=environment)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode != 0 or not lines:
-        raise SystemExit(f"{tool} failed:\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+def run_tool(tool: str, args: argparse.Namespace, data: Path) -> dict:
+    options = {"worker": tool, "data": data}
+    options |= {name: getattr(args, name) for name in
+                ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "rank", "threads")}
+    figures = run_worker(__file__, options, args.threads)
+    if figures is None:
+        raise SystemExit(f"{tool} failed (its stderr is above)")
+    return figures
 
 
 def main() -> None:
@@ -245,7 +236,7 @@ def main() -> None:
     tools = [tool for tool in args.tools.split(",") if tool]
     with tempfile.TemporaryDirectory() as folder:
         data = write_job_data(Path(folder) / "job.jsonl", args.records)
-        figures = {tool: run_worker(tool, args, data) for tool in tools}
+        figures = {tool: run_tool(tool, args, data) for tool in tools}
 
     print(f"\njob: {args.model}, LoRA r={args.rank} all-linear, {args.records} real chat records, max length "
           f"{args.max_length}, batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, "
