@@ -263,7 +263,7 @@ def comparison_figure(rows: list[dict]):
 
 def write_report(rows: list[dict], path: Path, config: RunConfig) -> Path:
     report = Report("tunesmith: methods compared")
-    report.text(f"model {config.model.name}, task {config.task}, data {config.data.train}; "
+    report.text(f"model {config.model.name}, task {config.task}, data {config.data.described}; "
                 f"the same data and step budget for every method.")
     failed = [row["method"] for row in rows if row["status"] != "ok"]
     if failed:

@@ -32,15 +32,61 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow running model code shipped with the weights.")
     revision: str | None = Field(None, description="Hub revision, only with allow_download.")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    from_run: Path | None = Field(
+        None,
+        description="Continue from a previous tunesmith run directory (continual learning): its result is the "
+        "starting point, and `name` must be that run's base model.",
+    )
+
+    @field_validator("from_run")
+    @classmethod
+    def _is_run(cls, path: Path | None) -> Path | None:
+        if path is not None and not (path / "config.yaml").is_file():
+            raise ValueError(f"{path} is not a tunesmith run directory (no config.yaml)")
+        return path
+
+
+DataFormat = Literal["auto", "text", "instruction", "chat", "classification"]
+
+
+class MixtureComponent(Section):
+    """One dataset of a multi-task mixture; unset fields take the `data:` section's value."""
+
+    name: str = Field(description="Task name; its loss and eval metrics are logged as `<name>/...`.")
+    train: Path = Field(description="This task's training data (file or folder).")
+    eval: Path | None = Field(None, description="This task's evaluation data; default: hold out data.eval_split.")
+    format: DataFormat | None = Field(None, description="Record format of this dataset; default data.format.")
+    columns: dict[str, str] | None = Field(None, description="Column map of this dataset; default data.columns.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N training records of this dataset.")
+    weight: float | None = Field(
+        None, gt=0, description="Sampling weight; default the dataset's record count (examples-proportional mixing)."
+    )
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.exists():
+            raise ValueError(f"file not found: {path}")
+        return path
 
 
 class DataConfig(Section):
-    train: Path = Field(description="Training data: a .jsonl/.json/.csv/.tsv/.parquet file or a folder of them.")
+    train: Path | None = Field(
+        None, description="Training data: a .jsonl/.json/.csv/.tsv/.parquet file or a folder of them."
+    )
+    mixture: list[MixtureComponent] | None = Field(
+        None,
+        description="Multi-task training instead of `train`: datasets each with a name, its own format/columns and "
+        "a weight; micro-batches hold one task each and per-task losses and eval metrics are logged.",
+    )
+    mixture_temperature: float = Field(
+        1.0, gt=0,
+        description="Sampling probability of a mixture task is proportional to weight^(1/T) (weight defaults to the "
+        "record count): 1 mixes by size or weight, larger T flattens towards uniform (T5, mT5).",
+    )
     eval: Path | None = Field(None, description="Evaluation data; when unset, `eval_split` of train is held out.")
     eval_split: float = Field(0.05, ge=0, lt=1, description="Fraction of train held out for eval (seeded).")
-    format: Literal["auto", "text", "instruction", "chat", "classification"] = Field(
-        "auto", description="Record format; auto detects it from the first record's fields."
-    )
+    format: DataFormat = Field("auto", description="Record format; auto detects it from the first record's fields.")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map of tunesmith field -> column in your file, e.g. {prompt: question, response: answer}.",
@@ -71,6 +117,33 @@ class DataConfig(Section):
         if path is not None and not path.exists():
             raise ValueError(f"file not found: {path}")
         return path
+
+    @model_validator(mode="after")
+    def _train_or_mixture(self):
+        if (self.train is None) == (self.mixture is None):
+            raise ValueError("give either `train` (one dataset) or `mixture` (several), not both or neither")
+        if self.mixture is not None:
+            names = [component.name for component in self.mixture]
+            if not names:
+                raise ValueError("mixture: needs at least one dataset")
+            if len(set(names)) != len(names):
+                raise ValueError(f"mixture: task names must be unique, got {names}")
+            if self.eval is not None or self.sample_weights is not None:
+                raise ValueError("mixture: give `eval` per mixture dataset; sample_weights needs a single `train`")
+        return self
+
+    def component(self, component: MixtureComponent) -> DataConfig:
+        """The data section of one mixture dataset: this section with the dataset's own fields."""
+        own = {key: value for key, value in component.model_dump(exclude={"name", "weight"}).items()
+               if value is not None}
+        return self.model_copy(update={"mixture": None, "eval": None, **own})
+
+    @property
+    def described(self) -> str:
+        """How error messages name the training data."""
+        if self.mixture is None:
+            return str(self.train)
+        return "data.mixture (" + ", ".join(str(component.train) for component in self.mixture) + ")"
 
 
 class EarlyStoppingConfig(Section):
@@ -109,6 +182,11 @@ class TrainConfig(Section):
     )
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    cache_reference: bool = Field(
+        False,
+        description="dpo, kto, distill: compute the reference (or teacher) outputs of every record once before "
+        "training instead of every step; full fine-tuning then holds no frozen copy of the model.",
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, none on CPU."
     )
@@ -179,6 +257,8 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.curate is not None and self.data.mixture is not None:
+            raise ValueError("curate: curates a single data.train; curate each mixture dataset with `tunesmith curate`")
         if self.data.packing and self.task == "classify":
             raise ValueError("data.packing: packing applies to sft and pretrain, not classify")
         if self.data.packing and not METHODS.get(self.method.name).supports_packing:

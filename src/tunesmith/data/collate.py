@@ -11,7 +11,6 @@ That detection only runs without a KV cache: packed batches must be run with `us
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -155,12 +154,26 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     return [batches[index] for index in shuffled]
 
 
+def task_batch_order(
+    lengths: list[int], tasks: list[str], batch_size: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
+    """`batch_order` within each task, then every task's batches shuffled together (seeded): each
+    micro-batch holds one task's items, so its loss can be logged per task (data.mixture)."""
+    by_task: dict[str, list[int]] = {}
+    for index, task in enumerate(tasks):
+        by_task.setdefault(task, []).append(index)
+    batches = []
+    for position, task in enumerate(sorted(by_task)):
+        indices = by_task[task]
+        order = batch_order([lengths[index] for index in indices], batch_size, seed + position, epoch, group_by_length)
+        batches += [[indices[index] for index in batch] for batch in order]
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[index] for index in shuffled]
+
+
 def eval_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
     """Evaluation order: longest first, so padding is small and memory peaks at once."""
     order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
-
-
-def steps_per_epoch(num_items: int, batch_size: int, grad_accum: int) -> int:
-    return max(1, math.ceil(math.ceil(num_items / batch_size) / grad_accum))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunesmith.data.formats import TASK_FORMATS, check_task_format, detect_format, to_canonical
+from tunesmith.data.mixture import prepare_mixture
 from tunesmith.data.preference import is_preference_task, prepare_preference_data
 from tunesmith.data.readers import read_records
 from tunesmith.data.templates import ensure_chat_template
@@ -77,6 +78,8 @@ SUPERVISED_FORMATS = FormatRules(detect_format, check_task_format, to_canonical,
 def prepare_data(config: RunConfig, tokenizer) -> PreparedData:
     """Read, check, split and tokenise `config.data` for `config.task` (sft, pretrain or classify)."""
     data, task = config.data, config.task
+    if data.mixture is not None:
+        return prepare_mixture(config, tokenizer)
     if is_preference_task(task):
         return prepare_preference_data(config, tokenizer)
     check_configured_format(data, task)

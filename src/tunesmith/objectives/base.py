@@ -51,6 +51,17 @@ class ObjectiveSpec:
     reference(reference_model, batch, settings) -> tensors added to the batch before `loss`.
     The loop runs it without gradients, in eval mode, on the reference: for a peft model the
     same model with its adapters disabled (no second copy), otherwise a frozen copy."""
+    reference_is_starting_model: bool = True
+    """False when `reference` brings its own model (distill's teacher): the loop then passes None
+    instead of the starting model and keeps no frozen copy of the student."""
+    cache_reference: Callable[[torch.nn.Module | None, list[dict], Any], None] | None = None
+    """cache_reference(reference_model, examples, settings): compute the reference outputs of every
+    example once and store them on the examples (which `collate` then batches), so that training
+    needs neither `reference` per batch nor the reference model. The loop calls it before the first
+    step, on train + eval examples, when `train.cache_reference` is set."""
+    prepare_model: Callable[[torch.nn.Module, Any], None] | None = None
+    """prepare_model(model, settings): add the objective's own trainable modules (a value head) after
+    the method is applied and before the optimiser is built."""
 
 
 OBJECTIVES: Registry[ObjectiveSpec] = Registry("task")

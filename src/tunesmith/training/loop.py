@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.data import prepare_data, write_rejects
-from tunesmith.data.collate import batch_order, collate_packed, eval_batches, pack_examples, steps_per_epoch
+from tunesmith.data.collate import batch_order, collate_packed, eval_batches, pack_examples, task_batch_order
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.methods import METHODS, count_parameters
 from tunesmith.models import load_model, load_tokenizer
@@ -96,22 +96,70 @@ def prepare_run_dir(config: RunConfig, resume: bool, overwrite: bool, group: Pro
     return run_dir
 
 
-def micro_batch_stream(lengths: list[int], config: RunConfig, start: int, group: ProcessGroup) -> Iterator[list[int]]:
+def epoch_order(
+    lengths: list[int], tasks: list[str] | None, config: RunConfig, group: ProcessGroup, epoch: int
+) -> list[list[int]]:
+    """The global micro-batches of one epoch; with a data mixture (`tasks` given) each holds one task."""
+    global_size = config.train.batch_size * group.world
+    if tasks is None:
+        return batch_order(lengths, global_size, config.train.seed, epoch, config.data.group_by_length)
+    return task_batch_order(lengths, tasks, global_size, config.train.seed, epoch, config.data.group_by_length)
+
+
+def micro_batch_stream(
+    lengths: list[int], config: RunConfig, start: int, group: ProcessGroup, tasks: list[str] | None = None
+) -> Iterator[list[int]]:
     """This process's item indices for each micro-batch, epoch after epoch, from micro-batch `start`.
 
     A global micro-batch holds batch_size x processes items and each process takes its share, so
     the order of global batches does not depend on how many processes there are. With several
     processes, a global batch too small to give every process an item (an epoch's tail) is skipped.
     """
-    global_size = config.train.batch_size * group.world
-    per_epoch = math.ceil(len(lengths) / global_size)
+    per_epoch = len(epoch_order(lengths, tasks, config, group, 0))
     epoch, offset = divmod(start, per_epoch)
     while True:
-        order = batch_order(lengths, global_size, config.train.seed, epoch, config.data.group_by_length)
+        order = epoch_order(lengths, tasks, config, group, epoch)
         for global_batch in order[offset:]:
             if len(global_batch) >= group.world:
                 yield group.shard(global_batch)
         epoch, offset = epoch + 1, 0
+
+
+def training_items(examples: list[dict], config: RunConfig) -> tuple[list, list[str] | None]:
+    """What one micro-batch index points at (an example, or a packed row of examples), and each
+    item's task for a data mixture (None without one). Packing never puts two tasks in one row."""
+    by_task: dict[str | None, list[dict]] = {}
+    for example in examples:
+        by_task.setdefault(example.get("task"), []).append(example)
+    items: list = []
+    tasks: list[str] = []
+    for task, task_examples in by_task.items():
+        rows = pack_examples(task_examples, config.data.max_length) if config.data.packing else task_examples
+        items += rows
+        tasks += [task] * len(rows)
+    return items, (tasks if config.data.mixture is not None else None)
+
+
+def item_length(item: dict | list[dict]) -> int:
+    rows = item if isinstance(item, list) else [item]
+    return sum(len(example["input_ids"]) for example in rows)
+
+
+def per_task_losses(
+    task_losses: dict[str, tuple[torch.Tensor, int]], task_names: list[str], group: ProcessGroup
+) -> dict[str, float]:
+    """`<task>/loss`: each mixture task's mean loss over its loss tokens in this step, across processes
+    (absent for a task with no micro-batch in the step)."""
+    if not task_names:
+        return {}
+    sums = [float(task_losses[name][0]) if name in task_losses else 0.0 for name in task_names]
+    counts = [task_losses[name][1] if name in task_losses else 0 for name in task_names]
+    totals = group.sum(sums + counts)
+    return {
+        f"{name}/loss": total / count
+        for name, total, count in zip(task_names, totals[: len(task_names)], totals[len(task_names):], strict=True)
+        if count > 0
+    }
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -119,6 +167,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def evaluate(
+    model, objective: ObjectiveSpec, settings, examples: list[dict], pad_id: int, batch_size: int, device,
+    reference: ReferenceModel | None = None, task_names: list[str] = (),
+) -> dict:
+    """The objective's metrics on `examples`, and for a data mixture each task's as `<task>/<metric>`."""
+    metrics = evaluate_examples(model, objective, settings, examples, pad_id, batch_size, device, reference)
+    for name in task_names:
+        task_examples = [example for example in examples if example.get("task") == name]
+        if task_examples:
+            task_metrics = evaluate_examples(
+                model, objective, settings, task_examples, pad_id, batch_size, device, reference
+            )
+            metrics.update({f"{name}/{key}": value for key, value in task_metrics.items()})
+    return metrics
+
+
+def evaluate_examples(
     model, objective: ObjectiveSpec, settings, examples: list[dict], pad_id: int, batch_size: int, device,
     reference: ReferenceModel | None = None,
 ) -> dict:
@@ -140,8 +204,9 @@ def evaluate(
 def accumulate_gradients(
     model, objective: ObjectiveSpec, settings, micro_batches: list[dict], accelerator,
     reference: ReferenceModel | None = None, step_loss_tokens: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Backward over one optimiser step's micro-batches; returns the step's loss and metrics (detached).
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
+    """Backward over one optimiser step's micro-batches; returns the step's loss and metrics (detached),
+    and for a data mixture each task's summed loss and loss-token count (micro-batches hold one task).
 
     Each micro-batch's summed loss is divided by the loss-token count of the WHOLE step (across
     all processes when `step_loss_tokens` is given), so the accumulated gradient is the gradient
@@ -153,6 +218,7 @@ def accumulate_gradients(
     step_loss_tokens = max(step_loss_tokens, 1)
     step_loss = torch.zeros((), device=accelerator.device)
     step_metrics: dict[str, torch.Tensor] = {}
+    task_losses: dict[str, tuple[torch.Tensor, int]] = {}
     for batch in micro_batches:
         batch = add_reference_outputs(objective, reference, model, to_device(batch, accelerator.device), settings)
         with accelerator.autocast():
@@ -164,7 +230,29 @@ def accumulate_gradients(
         # divided by the step's unit count, so they are means over the whole step.
         for name, value in output.metrics.items():
             step_metrics[name] = step_metrics.get(name, 0) + value.detach() / step_loss_tokens
-    return step_loss, step_metrics
+        if "task" in batch:
+            task_sum, task_count = task_losses.get(batch["task"], (0.0, 0))
+            task_losses[batch["task"]] = (task_sum + output.loss_sum.detach(), task_count + output.num_loss_tokens)
+    return step_loss, step_metrics, task_losses
+
+
+def starting_reference(objective: ObjectiveSpec, model, examples: list[dict], config: RunConfig):
+    """The reference of an objective that has one, taken from the model as it starts (before any step
+    or resume changes it); None when it has none, or when `train.cache_reference` stored its outputs
+    on the examples in one pass (then no frozen copy is held and no reference forward runs per step)."""
+    if objective.reference is None:
+        if config.train.cache_reference:
+            raise ConfigError(f"train.cache_reference: task {config.task} has no reference model to cache")
+        return None
+    reference = ReferenceModel(model if objective.reference_is_starting_model else None)
+    if not config.train.cache_reference:
+        return reference
+    if objective.cache_reference is None:
+        raise ConfigError(f"train.cache_reference: task {config.task} computes its reference per batch "
+                          "(on samples drawn during training); it cannot be cached")
+    with reference.active(model) as reference_model:
+        objective.cache_reference(reference_model, examples, config.objective)
+    return None
 
 
 def mixed_precision(setting: str) -> str:
@@ -200,7 +288,7 @@ def train(
         write_rejects(data.rejects, run_dir / "rejects.jsonl")
     if not data.train:
         rejected = len(data.rejects)
-        raise DataError(f"{config.data.train}: no usable training record ({rejected} rejected, see rejects.jsonl)")
+        raise DataError(f"{config.data.described}: no usable training record ({rejected} rejected, see rejects.jsonl)")
     if data.label_names is not None and group.is_main:
         (run_dir / "labels.json").write_text(json.dumps(data.label_names), encoding="utf-8")
     if config.data.packing and not objective.supports_packing:
@@ -208,6 +296,8 @@ def train(
 
     model = load_model(config.model, config.task, data.label_names)
     model = method.apply(model, config.method, config.task)
+    if objective.prepare_model is not None:
+        objective.prepare_model(model, config.objective)
     trainable_params, total_params = count_parameters(model)
     console.print(
         f"[bold]{config.method.name}[/]: training {trainable_params:,} of {total_params:,} parameters "
@@ -218,21 +308,16 @@ def train(
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad_id = tokenizer.pad_token_id
 
-    if config.data.packing:
-        items = pack_examples(data.train, config.data.max_length)
-        collate = collate_packed
-        lengths = [sum(len(example["input_ids"]) for example in row) for row in items]
-    else:
-        items = data.train
-        collate = objective.collate
-        lengths = [len(example["input_ids"]) for example in items]
-    per_epoch = steps_per_epoch(len(items), train_config.batch_size * group.world, train_config.grad_accum)
+    items, tasks = training_items(data.train, config)
+    task_names = [component.name for component in config.data.mixture] if config.data.mixture else []
+    collate = collate_packed if config.data.packing else objective.collate
+    lengths = [item_length(item) for item in items]
+    per_epoch = math.ceil(len(epoch_order(lengths, tasks, config, group, 0)) / train_config.grad_accum)
     total_steps = train_config.max_steps or max(1, math.ceil(train_config.epochs * per_epoch))
 
     # Not accelerator.prepare(model): that would wrap it in DDP (see training/distributed.py).
     model = model.to(accelerator.device)
-    # The reference is the model as it starts, before any step or resume changes it.
-    reference = ReferenceModel(model) if objective.reference is not None else None
+    reference = starting_reference(objective, model, data.train + data.eval, config)
     optimizer = accelerator.prepare_optimizer(build_optimizer(model, train_config, method, config.method))
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     scheduler = build_scheduler(optimizer, train_config, total_steps)
@@ -262,12 +347,12 @@ def train(
         console.print(f"resumed from {newest.name} (step {state['step']})")
     elif train_config.eval_before and data.eval:
         state["eval_before"] = evaluate(
-            model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference
+            model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference, task_names
         )
         console.print(f"before training: {format_metrics(state['eval_before'])}")
 
     log = MetricsLog(run_dir, train_config.report_to, append=resume) if group.is_main else None
-    stream = micro_batch_stream(lengths, config, state["micro_batches"], group)
+    stream = micro_batch_stream(lengths, config, state["micro_batches"], group, tasks)
     save_every = train_config.save_every or train_config.eval_every
     exit_code = 0
     stopped_early = False
@@ -282,7 +367,9 @@ def train(
 
     def evaluate_and_track() -> bool:
         """Evaluate, keep the best weights, and say whether early stopping should end the run."""
-        metrics = evaluate(model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference)
+        metrics = evaluate(
+            model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference, task_names
+        )
         state["last_eval"] = {"step": state["step"], "metrics": metrics}
         if log is not None:
             log.write({"step": state["step"], **metrics})
@@ -319,16 +406,20 @@ def train(
             started = time.perf_counter()
             # One optimiser step: collate its micro-batches first, so the loss can be divided by
             # the total number of loss tokens of the whole step (not a mean of micro-batch means).
-            micro_batches = [
-                collate([items[index] for index in next(stream)], pad_id) for _ in range(train_config.grad_accum)
-            ]
+            micro_batches = []
+            for _ in range(train_config.grad_accum):
+                indices = next(stream)
+                batch = collate([items[index] for index in indices], pad_id)
+                if tasks is not None:
+                    batch["task"] = tasks[indices[0]]
+                micro_batches.append(batch)
             local_counts = [
                 sum(batch["num_loss_tokens"] for batch in micro_batches),
                 sum(batch["num_tokens"] for batch in micro_batches),
                 sum(batch["input_ids"].numel() for batch in micro_batches),
             ]
             step_loss_tokens, step_tokens, step_positions = group.sum(local_counts)
-            step_loss, step_metrics = accumulate_gradients(
+            step_loss, step_metrics, task_losses = accumulate_gradients(
                 model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens
             )
             group.sum_gradients(trainable)
@@ -348,11 +439,13 @@ def train(
                 names = sorted(step_metrics)
                 loss_value, *metric_values = group.sum([step_loss.item(), *(step_metrics[n].item() for n in names)])
                 learning_rate = scheduler.get_last_lr()[0]
+                task_values = per_task_losses(task_losses, task_names, group)
                 if log is not None:
                     log.write({
                         "step": state["step"], "loss": loss_value, "lr": learning_rate,
                         "loss_tokens": int(step_loss_tokens), "tokens": int(step_tokens),
                         "tokens_per_s": step_tokens / elapsed, **dict(zip(names, metric_values, strict=True)),
+                        **task_values,
                     })
                 progress.update(
                     bar, loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", tps=f"{step_tokens / elapsed:.0f}"

@@ -15,15 +15,22 @@ import torch
 
 
 class ReferenceModel:
-    def __init__(self, model: torch.nn.Module):
-        self.uses_disabled_adapters = hasattr(model, "disable_adapter")
+    def __init__(self, model: torch.nn.Module | None):
+        """`model` is the starting model, or None for an objective whose reference brings its own
+        model (distill's teacher): `active` then yields None."""
+        self.uses_disabled_adapters = model is not None and hasattr(model, "disable_adapter")
         self.frozen_copy = None
-        if not self.uses_disabled_adapters:
+        self.absent = model is None
+        if model is not None and not self.uses_disabled_adapters:
             self.frozen_copy = copy.deepcopy(model).eval().requires_grad_(False)
 
     @contextmanager
-    def active(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    def active(self, model: torch.nn.Module) -> Iterator[torch.nn.Module | None]:
         """The module to run as the reference, in eval mode (no dropout) and without gradients."""
+        if self.absent:
+            with torch.no_grad():
+                yield None
+            return
         if self.frozen_copy is not None:
             with torch.no_grad():
                 yield self.frozen_copy

@@ -1,0 +1,86 @@
+"""Multi-task data (`data.mixture`): sampling shares, one task per micro-batch, per-task logging."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from helpers import chat_records, run_config, write_jsonl
+
+from tunesmith.data.collate import task_batch_order
+from tunesmith.data.mixture import draw_counts, draw_examples, mixture_probabilities
+from tunesmith.errors import ConfigError
+from tunesmith.training.loop import train
+
+
+def instruction_records(count: int) -> list[dict]:
+    return [{"prompt": f"Spell {index} backwards.", "response": str(index)[::-1] + " reversed"} for index in range(count)]
+
+
+def test_probabilities_follow_weight_to_the_one_over_temperature():
+    assert mixture_probabilities([300, 100], 1.0) == pytest.approx([0.75, 0.25])
+    # T = 2: p ~ sqrt(n), flatter than by size; T -> infinity approaches uniform.
+    assert mixture_probabilities([400, 100], 2.0) == pytest.approx([2 / 3, 1 / 3])
+    assert mixture_probabilities([1000, 1], 1000.0) == pytest.approx([0.5, 0.5], abs=0.01)
+
+
+def test_counts_sum_to_the_epoch_and_oversampling_repeats_every_record_first():
+    counts = draw_counts([0.5, 0.3, 0.2], 7)
+    assert sum(counts) == 7 and counts == [4, 2, 1]
+    import torch
+
+    examples = [{"id": index} for index in range(3)]
+    drawn = draw_examples(examples, 7, torch.Generator().manual_seed(0))
+    assert len(drawn) == 7
+    assert all(count >= 2 for count in Counter(example["id"] for example in drawn).values())
+
+
+def test_task_batch_order_gives_one_task_per_batch_and_every_item_once():
+    tasks = ["a"] * 9 + ["b"] * 5 + ["c"] * 2
+    lengths = list(range(len(tasks)))
+    order = task_batch_order(lengths, tasks, batch_size=4, seed=1, epoch=0, group_by_length=True)
+    assert all(len({tasks[index] for index in batch}) == 1 for batch in order)
+    assert sorted(index for batch in order for index in batch) == list(range(len(tasks)))
+    assert order != task_batch_order(lengths, tasks, batch_size=4, seed=1, epoch=1, group_by_length=True)
+    assert order == task_batch_order(lengths, tasks, batch_size=4, seed=1, epoch=0, group_by_length=True)
+
+
+def test_mixture_trains_with_per_task_losses_and_eval_metrics(tiny_llama_dir, tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
+    spelling = write_jsonl(tmp_path / "spell.jsonl", instruction_records(36))
+    config = run_config(
+        tiny_llama_dir, chats, tmp_path / "run",
+        data={"train": None, "eval_split": 0.25, "mixture": [
+            {"name": "chat", "train": str(chats), "weight": 1},
+            {"name": "spell", "train": str(spelling), "weight": 1},
+        ]},
+        train={"max_steps": 6, "batch_size": 2, "grad_accum": 2},
+    )
+    result = train(config)
+    stats = result.summary["data"]
+    # Equal weights: each task gets half of the epoch whatever its size (the chats are oversampled).
+    assert stats["tasks"]["chat"]["examples_per_epoch"] == stats["tasks"]["spell"]["examples_per_epoch"]
+    assert stats["read"] == stats["used_train"] + stats["used_eval"] + stats["rejected"]
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    assert any("chat/loss" in row for row in steps) and any("spell/loss" in row for row in steps)
+    for row in steps:  # the step loss is the token-weighted mean of its tasks' losses
+        task_losses = [row[key] for key in row if key.endswith("/loss")]
+        assert min(task_losses) - 1e-5 <= row["loss"] <= max(task_losses) + 1e-5
+    evaluation = result.summary["eval"]
+    assert {"eval_loss", "chat/eval_loss", "spell/eval_loss"} <= set(evaluation)
+    assert evaluation["chat/eval_loss"] != evaluation["spell/eval_loss"]
+
+
+def test_mixture_config_errors_name_the_key(tiny_llama_dir, tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_records(4))
+    with pytest.raises(ConfigError, match="data: give either `train`"):
+        run_config(tiny_llama_dir, chats, tmp_path / "run",
+                   data={"mixture": [{"name": "a", "train": str(chats)}]})
+    with pytest.raises(ConfigError, match="task names must be unique"):
+        run_config(tiny_llama_dir, chats, tmp_path / "run", data={"train": None, "mixture": [
+            {"name": "a", "train": str(chats)}, {"name": "a", "train": str(chats)}]})
+    with pytest.raises(ConfigError, match=r"data.mixture.0.train: .*file not found"):
+        run_config(tiny_llama_dir, chats, tmp_path / "run", data={"train": None, "mixture": [
+            {"name": "a", "train": str(tmp_path / "missing.jsonl")}]})
