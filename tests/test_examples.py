@@ -9,8 +9,13 @@ import pytest
 from tunesmith.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-# eval-*.yaml are evaluation suites, checked in test_eval_examples.py; the rest are run configs.
-EXAMPLES = sorted(path for path in (ROOT / "examples").glob("*.yaml") if not path.stem.startswith("eval-"))
+# eval-*.yaml are evaluation suites, checked in test_eval_examples.py; distill-sequence-*.yaml train on the
+# output of `tunesmith distill-data` (checked in test_distill_data.py) and continual-*.yaml start from another
+# example's run (checked in test_continual.py); the rest are run configs.
+EXAMPLES = sorted(
+    path for path in (ROOT / "examples").glob("*.yaml")
+    if not path.stem.startswith(("eval-", "distill-sequence-", "continual-"))
+)
 
 
 def test_there_are_examples_for_every_task_and_method():
@@ -23,5 +28,6 @@ def test_there_are_examples_for_every_task_and_method():
 def test_example_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     config = load_config(path)
-    assert config.data.train.exists()
+    paths = [config.data.train] if config.data.mixture is None else [part.train for part in config.data.mixture]
+    assert all(path.exists() for path in paths)
     assert str(config.output_dir).startswith("runs/")

@@ -15,7 +15,8 @@ from tunesmith.training.loop import train
 
 
 def instruction_records(count: int) -> list[dict]:
-    return [{"prompt": f"Spell {index} backwards.", "response": str(index)[::-1] + " reversed"} for index in range(count)]
+    return [{"prompt": f"Spell {index} backwards.", "response": f"{str(index)[::-1]} reversed"}
+            for index in range(count)]
 
 
 def test_probabilities_follow_weight_to_the_one_over_temperature():

@@ -223,6 +223,8 @@ STAGE_COMMANDS: tuple[str, ...] = (
     "tunesmith.evaluate.cli",
     "tunesmith.preference_cli",
     "tunesmith.compare_methods",
+    "tunesmith.distill_data",
+    "tunesmith.training.meta",
 )
 _register_stage_commands()
 

@@ -18,6 +18,7 @@ from tunesmith.evaluate.config import EvalSuiteConfig
 from tunesmith.methods import METHODS
 from tunesmith.registry import closest
 from tunesmith.settings import Section
+from tunesmith.training.meta import MetaConfig
 
 
 class ModelConfig(Section):
@@ -231,6 +232,9 @@ class RunConfig(Section):
     )
     eval: EvalSuiteConfig | None = Field(
         None, description="Evaluation suite run on the result after training (see `tunesmith eval`)."
+    )
+    meta: MetaConfig | None = Field(
+        None, description="Reptile meta-training settings, read by `tunesmith meta-train` (docs/meta.md)."
     )
 
     @field_validator("task")

@@ -11,11 +11,22 @@ The hard-label sft cross-entropy is mixed in with weight `alpha`:
 with both distributions softened by the temperature T. The T^2 factor keeps the soft term's gradients
 on the same scale as the hard term's when T changes (Hinton et al. 2015, sec. 2).
 
-The teacher is any model tunesmith loads (a run directory, a model folder, a .gguf, a built-in alias),
-loaded once per process and kept. Its logits are computed on the fly by the objective's `reference`
-hook, which the loop runs without gradients on every batch (train and eval), at the loss positions only.
+The teacher is any model tunesmith loads (a run directory, a model folder, a .gguf, a built-in alias).
+Its distributions reach the loss in one of two ways:
+
+- on the fly (the default): the objective's `reference` hook runs the teacher, loaded once per process
+  and kept, without gradients on every batch (train and eval), at the loss positions only;
+- cached (`train.cache_reference: true`, which needs `teacher_top_k`): before the first step, one pass
+  of the teacher computes its top-k log-probabilities (values and token ids) at every response token
+  of every train and eval example, and stores them as safetensors under
+  `$TUNESMITH_CACHE/teacher_log_probs/`, keyed by a hash of everything they depend on (`cache_key`).
+  A later run with the same key reads them without loading the teacher; in both cases training holds
+  no teacher. They depend neither on the student nor on the temperature, divergence or alpha, so
+  one cache serves a whole sweep over those.
+
 The teacher must share the student's tokenizer: distributions over different vocabularies cannot be
-compared token by token, so another tokenizer is refused with one line.
+compared token by token, so another tokenizer is refused with one line (checked in the loss, against
+the student being trained, so that neither path needs a copy of the student).
 
 Normalisation: `loss` returns sums over loss tokens and their count; the loop divides by the tokens of
 the whole optimiser step, as for sft.
@@ -28,16 +39,24 @@ keeps the teacher's side at (N, k).
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
+import time
+from array import array
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
 
-from tunesmith.data.collate import collate_padded
+from tunesmith.data.collate import IGNORE_INDEX, collate_padded, eval_batches
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.filelock import file_lock
 from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings, ObjectiveSpec, register
 from tunesmith.objectives.causal_lm import _language_model, loss_position_logits
 from tunesmith.registry import Registry, closest
@@ -109,7 +128,11 @@ class DistillSettings(ObjectiveSettings):
     )
     teacher_top_k: int | None = Field(
         None, ge=1, description="Compare on the teacher's k most likely tokens only (both renormalised there); "
-        "null: the whole vocabulary."
+        "null: the whole vocabulary. Required with train.cache_reference, which stores these k per token."
+    )
+    teacher_batch_size: int = Field(
+        8, ge=1, description="train.cache_reference: records per teacher forward pass in the one pass that "
+        "computes the teacher's log-probs before training."
     )
 
     @field_validator("divergence")
@@ -138,23 +161,50 @@ class DistillSettings(ObjectiveSettings):
 # --- the teacher ----------------------------------------------------------------------------------------------
 
 
-def _load_teacher(teacher: str, device: str):
-    """(model, tokenizer) of the teacher, in eval mode, frozen, on `device`."""
+def is_run_directory(teacher: str) -> bool:
+    return (Path(teacher) / "config.yaml").is_file()
+
+
+def load_teacher(teacher: str, device: str | torch.device, key: str = "objective.teacher"):
+    """(model, tokenizer) of the teacher, in eval mode, frozen, on `device`; a ConfigError naming `key`
+    (the config key or command argument that gave the teacher) when it cannot be loaded."""
     from tunesmith.config import ModelConfig
     from tunesmith.models import load_model, load_run, load_tokenizer, read_run
 
-    if (Path(teacher) / "config.yaml").is_file():  # a tunesmith run directory
-        run = read_run(Path(teacher))
-        if OBJECTIVES.get(run.task).model_kind != "causal_lm":
-            raise ConfigError(
-                f"objective.teacher: {teacher} is a {run.task!r} run; the teacher must be a language model"
-            )
-        model, tokenizer = load_run(Path(teacher), device=device)
-    else:
-        model_config = ModelConfig(name=teacher)
-        model, tokenizer = load_model(model_config, "sft"), load_tokenizer(model_config)
-        model.to(device)
+    try:
+        if is_run_directory(teacher):
+            run = read_run(Path(teacher))
+            if OBJECTIVES.get(run.task).model_kind != "causal_lm":
+                raise ConfigError(f"{key}: {teacher} is a {run.task!r} run; the teacher must be a language model")
+            model, tokenizer = load_run(Path(teacher), device=device)
+        else:
+            model_config = ModelConfig(name=teacher)
+            model, tokenizer = load_model(model_config, "sft"), load_tokenizer(model_config)
+            model.to(device)
+    except ModelError as error:  # its message names model.name; here the key is `key`
+        raise ConfigError(f"{key}: {str(error).removeprefix('model.name: ')}") from None
     return model.eval().requires_grad_(False), tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def teacher_tokenizer(teacher: str):
+    """The teacher's tokenizer, read without loading its weights (for the shared-tokenizer check)."""
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import _run_tokenizer, load_tokenizer, read_run
+
+    try:
+        if is_run_directory(teacher):
+            return _run_tokenizer(read_run(Path(teacher)))
+        return load_tokenizer(ModelConfig(name=teacher))
+    except ModelError as error:
+        raise ConfigError(f"objective.teacher: {str(error).removeprefix('model.name: ')}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def cached_teacher(teacher: str, device: str) -> torch.nn.Module:
+    """The teacher of on-the-fly distillation, loaded once per process: every batch of every step reuses it."""
+    model, _ = load_teacher(teacher, device)
+    return model
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,67 +214,226 @@ def _student_vocabulary(folder: str) -> dict[str, int] | None:
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True).get_vocab()
     except (OSError, ValueError):
-        return None  # a student folder without a tokenizer: only the logit widths can be compared
+        return None  # a student folder without a tokenizer: only the sizes can be compared
 
 
-@functools.lru_cache(maxsize=1)
-def cached_teacher(teacher: str, device: str, student_folder: str, student_vocab_size: int):
-    """The teacher, loaded once per process (every batch of every step reuses it), after checking that
-    it shares the student's tokenizer; a ConfigError of one line otherwise."""
-    try:
-        model, tokenizer = _load_teacher(teacher, device)
-    except ModelError as error:  # its message names model.name; here the key is objective.teacher
-        raise ConfigError(f"objective.teacher: {str(error).removeprefix('model.name: ')}") from None
+@functools.lru_cache(maxsize=4)
+def _check_vocabularies(teacher: str, student_folder: str, student_vocab_size: int) -> None:
+    tokenizer = teacher_tokenizer(teacher)
     student_vocabulary = _student_vocabulary(student_folder)
-    teacher_vocab_size = _language_model(model).get_output_embeddings().weight.shape[0]
-    if student_vocabulary is not None:
-        if tokenizer.get_vocab() != student_vocabulary:
-            raise ConfigError(
-                f"objective.teacher: {teacher} uses another tokenizer than the student ({len(tokenizer)} vs "
-                f"{len(student_vocabulary)} tokens or different ids); distillation needs a shared tokenizer"
-            )
-        # Same tokenizer, but the embedding matrices may be padded to different widths (Qwen 0.5B vs 7B):
-        # the columns past the tokenizer are never real tokens, so both sides are cut to the shorter.
-        if len(tokenizer) > min(teacher_vocab_size, student_vocab_size):
-            raise ConfigError(f"objective.teacher: the shared tokenizer has {len(tokenizer)} tokens, but the teacher "
-                              f"has {teacher_vocab_size} output logits and the student {student_vocab_size}")
-    elif teacher_vocab_size != student_vocab_size:
-        raise ConfigError(f"objective.teacher: {teacher} has {teacher_vocab_size} output logits and the student "
-                          f"{student_vocab_size}; distillation needs a shared tokenizer")
-    return model
+    if student_vocabulary is not None and tokenizer.get_vocab() != student_vocabulary:
+        raise ConfigError(
+            f"objective.teacher: {teacher} uses another tokenizer than the student ({len(tokenizer)} vs "
+            f"{len(student_vocabulary)} tokens or different ids); distillation needs a shared tokenizer"
+        )
+    if len(tokenizer) > student_vocab_size:
+        raise ConfigError(f"objective.teacher: the teacher's tokenizer has {len(tokenizer)} tokens, but the student "
+                          f"has {student_vocab_size} output logits; distillation needs a shared tokenizer")
 
 
-def teacher_logits(reference_model: torch.nn.Module, batch: dict, settings: DistillSettings) -> dict[str, torch.Tensor]:
-    """The `reference` hook: the teacher's logits at the batch's loss positions (N, V) in float32, or with
-    teacher_top_k its k largest (N, k) and their token ids (N, k). The loop runs it without gradients.
+def check_shared_tokenizer(student: torch.nn.Module, teacher: str) -> None:
+    """A ConfigError of one line unless the teacher's tokenizer is the student's (checked once per pair)."""
+    language_model = _language_model(student)
+    student_vocab_size = language_model.get_output_embeddings().weight.shape[0]
+    _check_vocabularies(teacher, str(language_model.name_or_path), student_vocab_size)
 
-    `reference_model` is the student as it starts; only its tokenizer and vocabulary are read here.
+
+def top_k_log_probs(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """The teacher's k most likely tokens at each position: their log-probabilities under the whole
+    vocabulary (N, k) and their ids (N, k), from logits (N, V).
+
+    Log-probabilities rather than logits because they mean the same in every batch and run, so they can be
+    stored; the loss renormalises them over the k tokens, which gives the same distribution as the top-k
+    logits would (log_softmax is shift-invariant).
     """
-    student = _language_model(reference_model)
-    student_vocab_size = student.get_output_embeddings().weight.shape[0]
-    device = batch["input_ids"].device
-    teacher = cached_teacher(settings.teacher, str(device), str(student.name_or_path), student_vocab_size)
+    values, token_ids = logits.topk(min(k, logits.shape[-1]), dim=-1)  # (N, k), (N, k)
+    return {"teacher_top_log_probs": values - logits.logsumexp(dim=-1, keepdim=True), "teacher_top_ids": token_ids}
+
+
+def teacher_logits(reference_model: None, batch: dict, settings: DistillSettings) -> dict[str, torch.Tensor]:
+    """The `reference` hook: the teacher's logits at the batch's loss positions (N, V) in float32, or with
+    teacher_top_k the top-k log-probabilities (N, k) and their token ids (N, k). The loop runs it without
+    gradients; `reference_model` is None (the spec says reference_is_starting_model=False, so the loop
+    keeps no copy of the student: the teacher is this objective's own model).
+    """
+    teacher = cached_teacher(settings.teacher, str(batch["input_ids"].device))
     with torch.no_grad():
         logits, _ = loss_position_logits(teacher, batch)  # (N, V_teacher)
-    logits = logits[:, :student_vocab_size]  # padding columns past the shared tokenizer (see cached_teacher)
+    # Same tokenizer, but embedding matrices may be padded past it to different widths (Qwen 0.5B vs 7B):
+    # those columns are never real tokens, so the teacher's side is cut to the tokenizer.
+    logits = logits[:, : len(teacher_tokenizer(settings.teacher))]  # (N, V)
     if settings.teacher_top_k is None:
         return {"teacher_logits": logits}
-    values, token_ids = logits.topk(min(settings.teacher_top_k, logits.shape[-1]), dim=-1)  # (N, k), (N, k)
-    return {"teacher_top_logits": values, "teacher_top_ids": token_ids}
+    return top_k_log_probs(logits, settings.teacher_top_k)
+
+
+# --- the teacher's top-k log-probs, computed once and stored (train.cache_reference) --------------------------
+
+CACHE_FORMAT = "tunesmith teacher top-k log-probs v1"
+
+
+def teacher_cache_folder() -> Path:
+    from tunesmith.models import cache_dir
+
+    return cache_dir() / "teacher_log_probs"
+
+
+def teacher_folders(teacher: str) -> list[Path]:
+    """The folders the teacher is loaded from: a run's model/ or adapter/ (and an adapter's base), or the
+    resolved folder of a model folder, .gguf file (its cached conversion) or built-in alias."""
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import _adapter_base_folder, read_run, resolve_model
+
+    try:
+        if is_run_directory(teacher):
+            run = read_run(Path(teacher))
+            return [run.weights_dir, _adapter_base_folder(run)] if run.is_adapter else [run.weights_dir]
+        return [resolve_model(ModelConfig(name=teacher))]
+    except ModelError as error:
+        raise ConfigError(f"objective.teacher: {str(error).removeprefix('model.name: ')}") from None
+
+
+def teacher_fingerprint(teacher: str) -> str:
+    """sha256 over the relative path and contents of every file of the teacher's folders (weights, config,
+    tokenizer), and a run's model section (its dtype): a retrained or replaced teacher gets a new key; the
+    same files at another path do not."""
+    from tunesmith.models import read_run
+
+    digest = hashlib.sha256()
+    if is_run_directory(teacher):
+        digest.update(read_run(Path(teacher)).model.model_dump_json().encode())
+    for folder in teacher_folders(teacher):
+        files = sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
+        for path in files:
+            digest.update(str(path.relative_to(folder)).encode() + b"\0")
+            with open(path, "rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
+def cache_key(teacher: str, examples: list[dict], k: int, device: torch.device) -> str:
+    """Hash of everything the stored values depend on: the teacher's files, k, the device type (bf16 on
+    GPU, float32 on CPU), and every example's token ids and loss mask in order. The tokens stand for the
+    data files' contents, the tokenizer, chat template, max_length and the train/eval split at once:
+    they are exactly what the teacher reads, so any change to those that reaches the teacher changes the key.
+    """
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|k={k}|device={device.type}|{teacher_fingerprint(teacher)}".encode())
+    for example in examples:
+        for ids in (example["input_ids"], example["labels"]):
+            digest.update(len(ids).to_bytes(8, "little"))
+            digest.update(array("q", ids).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def teacher_device() -> torch.device:
+    """This process's accelerator (each process of a distributed run has its own current device), else CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _progress(total: int) -> tuple[Progress, int]:
+    progress = Progress(
+        TextColumn("[bold]teacher log-probs"), BarColumn(), TextColumn("{task.completed}/{task.total} records"),
+        TextColumn("{task.fields[rate]} records/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+    return progress, progress.add_task("teacher", total=total, rate="-")
+
+
+@torch.no_grad()
+def compute_teacher_log_probs(settings: DistillSettings, examples: list[dict], device: torch.device) -> dict:
+    """One pass of the teacher over `examples` (longest first, teacher_batch_size at a time), then the
+    teacher is released. Returns, example after example in the order given:
+    teacher_top_log_probs (M, k) float32, teacher_top_ids (M, k) int32 and loss_positions (E,), the n_i
+    rows of each example (M = sum of n_i, its loss positions in order)."""
+    teacher, tokenizer = load_teacher(settings.teacher, device)
+    vocabulary_size = len(tokenizer)  # the columns past it are embedding padding (see teacher_logits)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
+    per_example: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # example index -> its (n_i, k) pair
+    progress, task = _progress(len(examples))
+    started, done = time.perf_counter(), 0
+    with progress:
+        for indices in eval_batches([len(example["input_ids"]) for example in examples], settings.teacher_batch_size):
+            batch = collate_padded([examples[index] for index in indices], pad_id)
+            batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                     for key, value in batch.items()}
+            logits, _ = loss_position_logits(teacher, batch)  # (N, V_teacher), rows of example after example
+            top = top_k_log_probs(logits[:, :vocabulary_size], settings.teacher_top_k)  # (N, k) each
+            rows = (batch["targets"] != IGNORE_INDEX).sum(dim=1).tolist()  # n_i of each example in the batch
+            pieces = zip(top["teacher_top_log_probs"].split(rows), top["teacher_top_ids"].split(rows), strict=True)
+            for index, (values, token_ids) in zip(indices, pieces, strict=True):
+                per_example[index] = (values.float().cpu(), token_ids.to(torch.int32).cpu())
+            done += len(indices)
+            progress.update(task, advance=len(indices), rate=f"{done / (time.perf_counter() - started):.1f}")
+    del teacher
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    in_order = [per_example[index] for index in range(len(examples))]
+    return {
+        "teacher_top_log_probs": torch.cat([values for values, _ in in_order]),  # (M, k)
+        "teacher_top_ids": torch.cat([token_ids for _, token_ids in in_order]),  # (M, k)
+        "loss_positions": torch.tensor([len(values) for values, _ in in_order], dtype=torch.int64),  # (E,)
+    }
+
+
+def write_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file under a temporary name and rename it: a killed run leaves no partial cache."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    os.replace(temporary, path)
+
+
+def cache_teacher_log_probs(reference_model: None, examples: list[dict], settings: DistillSettings) -> None:
+    """The `cache_reference` hook: put on each example its teacher_top_log_probs (n_i, k) and teacher_top_ids
+    (n_i, k) at its n_i loss positions, read from the cache when a run with the same `cache_key` stored
+    them, else computed in one pass of the teacher and stored. `reference_model` is None (see teacher_logits).
+    """
+    if settings.teacher_top_k is None:
+        raise ConfigError("objective.teacher_top_k: required with train.cache_reference: true (the teacher's k most "
+                          "likely tokens are stored at every response token; the whole vocabulary would not fit)")
+    device = teacher_device()
+    folder = teacher_cache_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{cache_key(settings.teacher, examples, settings.teacher_top_k, device)}.safetensors"
+    with file_lock(folder / f".{path.stem}.lock"):  # processes of one distributed run: one computes, all read
+        if not path.is_file():
+            metadata = {"format": CACHE_FORMAT, "teacher": settings.teacher, "k": str(settings.teacher_top_k)}
+            write_atomically(compute_teacher_log_probs(settings, examples, device), path, metadata)
+    stored = load_file(str(path))
+    positions = stored["loss_positions"].tolist()
+    pieces = zip(stored["teacher_top_log_probs"].split(positions), stored["teacher_top_ids"].split(positions),
+                 strict=True)
+    for example, (values, token_ids) in zip(examples, pieces, strict=True):
+        example["teacher_top_log_probs"] = values  # (n_i, k)
+        example["teacher_top_ids"] = token_ids  # (n_i, k) int32
+
+
+def collate_distill(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """sft's padded batch; with train.cache_reference also the examples' stored teacher top-k, concatenated
+    example after example: (N, k) each, row for row the batch's N loss positions in the row-major order in
+    which `loss_position_logits` takes them."""
+    batch = collate_padded(examples, pad_id)
+    if "teacher_top_ids" in examples[0]:
+        batch["teacher_top_log_probs"] = torch.cat([example["teacher_top_log_probs"] for example in examples])
+        batch["teacher_top_ids"] = torch.cat([example["teacher_top_ids"] for example in examples]).long()
+    return batch
 
 
 # --- loss ----------------------------------------------------------------------------------------------------------
 
 
 def matched_logits(student_logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student and teacher logits over the same K tokens: the shared vocabulary, or the teacher's top k.
+    """Student logits and teacher logits (or log-probs: the same up to a constant per row) over the same
+    K tokens: the shared vocabulary, or the teacher's top k.
 
     Departure with teacher_top_k: both distributions are renormalised over the teacher's k tokens, so the
     soft term does not see the student's mass outside them (the hard-label term, alpha > 0, does). This
     keeps every divergence a proper one (reverse KL is infinite where the teacher has no mass).
     """
     if "teacher_top_ids" in batch:
-        return student_logits.gather(-1, batch["teacher_top_ids"]), batch["teacher_top_logits"]  # (N, k) each
+        return student_logits.gather(-1, batch["teacher_top_ids"]), batch["teacher_top_log_probs"]  # (N, k) each
+    if "teacher_logits" not in batch:  # the loop collates packed rows itself, without the stored values
+        raise ConfigError("data.packing: packed batches do not carry the teacher log-probs that "
+                          "train.cache_reference stores per record; set data.packing: false")
     teacher = batch["teacher_logits"]  # (N, V_teacher)
     width = min(student_logits.shape[-1], teacher.shape[-1])
     return student_logits[:, :width], teacher[:, :width]  # (N, V) each
@@ -233,6 +442,7 @@ def matched_logits(student_logits: torch.Tensor, batch: dict) -> tuple[torch.Ten
 def distill_terms(model: torch.nn.Module, batch: dict, settings: DistillSettings) -> dict[str, torch.Tensor]:
     """Summed terms over the batch's loss tokens: hard (sft CE), divergence (at temperature T), teacher_kl
     (forward KL at T = 1, what the tests and eval track), correct (student argmax == data token)."""
+    check_shared_tokenizer(model, settings.teacher)
     logits, targets = loss_position_logits(model, batch)  # (N, V) float32, (N,)
     hard = F.cross_entropy(logits, targets, reduction="sum")  # exactly sft's loss (alpha = 1 test)
     student, teacher = matched_logits(logits, batch)  # (N, K) each
@@ -287,11 +497,13 @@ register(
     ObjectiveSpec(
         name="distill",
         model_kind="causal_lm",
-        collate=collate_padded,
+        collate=collate_distill,
         loss=distill_loss,
         evaluate=evaluate_distill,
         settings=DistillSettings,
         supports_packing=True,
         reference=teacher_logits,
+        reference_is_starting_model=False,
+        cache_reference=cache_teacher_log_probs,
     )
 )

@@ -250,6 +250,9 @@ def starting_reference(objective: ObjectiveSpec, model, examples: list[dict], co
     if objective.cache_reference is None:
         raise ConfigError(f"train.cache_reference: task {config.task} computes its reference per batch "
                           "(on samples drawn during training); it cannot be cached")
+    if config.data.packing:
+        raise ConfigError("data.packing: train.cache_reference stores reference outputs per record, and packed "
+                          "rows are collated without them; set data.packing: false")
     with reference.active(model) as reference_model:
         objective.cache_reference(reference_model, examples, config.objective)
     return None
@@ -494,16 +497,22 @@ def train(
     if exit_code == 0 and group.is_main:
         exported = load_best(checkpoints_dir, model) if state["best"] else None
         summary["exported_step"] = exported["step"] if exported else state["step"]
-        export_dir = run_dir / ("adapter" if method.saves == "adapter" else "model")
-        if method.save is not None:  # a method whose saved form differs from save_pretrained's
-            method.save(model, export_dir)
-        else:
-            model.save_pretrained(export_dir)  # transformers 5 always writes safetensors
-        tokenizer.save_pretrained(export_dir)
+        export_weights(model, method, tokenizer, run_dir)
     if group.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     group.barrier()
     return TrainResult(run_dir=run_dir, summary=summary, exit_code=exit_code)
+
+
+def export_weights(model, method, tokenizer, run_dir: Path) -> Path:
+    """Write the trained weights as the run's result: adapter/ (peft methods) or model/, with the tokenizer."""
+    export_dir = run_dir / ("adapter" if method.saves == "adapter" else "model")
+    if method.save is not None:  # a method whose saved form differs from save_pretrained's
+        method.save(model, export_dir)
+    else:
+        model.save_pretrained(export_dir)  # transformers 5 always writes safetensors
+    tokenizer.save_pretrained(export_dir)
+    return export_dir
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
