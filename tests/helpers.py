@@ -42,7 +42,8 @@ def run_config(model_dir: Path, train_file: Path, output_dir: Path, **sections: 
     """A RunConfig for a tiny model; keyword sections (data=..., train=..., method=...) override defaults."""
     base = {
         "model": {"name": str(model_dir)},
-        "data": {"train": str(train_file), "eval_split": 0.0, "max_length": 128},
+        # No prepared-data cache: tests that patch the data layer must see it run (test_data_cache.py tests the cache).
+        "data": {"train": str(train_file), "eval_split": 0.0, "max_length": 128, "cache": False},
         "task": "sft",
         "method": {"name": "full"},
         "train": {"batch_size": 4, "max_steps": 4, "lr": 1e-3, "warmup": 0, "eval_before": False, "seed": 0},

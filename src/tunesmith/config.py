@@ -108,6 +108,11 @@ class DataConfig(Section):
         "each record's loss is multiplied by its weight. Records without a weight get 1.",
     )
     eval_limit: int | None = Field(None, ge=1, description="Use only the first N evaluation records.")
+    cache: bool = Field(
+        True,
+        description="Reuse the read + tokenised records of an earlier run on the same data files, data settings and "
+        "tokenizer ($TUNESMITH_CACHE/prepared/); false always prepares afresh.",
+    )
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="On a bad record: stop (fail) or write it to rejects.jsonl and go on (skip)."
     )

@@ -25,7 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tunesmith.config import RunConfig, dump_config
-from tunesmith.data import prepare_data, write_rejects
+from tunesmith.data import write_rejects
+from tunesmith.data.cache import prepare_data_cached
 from tunesmith.data.collate import batch_order, collate_packed, eval_batches, pack_examples, task_batch_order
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.methods import METHODS, count_parameters
@@ -286,7 +287,7 @@ def train(
     run_dir = prepare_run_dir(config, resume, overwrite, group)
     torch.manual_seed(train_config.seed)
     tokenizer = load_tokenizer(config.model)
-    data = prepare_data(config, tokenizer)
+    data = prepare_data_cached(config, tokenizer)
     if group.is_main:
         write_rejects(data.rejects, run_dir / "rejects.jsonl")
     if not data.train:

@@ -302,7 +302,8 @@ def meta_train_run(
     from accelerate import Accelerator
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from tunesmith.data import prepare_data, write_rejects
+    from tunesmith.data import write_rejects
+    from tunesmith.data.cache import prepare_data_cached
     from tunesmith.methods import METHODS, count_parameters
     from tunesmith.models import load_model, load_tokenizer
     from tunesmith.objectives import OBJECTIVES
@@ -327,7 +328,7 @@ def meta_train_run(
     run_dir = prepare_run_dir(config, resume=False, overwrite=overwrite, group=group)
     torch.manual_seed(meta.seed)
     tokenizer = load_tokenizer(config.model)
-    data = prepare_data(config, tokenizer)
+    data = prepare_data_cached(config, tokenizer)
     write_rejects(data.rejects, run_dir / "rejects.jsonl")
     tasks = split_tasks(data.train, data.eval, meta)
     if data.label_names is not None:
