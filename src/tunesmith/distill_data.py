@@ -23,7 +23,6 @@ when complete.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from tunesmith.data.readers import read_records
 from tunesmith.errors import DataError
+from tunesmith.files import write_file_atomically
 
 PROMPT_FIELDS = ("prompt", "question", "instruction")
 
@@ -88,12 +88,8 @@ def _progress(console: Console, total: int) -> tuple[Progress, int]:
 
 def _write_jsonl(records: list[dict], path: Path) -> None:
     """Write under a temporary name, then rename: an interrupted run leaves no partial file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    write_file_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def rejects_path(output: Path) -> Path:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import os
 import time
 from array import array
 from collections.abc import Callable, Iterable
@@ -57,6 +56,7 @@ from safetensors.torch import load_file, save_file
 from tunesmith.data.collate import IGNORE_INDEX, collate_padded, eval_batches
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.filelock import file_lock
+from tunesmith.files import write_file_atomically
 from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings, ObjectiveSpec, register
 from tunesmith.objectives.causal_lm import _language_model, loss_position_logits
 from tunesmith.registry import Registry, closest
@@ -375,13 +375,6 @@ def compute_teacher_log_probs(settings: DistillSettings, examples: list[dict], d
     }
 
 
-def write_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file under a temporary name and rename it: a killed run leaves no partial cache."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
-
-
 def cache_teacher_log_probs(reference_model: None, examples: list[dict], settings: DistillSettings) -> None:
     """The `cache_reference` hook: put on each example its teacher_top_log_probs (n_i, k) and teacher_top_ids
     (n_i, k) at its n_i loss positions, read from the cache when a run with the same `cache_key` stored
@@ -397,7 +390,9 @@ def cache_teacher_log_probs(reference_model: None, examples: list[dict], setting
     with file_lock(folder / f".{path.stem}.lock"):  # processes of one distributed run: one computes, all read
         if not path.is_file():
             metadata = {"format": CACHE_FORMAT, "teacher": settings.teacher, "k": str(settings.teacher_top_k)}
-            write_atomically(compute_teacher_log_probs(settings, examples, device), path, metadata)
+            tensors = compute_teacher_log_probs(settings, examples, device)
+            # A killed run leaves no partial cache under the final name.
+            write_file_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
     stored = load_file(str(path))
     positions = stored["loss_positions"].tolist()
     pieces = zip(stored["teacher_top_log_probs"].split(positions), stored["teacher_top_ids"].split(positions),
