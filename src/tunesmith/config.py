@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from tunesmith.continual.config import ContinualConfig
 from tunesmith.curate.config import CurateConfig
 from tunesmith.errors import ConfigError
 from tunesmith.evaluate.config import EvalSuiteConfig
@@ -38,13 +39,6 @@ class ModelConfig(Section):
         description="Continue from a previous tunesmith run directory (continual learning): its result is the "
         "starting point, and `name` must be that run's base model.",
     )
-
-    @field_validator("from_run")
-    @classmethod
-    def _is_run(cls, path: Path | None) -> Path | None:
-        if path is not None and not (path / "config.yaml").is_file():
-            raise ValueError(f"{path} is not a tunesmith run directory (no config.yaml)")
-        return path
 
 
 DataFormat = Literal["auto", "text", "instruction", "chat", "classification"]
@@ -238,6 +232,10 @@ class RunConfig(Section):
     eval: EvalSuiteConfig | None = Field(
         None, description="Evaluation suite run on the result after training (see `tunesmith eval`)."
     )
+    continual: ContinualConfig | None = Field(
+        None, description="Continue from model.from_run while guarding its skills: replay, a regulariser, "
+        "a LoRA adapter per task (see docs/continual.md)."
+    )
     meta: MetaConfig | None = Field(
         None, description="Reptile meta-training settings, read by `tunesmith meta-train` (docs/meta.md)."
     )
@@ -272,6 +270,8 @@ class RunConfig(Section):
             raise ValueError("data.packing: packing applies to sft and pretrain, not classify")
         if self.data.packing and not METHODS.get(self.method.name).supports_packing:
             raise ValueError(f"data.packing: method {self.method.name} prepends virtual tokens and cannot use packing")
+        if self.continual is not None and self.model.from_run is None and self.continual.needs_from_run():
+            raise ValueError(f"{self.continual.needs_from_run()}: needs model.from_run (the run to continue from)")
         if self.train.lr is None:
             self.train.lr = METHODS.get(self.method.name).default_lr
         return self

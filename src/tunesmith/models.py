@@ -342,13 +342,21 @@ def model_kind(task: str) -> str:
     return OBJECTIVES.get(task, key="task").model_kind
 
 
-def load_model(cfg: ModelConfig, task: str, label_names: list[str] | None = None) -> PreTrainedModel:
+def load_model(
+    cfg: ModelConfig, task: str, label_names: list[str] | None = None, keep_adapters: bool = False
+) -> PreTrainedModel:
     """The base model for `task`, on CPU, in `cfg.dtype`.
 
     A causal LM for generative tasks (sft, pretrain); for classify, a sequence classifier whose
     head is new (random) with `label_names` as id2label (the folder's labels when None).
     `model.name_or_path` is the resolved local folder.
+
+    With `model.from_run` the starting point is that run's result instead (`load_starting_point`);
+    `keep_adapters` (continual.adapter_per_task) then leaves its LoRA adapters out, to be attached
+    frozen after the method adds the new one.
     """
+    if cfg.from_run is not None:
+        return load_starting_point(cfg, task, label_names, keep_adapters)
     folder = resolve_model(cfg)
     return load_model_from(folder, cfg, task, label_names)
 
@@ -420,6 +428,10 @@ class RunInfo:
     """`model/` (a full transformers folder) or `adapter/` (a peft adapter folder)."""
     is_adapter: bool
     label_names: list[str] | None
+    from_run: Path | None = None
+    """`model.from_run`: the run this one continued from (continual learning), or None."""
+    keeps_adapters: bool = False
+    """`continual.adapter_per_task`: the previous runs' adapters were kept, frozen, beside this run's."""
 
 
 ADAPTER_CONFIG_FILES = ("adapter_config.json", "bottleneck_adapter.json")
@@ -454,7 +466,12 @@ def read_run(run_dir: Path) -> RunInfo:
         )
     labels_path = run_dir / "labels.json"
     label_names = json.loads(labels_path.read_text(encoding="utf-8")) if labels_path.is_file() else None
-    return RunInfo(run_dir, model_cfg, task, method, weights_dir, is_adapter, label_names)
+    from_run = raw["model"].get("from_run")
+    keeps_adapters = bool((raw.get("continual") or {}).get("adapter_per_task"))
+    return RunInfo(
+        run_dir, model_cfg, task, method, weights_dir, is_adapter, label_names,
+        Path(from_run) if from_run else None, keeps_adapters,
+    )
 
 
 def default_device() -> torch.device:
@@ -466,30 +483,155 @@ def load_run(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) of a finished run, in eval mode on `device` (default: CUDA if available).
 
-    A full run loads its `model/` folder; an adapter run loads the base with tunesmith's loader and
-    the adapter on top (a `peft.PeftModel`). `base=True` gives the untuned base model instead.
+    A full run loads its `model/` folder; an adapter run loads the model it started from and the
+    adapter on top (a `peft.PeftModel`; see `load_run_result`). `base=True` gives the model the run
+    started from instead: the untuned base, or for a continual run the previous run's result.
     """
     run = read_run(run_dir)
     tokenizer = _run_tokenizer(run)
-    if base:
-        model = load_model(run.model, run.task, run.label_names)
-    elif run.is_adapter:
-        from peft import PeftModel
-
-        from tunesmith.methods import METHODS
-
-        check_weights_format(run.weights_dir, run.model.allow_pickle)
-        base_model = load_model_from(_adapter_base_folder(run), run.model, run.task, run.label_names)
-        method = METHODS.get(run.method) if run.method in METHODS else None
-        if method is not None and method.load is not None:  # a format of our own (bottleneck adapters)
-            model = method.load(base_model, run.weights_dir)
-        else:
-            model = PeftModel.from_pretrained(base_model, str(run.weights_dir), is_trainable=False)
+    if base and run.from_run is not None:
+        model = load_run_result(read_run(run.from_run), run.model)
+    elif base:
+        model = load_model_from(resolve_model(run.model), run.model, run.task, run.label_names)
     else:
-        model = load_model_from(run.weights_dir, run.model, run.task)  # labels are in its config.json
+        model = load_run_result(run, run.model)
     model.to(device or default_device())
     model.eval()
     return model, tokenizer
+
+
+# --- continuing from a run (continual learning) --------------------------------------------------
+
+TASK_ADAPTER_PREFIX = "task_"
+"""Kept adapters of earlier tasks are named task_0, task_1, ... (oldest first); the newest is `default`."""
+
+
+def load_run_result(run: RunInfo, cfg: ModelConfig):
+    """The model `run` produced, on CPU, with `cfg`'s dtype and safety settings.
+
+    A full run: its `model/` folder. An adapter run: the model it started from (`load_run_start`)
+    with its adapter on top, unmerged; when it kept the adapters of earlier runs
+    (`continual.adapter_per_task`) those are loaded too, frozen and active together.
+    """
+    if not run.is_adapter:
+        return load_model_from(run.weights_dir, cfg, run.task)
+    from peft import PeftModel
+
+    from tunesmith.methods import METHODS
+
+    stack = adapter_stack(run)
+    base = load_run_start(stack[0], cfg)
+    method = METHODS.get(run.method) if run.method in METHODS else None
+    if len(stack) == 1 and method is not None and method.load is not None:  # our own format (bottleneck)
+        check_weights_format(run.weights_dir, cfg.allow_pickle)
+        return method.load(base, run.weights_dir)
+    kept = [previous.weights_dir for previous in stack[:-1]]
+    for folder in (*kept, run.weights_dir):
+        check_weights_format(folder, cfg.allow_pickle)
+    model = PeftModel.from_pretrained(base, str(run.weights_dir), is_trainable=False)
+    if kept:
+        attach_frozen_adapters(model, kept)
+        model.requires_grad_(False)  # activating several adapters made the run's own one trainable again
+    return model
+
+
+def load_run_start(run: RunInfo, cfg: ModelConfig) -> PreTrainedModel:
+    """The plain model `run` began training from: its base, or the previous run's result merged."""
+    if run.from_run is None:
+        return load_model_from(_adapter_base_folder(run), cfg, run.task, run.label_names)
+    return merge_adapters(load_run_result(read_run(run.from_run), cfg), run.from_run)
+
+
+def adapter_stack(run: RunInfo) -> list[RunInfo]:
+    """The adapter runs whose adapters are active together in `run`'s result, oldest first, `run` last.
+
+    Just `[run]` unless `run` kept the adapters of the runs it continued from; the chain stops at a
+    run that merged its predecessor or started from a base or a full fine-tune.
+    """
+    stack = [run]
+    while stack[0].keeps_adapters and stack[0].from_run is not None:
+        previous = read_run(stack[0].from_run)
+        if not previous.is_adapter:
+            break
+        if previous.method != "lora" or stack[0].method != "lora":
+            raise ModelError(
+                f"{stack[0].run_dir}: kept adapters need LoRA runs (continual.adapter_per_task), "
+                f"got {previous.method} then {stack[0].method}"
+            )
+        stack.insert(0, previous)
+    return stack
+
+
+def attach_frozen_adapters(model, folders: list[Path]) -> None:
+    """Load each LoRA adapter folder into the peft `model` as task_0, task_1, ..., frozen, and make
+    them active together with the adapters already there (peft's multi-adapter forward sums them)."""
+    existing = list(model.peft_config)
+    names = [f"{TASK_ADAPTER_PREFIX}{index}" for index in range(len(folders))]
+    for name, folder in zip(names, folders, strict=True):
+        model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+    # set_adapter makes every active adapter trainable; the old ones are frozen again right after.
+    model.base_model.set_adapter([*names, *existing])
+    for parameter_name, parameter in model.named_parameters():
+        if any(f".{name}." in parameter_name for name in names):
+            parameter.requires_grad_(False)
+
+
+def kept_adapter_folders(from_run: Path) -> list[Path]:
+    """The adapter folders a run that keeps adapters attaches, frozen, beside its own (oldest first)."""
+    return [run.weights_dir for run in adapter_stack(_lora_run_to_keep(from_run))]
+
+
+def load_starting_point(cfg: ModelConfig, task: str, label_names: list[str] | None, keep_adapters: bool):
+    """The model a continual run starts from: `cfg.from_run`'s result, LoRA-style adapters merged
+    into the weights; with `keep_adapters`, the plain model beneath its (kept) LoRA adapters."""
+    try:
+        previous = read_run(cfg.from_run)
+    except ModelError as error:
+        raise ModelError(f"model.from_run: {error}") from None
+    if model_kind(previous.task) != model_kind(task):
+        raise ModelError(
+            f"model.from_run: {cfg.from_run} was a {previous.task} run ({model_kind(previous.task)}); "
+            f"task {task} needs a {model_kind(task)}"
+        )
+    if label_names is not None and previous.label_names is not None and label_names != previous.label_names:
+        raise ModelError(
+            f"model.from_run: {cfg.from_run} classified into {previous.label_names}, the data has {label_names}; "
+            f"set data.labels: {previous.label_names} (its head is kept)"
+        )
+    if keep_adapters:
+        return load_run_start(adapter_stack(_lora_run_to_keep(cfg.from_run))[0], cfg)
+    return merge_adapters(load_run_result(previous, cfg), cfg.from_run)
+
+
+def _lora_run_to_keep(from_run: Path) -> RunInfo:
+    """read_run(from_run), checked to be a LoRA run, whose adapter a new run keeps beside its own."""
+    previous = read_run(from_run)
+    if not previous.is_adapter or previous.method != "lora":
+        raise ModelError(
+            f"continual.adapter_per_task: {from_run} is a {previous.method} run; "
+            "a new adapter per task needs a LoRA run to continue from"
+        )
+    return previous
+
+
+def merge_adapters(model, run_dir: Path) -> PreTrainedModel:
+    """A plain transformers model: `model` itself, or a peft model with its adapters merged in."""
+    from peft import PeftModel
+
+    if isinstance(model, PreTrainedModel):
+        return model
+    if not isinstance(model, PeftModel):
+        raise ModelError(
+            f"model.from_run: the adapters of {run_dir} cannot be merged into its base; continue from a "
+            "LoRA-style (lora, ia3, loha, lokr) or full fine-tuning run"
+        )
+    try:
+        return model.merge_and_unload()
+    except (AttributeError, ValueError, NotImplementedError) as error:  # prompt-learning methods cannot merge
+        raise ModelError(
+            f"model.from_run: the adapter of {run_dir} cannot be merged into its base ({error}); continue "
+            "from a LoRA-style (lora, ia3, loha, lokr) or full fine-tuning run"
+        ) from None
 
 
 def _adapter_base_folder(run: RunInfo) -> Path:

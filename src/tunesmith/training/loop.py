@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tunesmith.config import RunConfig, dump_config
+from tunesmith.continual import prepare_continual
 from tunesmith.data import write_rejects
 from tunesmith.data.cache import prepare_data_cached
 from tunesmith.data.collate import batch_order, collate_packed, eval_batches, pack_examples, task_batch_order
@@ -298,10 +299,16 @@ def train(
     if config.data.packing and not objective.supports_packing:
         raise ConfigError(f"data.packing: task {config.task} does not support packing")
 
-    model = load_model(config.model, config.task, data.label_names)
+    keep_adapters = config.continual is not None and config.continual.adapter_per_task
+    model = load_model(config.model, config.task, data.label_names, keep_adapters=keep_adapters)
     model = method.apply(model, config.method, config.task)
     if objective.prepare_model is not None:
         objective.prepare_model(model, config.objective)
+    # Not accelerator.prepare(model): that would wrap it in DDP (see training/distributed.py).
+    model = model.to(accelerator.device)
+    # Continual learning: kept adapters, replayed old examples and the regulariser's anchor, taken
+    # from the starting weights (also on resume, before the checkpoint is loaded).
+    continual = prepare_continual(config, model, tokenizer, data.train, objective, accelerator.device)
     trainable_params, total_params = count_parameters(model)
     console.print(
         f"[bold]{config.method.name}[/]: training {trainable_params:,} of {total_params:,} parameters "
@@ -312,15 +319,13 @@ def train(
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad_id = tokenizer.pad_token_id
 
-    items, tasks = training_items(data.train, config)
+    items, tasks = training_items(data.train + continual.replay_examples, config)
     task_names = [component.name for component in config.data.mixture] if config.data.mixture else []
     collate = collate_packed if config.data.packing else objective.collate
     lengths = [item_length(item) for item in items]
     per_epoch = math.ceil(len(epoch_order(lengths, tasks, config, group, 0)) / train_config.grad_accum)
     total_steps = train_config.max_steps or max(1, math.ceil(train_config.epochs * per_epoch))
 
-    # Not accelerator.prepare(model): that would wrap it in DDP (see training/distributed.py).
-    model = model.to(accelerator.device)
     reference = starting_reference(objective, model, data.train + data.eval, config)
     optimizer = accelerator.prepare_optimizer(build_optimizer(model, train_config, method, config.method))
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -426,6 +431,12 @@ def train(
             step_loss, step_metrics, task_losses = accumulate_gradients(
                 model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens
             )
+            penalty = continual.penalty(model)
+            if penalty is not None:
+                # Once per step, on top of the step's mean loss; each process adds 1/world of it, so the
+                # gradients summed across processes hold it once.
+                accelerator.backward(penalty / group.world)
+                step_metrics["continual_penalty"] = penalty.detach() / group.world
             group.sum_gradients(trainable)
             if train_config.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
