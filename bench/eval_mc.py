@@ -7,10 +7,13 @@ on a task defined here, offline (`dataset_path: csv` over the same CSVs, lm-eval
 description, first-n few-shot from dev, "Answer:", choices " A".." D"). It prints acc and acc_norm
 of both, checks that both built the same prompt and picked the same choice for every item (exit 1
 if not), and prints both scoring times and the speed ratio. Model loading is timed apart and not
-in the ratio; each side first scores one item per subject as a warm-up.
+in the ratio; each side first scores one item per subject as a warm-up. Besides wall-clock time it
+prints each side's process CPU time, which varies less than wall time on a machine shared with
+other work (the headline ratio is wall time, measured on a quiet machine).
 
-    python bench/eval_mc.py                                  # 2 subjects x 20 items, 1-shot
+    python bench/eval_mc.py                                  # 2 subjects x 20 items, 5-shot (standard MMLU)
     python bench/eval_mc.py --subjects anatomy,astronomy,marketing --limit 50 --shots 5 --json out.json
+    python bench/eval_mc.py --threads 1                      # on a busy machine
 
 Needs `pip install lm-eval` (not a tunesmith dependency).
 """
@@ -39,8 +42,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="Folder with dev/ and test/ CSVs.")
     parser.add_argument("--subjects", default="anatomy,marketing", help="Comma-separated subjects.")
     parser.add_argument("--limit", type=int, default=20, help="First N test items per subject.")
-    parser.add_argument("--shots", type=int, default=1, help="Few-shot examples (first N of dev).")
+    parser.add_argument("--shots", type=int, default=5, help="Few-shot examples (first N of dev); 5 is MMLU's.")
     parser.add_argument("--batch-size", type=int, default=8, help="Same batch size for both.")
+    parser.add_argument("--threads", type=int, help="torch CPU threads for both (default torch's own). On a machine "
+                        "shared with other work, 1 keeps threads from waiting on each other at every operation.")
     parser.add_argument("--json", type=Path, help="Write the figures and per-item disagreements here.")
     return parser.parse_args()
 
@@ -108,11 +113,11 @@ def run_tunesmith(args, subjects: list[str]) -> dict:
         return items, scores, choice_metrics(items, scores)[0]
 
     score(1)  # warm-up: one item per subject
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     items, scores, metrics = score(args.limit)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     return {"acc": metrics["acc"].value(), "acc_norm": metrics["acc_norm"].value(), "seconds": seconds,
-            "load_seconds": load_seconds, "items": items, "scores": scores}
+            "cpu_seconds": cpu_seconds, "load_seconds": load_seconds, "items": items, "scores": scores}
 
 
 def run_lm_eval(args, subjects: list[str], folder: Path) -> dict:
@@ -131,15 +136,16 @@ def run_lm_eval(args, subjects: list[str], folder: Path) -> dict:
                                log_samples=True, bootstrap_iters=0, batch_size=args.batch_size)
 
     score(1)  # warm-up: one item per subject; also builds the datasets cache of the CSVs
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     results = score(args.limit)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     samples = []
     for subject in subjects:
         samples += sorted(results["samples"][f"tunesmith_mmlu_{subject}"], key=lambda sample: sample["doc_id"])
     acc = sum(float(sample["acc"]) for sample in samples) / len(samples)
     acc_norm = sum(float(sample["acc_norm"]) for sample in samples) / len(samples)
-    return {"acc": acc, "acc_norm": acc_norm, "seconds": seconds, "load_seconds": load_seconds, "samples": samples}
+    return {"acc": acc, "acc_norm": acc_norm, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "load_seconds": load_seconds, "samples": samples}
 
 
 def compare_items(ours: dict, theirs: dict) -> tuple[list[dict], int, float]:
@@ -175,32 +181,39 @@ def main() -> None:
     except ImportError as error:
         print(f"lm-evaluation-harness is not installed ({error}); run `pip install lm-eval`", file=sys.stderr)
         raise SystemExit(2) from None
+    import torch
+
     from tunesmith.config import ModelConfig
     from tunesmith.models import resolve_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = Path(args.model) if Path(args.model).is_dir() else resolve_model(ModelConfig(name=args.model))
     print(f"model {args.model} ({folder}); {len(subjects)} subjects x {args.limit} items, {args.shots}-shot, "
-          f"batch {args.batch_size}", flush=True)
+          f"batch {args.batch_size}, {torch.get_num_threads()} torch threads", flush=True)
     ours = run_tunesmith(args, subjects)
     theirs = run_lm_eval(args, subjects, folder)
     disagreements, prompt_mismatches, largest = compare_items(ours, theirs)
 
     n_items = len(ours["items"])
     ratio = theirs["seconds"] / ours["seconds"] if ours["seconds"] else float("inf")
-    print(f"{'':>10} {'acc':>7} {'acc_norm':>9} {'scoring s':>10} {'load s':>7}")
+    cpu_ratio = theirs["cpu_seconds"] / ours["cpu_seconds"] if ours["cpu_seconds"] else float("inf")
+    print(f"{'':>10} {'acc':>7} {'acc_norm':>9} {'scoring s':>10} {'cpu s':>7} {'load s':>7}")
     for name, figures in (("tunesmith", ours), ("lm-eval", theirs)):
         print(f"{name:>10} {figures['acc']:>7.4f} {figures['acc_norm']:>9.4f} {figures['seconds']:>10.2f} "
-              f"{figures['load_seconds']:>7.2f}")
+              f"{figures['cpu_seconds']:>7.2f} {figures['load_seconds']:>7.2f}")
     print(f"items: {n_items}; disagreeing items: {len(disagreements)}; prompts that differ: {prompt_mismatches}; "
           f"largest |log-likelihood difference|: {largest:.2e}")
-    print(f"speed: tunesmith is {ratio:.2f}x lm-eval's HF backend (scoring time, same items)")
+    print(f"speed: tunesmith is {ratio:.2f}x lm-eval's HF backend (scoring time, same items; {cpu_ratio:.2f}x "
+          "in CPU time)")
     if args.json:
         args.json.write_text(json.dumps({
             "model": args.model, "subjects": subjects, "limit": args.limit, "shots": args.shots,
-            "batch_size": args.batch_size, "items": n_items,
-            "tunesmith": {key: ours[key] for key in ("acc", "acc_norm", "seconds", "load_seconds")},
-            "lm_eval": {key: theirs[key] for key in ("acc", "acc_norm", "seconds", "load_seconds")},
-            "lm_eval_version": _version("lm-eval"), "speed_ratio": ratio, "disagreeing_items": len(disagreements),
+            "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(), "items": n_items,
+            "tunesmith": {key: ours[key] for key in ("acc", "acc_norm", "seconds", "cpu_seconds", "load_seconds")},
+            "lm_eval": {key: theirs[key] for key in ("acc", "acc_norm", "seconds", "cpu_seconds", "load_seconds")},
+            "lm_eval_version": _version("lm-eval"), "speed_ratio": ratio, "cpu_speed_ratio": cpu_ratio,
+            "disagreeing_items": len(disagreements),
             "prompt_mismatches": prompt_mismatches, "max_abs_loglik_difference": largest,
             "disagreements": disagreements,
         }, indent=2), encoding="utf-8")

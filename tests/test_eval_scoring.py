@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tunesmith.evaluate import scoring
 from tunesmith.evaluate.scoring import (
     MIN_SHARED_PREFIX,
     document_nll,
@@ -67,6 +68,78 @@ def test_items_sharing_a_few_shot_prefix_score_as_one_forward_per_choice(tiny):
     got = score_continuations(model, tokenizer, items, batch_size=3)
     for (context, continuations), scores in zip(items, got, strict=True):
         assert scores == pytest.approx(_plain_scores(model, tokenizer, context, continuations), abs=1e-4)
+
+
+EXACT = {"abs": 1e-5, "rel": 1e-6}
+"""1e-5, or float32 rounding of a long continuation's sum (tens of nats), whichever is larger."""
+
+
+def _few_shot_subjects() -> list[tuple[str, list[str]]]:
+    """Three 'subjects' of five items each (own description and solved examples, as k-shot MMLU), single-
+    and multi-token choices, and two items that share nothing."""
+    items = []
+    for subject, (a, b) in {"arithmetic": (2, 3), "doubling": (5, 1), "counting": (7, 4)}.items():
+        prefix = f"The following are questions about {subject}.\n\n" + "".join(
+            f"Question: what is {a * k} and {b + k}?\nAnswer: {a * k + b + k}\n\n" for k in range(1, 5))
+        for k in range(5):
+            question = f"Question: what is {a + k}" + " and more" * k + "?\nAnswer:"
+            items.append((prefix + question, [" A", " B", " C", f" {a + k} exactly, or near it"]))
+    items += [("Nothing shared.\nAnswer:", [" yes", " no"]), ("Also alone", [" A", " B and C"])]
+    return items
+
+
+def test_subject_prefix_cache_runs_once_per_subject_and_equals_uncached_scores(tiny, monkeypatch):
+    """k-shot items of one subject share a token prefix: it runs once for the whole subject, its cache
+    serves every batch of it (batch 2, five items: three batches), and the scores equal one plain
+    forward per choice over the full tokens (EXACT)."""
+    model, tokenizer = tiny
+    items = _few_shot_subjects()
+    prefix_lengths = []
+    compute_prefix = scoring._prefix_cache
+
+    def counted(model, prefix, device):
+        prefix_lengths.append(len(prefix))
+        return compute_prefix(model, prefix, device)
+
+    monkeypatch.setattr(scoring, "_prefix_cache", counted)
+    got = score_continuations(model, tokenizer, items, batch_size=2)
+
+    expected_prefixes = []
+    for start in range(0, 15, 5):
+        contexts = [encode_item(tokenizer, context, choices).context for context, choices in items[start : start + 5]]
+        expected_prefixes.append(shared_prefix_length(contexts))
+    assert min(expected_prefixes) >= MIN_SHARED_PREFIX
+    assert sorted(prefix_lengths) == sorted(expected_prefixes)  # once per subject, never per batch or per item
+    for (context, continuations), scores in zip(items, got, strict=True):
+        assert scores == pytest.approx(_plain_scores(model, tokenizer, context, continuations), **EXACT)
+
+
+def test_cached_prefix_scores_equal_scores_without_prefix_sharing(tiny, monkeypatch):
+    """The same items through the same batched path with prefix sharing switched off."""
+    model, tokenizer = tiny
+    items = _few_shot_subjects()
+    cached = score_continuations(model, tokenizer, items, batch_size=4)
+    monkeypatch.setattr(scoring, "MIN_SHARED_PREFIX", 10**9)  # no group qualifies: every item runs whole
+    uncached = score_continuations(model, tokenizer, items, batch_size=4)
+    for with_prefix, without in zip(cached, uncached, strict=True):
+        assert with_prefix == pytest.approx(without, **EXACT)
+
+
+def test_sliding_window_model_does_not_share_a_prefix_and_stays_exact(tiny, monkeypatch):
+    """A sliding-window layer keeps only the last `sliding_window` keys, so a cached long prefix would not
+    equal recomputing it: such models score every context whole."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, tokenizer = tiny
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=16)
+    model = MistralForCausalLM(config).eval()
+    monkeypatch.setattr(scoring, "_prefix_cache", lambda *args: pytest.fail("a sliding-window model shared a prefix"))
+    items = _few_shot_subjects()[:3]
+    got = score_continuations(model, tokenizer, items, batch_size=1)
+    for (context, continuations), scores in zip(items, got, strict=True):
+        assert scores == pytest.approx(_plain_scores(model, tokenizer, context, continuations), **EXACT)
 
 
 def test_perplexity_is_exp_mean_token_nll_and_windows_score_every_token_once(tiny):

@@ -79,6 +79,11 @@ class GenerationTask(TaskBase):
     ignore_case: bool = Field(False, description="exact_match: compare case-insensitively.")
     ignore_punctuation: bool = Field(False, description="exact_match: drop punctuation before comparing.")
     rouge_stemmer: bool = Field(False, description="rouge: Porter stemming (rouge-score's use_stemmer).")
+    rouge_lsum_split: Literal["newline", "sentences"] = Field(
+        "newline", description="rouge: the sentences of rougeLsum. newline: the lines of each text as it is, which "
+        "is what rouge-score does; sentences: first one sentence per line (an offline splitter on . ! ? followed "
+        "by a capital), as Hugging Face's summarization examples and most papers do with nltk."
+    )
     max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per prompt.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy; otherwise sampled with this temperature.")
     stop: list[str] = Field(default_factory=list, description="Cut each output at the first of these strings.")

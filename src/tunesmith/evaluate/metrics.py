@@ -123,14 +123,52 @@ def chrf(predictions: list[str], references: list[list[str]], cfg) -> dict[str, 
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
+SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z])")
+"""A sentence boundary: . ! or ? (with a closing quote or bracket after it, if any), whitespace, then a
+capital letter (after an opening quote or bracket, if any). The whitespace is the boundary."""
+NOT_SENTENCE_ENDS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "no", "fig", "gen", "rev"})
+"""Words whose period ends an abbreviation, not a sentence ("Dr. Smith"); so does a single letter ("J. Smith")."""
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of `text`: every line break ends one, and within a line so does `SENTENCE_END` unless the
+    word before it is an abbreviation. Offline and deterministic, unlike nltk's punkt, which needs a
+    download; like punkt's output in the common case, though a lower-case start ("... e.g. this") or
+    an abbreviation outside the list decides differently."""
+    sentences = []
+    for line in text.split("\n"):
+        start = 0
+        for boundary in SENTENCE_END.finditer(line):
+            words = line[start : boundary.start()].split()
+            last_word = words[-1].strip("\"')]").rstrip(".!?").lower() if words else ""
+            if last_word in NOT_SENTENCE_ENDS or (len(last_word) == 1 and last_word.isalpha()):
+                continue
+            sentences.append(line[start : boundary.start()])
+            start = boundary.end()
+        sentences.append(line[start:])
+    return [sentence.strip() for sentence in sentences if sentence.strip()]
+
+
+def one_sentence_per_line(text: str) -> str:
+    return "\n".join(split_sentences(text))
+
 
 @register_text_metric("rouge")
 def rouge(predictions: list[str], references: list[list[str]], cfg) -> dict[str, MetricStats]:
-    """F-measure per item (best reference, rouge-score's `score_multi`), averaged over items.
-    rougeLsum splits summaries on newlines, as rouge-score does; no sentence splitter is added."""
+    """F-measure per item (best reference, rouge-score's `score_multi`), averaged over items (Lin 2004,
+    "ROUGE: A Package for Automatic Evaluation of Summaries").
+
+    rougeLsum is the summary-level LCS over sentences, and rouge-score takes a text's lines as its
+    sentences. `rouge_lsum_split: sentences` first puts one sentence per line (`split_sentences`),
+    which is what Hugging Face's summarization examples do with nltk before calling rouge-score; the
+    other ROUGE types are unchanged by it (rouge-score's tokenizer reads a line break as a space).
+    """
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=getattr(cfg, "rouge_stemmer", False))
+    if getattr(cfg, "rouge_lsum_split", "newline") == "sentences":
+        predictions = [one_sentence_per_line(prediction) for prediction in predictions]
+        references = [[one_sentence_per_line(reference) for reference in refs] for refs in references]
     per_type: dict[str, list[float]] = {name: [] for name in ROUGE_TYPES}
     for prediction, refs in zip(predictions, references, strict=True):
         scores = scorer.score_multi(refs, prediction)

@@ -4,17 +4,27 @@
 `_loglikelihood_tokens`): trailing spaces of the context move into the continuation, the context
 and context+continuation are tokenized without special tokens, the continuation's tokens are
 `whole[len(context):]`, and an empty context becomes the end-of-text token. What differs is how
-the work is done: each item's context runs ONCE for all its choices (its KV cache is shared), items
-are batched longest first, and a one-token continuation (MMLU's " A") needs no second pass at all.
+the work is done, never what is computed:
+
+- Items whose contexts start with the same tokens (one k-shot MMLU subject: description and the
+  same dev examples) are a group; the group's longest common TOKEN prefix runs once and its KV
+  cache is expanded over every batch of the group, so each item only runs its own question.
+- Each item's context runs ONCE for all its choices, and a one-token continuation (MMLU's " A")
+  is read off that pass's last logits; longer continuations take one more pass over the context's
+  cache, with the log-softmax taken (in float32) only at their own positions.
+- Batches go longest first, so similar lengths share a batch (little padding) and an
+  out-of-memory error shows up at once rather than after an hour.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -27,18 +37,14 @@ def encode_item(tokenizer, context: str, continuations: Sequence[str]) -> Encode
     """lm-eval's `_encode_pair` for every choice of one item (the context tokens are the same for all)."""
     spaces = len(context) - len(context.rstrip())
     moved, context = (context[-spaces:], context[:-spaces]) if spaces else ("", context)
-    if context:
-        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    else:
-        context_ids = [tokenizer.eos_token_id]  # lm-eval: an empty context is the end-of-text token
-    encoded = []
-    for continuation in continuations:
-        if context:
-            whole = tokenizer(context + moved + continuation, add_special_tokens=False)["input_ids"]
-            encoded.append(whole[len(context_ids):])
-        else:
-            encoded.append(tokenizer(moved + continuation, add_special_tokens=False)["input_ids"])
-    return EncodedItem(context_ids, encoded)
+    if not context:
+        # lm-eval: an empty context is the end-of-text token, and the continuation is tokenized alone.
+        encoded = tokenizer([moved + c for c in continuations], add_special_tokens=False)["input_ids"]
+        return EncodedItem([tokenizer.eos_token_id], encoded)
+    # One tokenizer call for the context and every context+continuation (the same ids as separate calls).
+    context_ids, *wholes = tokenizer([context] + [context + moved + c for c in continuations],
+                                     add_special_tokens=False)["input_ids"]
+    return EncodedItem(context_ids, [whole[len(context_ids):] for whole in wholes])
 
 
 def _device(model) -> torch.device:
@@ -54,35 +60,12 @@ def score_continuations(
     return score_encoded(model, encoded, batch_size, max_length)
 
 
-@torch.inference_mode()
-def score_encoded(model, encoded: Sequence[EncodedItem], batch_size: int = 8, max_length: int | None = None):
-    max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
-    device = _device(model)
-    results: list[list[float] | None] = [None] * len(encoded)
-    # Longest first, as lm-eval does: similar lengths share a batch (less padding), and an
-    # out-of-memory error shows up on the first batch rather than after an hour. Items whose
-    # contexts start alike (one MMLU subject's description and shots) are kept together first, so
-    # that a batch shares its prefix (see _score_batch); the group holding the longest item comes first.
-    def total_length(index: int) -> int:
-        return len(encoded[index].context) + max(map(len, encoded[index].continuations))
-
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index, item in enumerate(encoded):
-        groups.setdefault(tuple(item.context[:PREFIX_GROUP_TOKENS]), []).append(index)
-    order = [index for members in sorted(groups.values(), key=lambda m: -max(map(total_length, m)))
-             for index in sorted(members, key=lambda index: -total_length(index))]
-    for start in range(0, len(order), batch_size):
-        batch = [encoded[i] for i in order[start : start + batch_size]]
-        for index, scores in zip(order[start : start + batch_size], _score_batch(model, batch, device, max_length),
-                                 strict=True):
-            results[index] = scores
-    return results
-
-
+PAD_ID = 0
+"""Any id does: padded positions are masked out of attention and never read."""
 MIN_SHARED_PREFIX = 16
 """Shorter common prefixes are not worth a separate forward pass."""
 PREFIX_GROUP_TOKENS = 64
-"""Items whose contexts agree on this many first tokens are batched together."""
+"""Items whose contexts agree on this many first tokens are a group that may share a prefix."""
 
 
 def shared_prefix_length(contexts: Sequence[Sequence[int]]) -> int:
@@ -95,62 +78,142 @@ def shared_prefix_length(contexts: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def _score_batch(model, batch: list[EncodedItem], device, max_length: int) -> list[list[float]]:
-    longest_continuation = max(len(c) for item in batch for c in item.continuations)
-    # Left-truncate contexts so context + continuation fits the model, as lm-eval does.
-    contexts = [item.context[-(max_length - longest_continuation + 1):] for item in batch]
-    pad = 0
-    # Few-shot items of one subject share a long prefix (description + solved examples): it runs
-    # once, as one row, and its KV cache is repeated for every row of the batch.
-    shared = shared_prefix_length(contexts) if len(contexts) > 1 else 0
-    past, prefix_mask = None, torch.ones((len(contexts), 0), dtype=torch.long, device=device)
-    if shared >= MIN_SHARED_PREFIX:
-        prefix = model(input_ids=torch.tensor([contexts[0][:shared]], device=device), use_cache=True,
-                       logits_to_keep=1)
-        past = prefix.past_key_values
-        past.batch_select_indices(torch.zeros(len(contexts), dtype=torch.long, device=device))
-        prefix_mask = torch.ones((len(contexts), shared), dtype=torch.long, device=device)
-        contexts = [c[shared:] for c in contexts]
-    else:
-        shared = 0
-    width = max(map(len, contexts))
+@torch.inference_mode()
+def score_encoded(
+    model, encoded: Sequence[EncodedItem], batch_size: int = 8, max_length: int | None = None
+) -> list[list[float]]:
+    """`score_continuations` on already tokenized items."""
+    max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
+    device = _device(model)
+    items = [_left_truncated(item, max_length) for item in encoded]
+    results: list[list[float]] = [[] for _ in items]
+    share_prefixes = _prefix_cache_is_exact(model)
+    for members, shared in _prefix_groups(items, share_prefixes):
+        prefix = _prefix_cache(model, items[members[0]].context[:shared], device) if shared else None
+        for start in range(0, len(members), batch_size):
+            indices = members[start : start + batch_size]
+            batch_scores = _score_batch(model, [items[i] for i in indices], prefix, shared, device)
+            for index, scores in zip(indices, batch_scores, strict=True):
+                results[index] = scores
+    return results
+
+
+def _left_truncated(item: EncodedItem, max_length: int) -> EncodedItem:
+    """The context cut from the left so that context + its longest continuation fits the model, as
+    lm-eval cuts (it cuts per choice; here one cut per item keeps the context shared by its choices,
+    which is the same whenever nothing is cut)."""
+    keep = max(1, max_length - max(map(len, item.continuations)) + 1)
+    return EncodedItem(item.context[-keep:], item.continuations) if len(item.context) > keep else item
+
+
+def _prefix_cache_is_exact(model) -> bool:
+    """A cached prefix equals recomputing it only when every layer attends to the full past; a
+    sliding-window layer (Mistral, Gemma) would drop part of a long prefix."""
+    layers = DynamicCache(config=model.config).layers
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _prefix_groups(items: Sequence[EncodedItem], share_prefixes: bool) -> Iterator[tuple[list[int], int]]:
+    """(item indices longest first, shared prefix length) for each batch group, the group holding the
+    longest item first. Items whose contexts agree on their first PREFIX_GROUP_TOKENS tokens and share at
+    least MIN_SHARED_PREFIX tokens form a group with that prefix; the others are pooled, prefix 0."""
+
+    def total_length(index: int) -> int:
+        return len(items[index].context) + max(map(len, items[index].continuations))
+
+    candidates: dict[tuple[int, ...], list[int]] = {}
+    for index, item in enumerate(items):
+        candidates.setdefault(tuple(item.context[:PREFIX_GROUP_TOKENS]), []).append(index)
+    groups, pooled = [], []
+    for members in candidates.values():
+        shared = shared_prefix_length([items[i].context for i in members]) if len(members) > 1 else 0
+        if share_prefixes and shared >= MIN_SHARED_PREFIX:
+            groups.append((members, shared))
+        else:
+            pooled += members
+    if pooled:
+        groups.append((pooled, 0))
+    groups.sort(key=lambda group: -max(map(total_length, group[0])))
+    for members, shared in groups:
+        yield sorted(members, key=lambda index: -total_length(index)), shared
+
+
+def _prefix_cache(model, prefix: list[int], device) -> DynamicCache:
+    """The KV cache of the shared prefix, one row; only the cache is wanted, so one position's logits."""
+    output = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+    return output.past_key_values
+
+
+def _expanded(prefix: DynamicCache, rows: int) -> DynamicCache:
+    """A new cache holding the one-row prefix for each of `rows` rows: expanded views, copied only when
+    the batch's own keys and values are appended, so the stored prefix is never changed."""
+    return DynamicCache([(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))  # (rows, H, P, D)
+                         for keys, values, _ in prefix])
+
+
+def _score_batch(
+    model, batch: list[EncodedItem], prefix: DynamicCache | None, shared: int, device
+) -> list[list[float]]:
+    """Summed log-probabilities of every choice of every item; the first `shared` context tokens are in
+    `prefix` (a one-row cache), the rest of each context runs here."""
+    suffixes = [item.context[shared:] for item in batch]
+    width = max(map(len, suffixes))
     # Left padding: every context ends at the same column, so its last logits and its KV cache line up.
     # After a shared prefix the padding sits between prefix and suffix, masked out like any padding.
-    input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=device)
-    suffix_mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
-    context_mask = torch.cat([prefix_mask, suffix_mask], dim=1)  # (B, shared + width)
-    position_ids = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-    # Only the last context position's logits are needed: (B, 1, V) instead of (B, T, V), which for a
+    input_ids = torch.tensor([[PAD_ID] * (width - len(s)) + s for s in suffixes], device=device)  # (B, W)
+    suffix_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)  # (B, W)
+    prefix_mask = torch.ones((len(batch), shared), dtype=torch.long, device=device)  # (B, shared)
+    context_mask = torch.cat([prefix_mask, suffix_mask], dim=1)  # (B, shared + W)
+    position_ids = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)  # (B, W)
+    multi_token = any(len(c) > 1 for item in batch for c in item.continuations)
+    past = _expanded(prefix, len(batch)) if prefix is not None else None
+    # Only the last context position's logits are needed: (B, 1, V) instead of (B, W, V), which for a
     # 49k-token vocabulary is most of the memory and much of the time of a long few-shot context.
     output = model(input_ids=input_ids, attention_mask=context_mask, position_ids=position_ids, past_key_values=past,
-                   use_cache=True, logits_to_keep=1)
+                   use_cache=multi_token, logits_to_keep=1)
     first_logprobs = F.log_softmax(output.logits[:, -1, :].float(), dim=-1)  # (B, V)
 
-    scores = [[float(first_logprobs[row, c[0]]) for c in item.continuations] for row, item in enumerate(batch)]
-    if longest_continuation == 1:
-        return scores
-
-    # Continuations longer than one token: tokens 1.. are predicted from the shared context cache,
-    # repeated once per choice (rows = all choices of all items), continuation right-padded.
-    rows = [(row, choice) for row, item in enumerate(batch) for choice in range(len(item.continuations))]
-    cache = output.past_key_values
-    cache.batch_select_indices(torch.tensor([row for row, _ in rows], device=device))
-    fed = [batch[row].continuations[choice][:-1] for row, choice in rows]
-    fed_width = max(1, max(map(len, fed)))
-    fed_ids = torch.tensor([f + [pad] * (fed_width - len(f)) for f in fed], device=device)
-    fed_mask = torch.tensor([[1] * len(f) + [0] * (fed_width - len(f)) for f in fed], device=device)
-    row_index = torch.tensor([row for row, _ in rows], device=device)
-    attention = torch.cat([context_mask[row_index], fed_mask], dim=1)
-    context_lengths = context_mask[row_index].sum(-1, keepdim=True)
-    positions = context_lengths + torch.arange(fed_width, device=device)[None, :]
-    logits = model(input_ids=fed_ids, attention_mask=attention, position_ids=positions, past_key_values=cache).logits
-    logprobs = F.log_softmax(logits.float(), dim=-1)  # (rows, fed_width, V)
-    for flat, (row, choice) in enumerate(rows):
-        targets = batch[row].continuations[choice][1:]
-        if targets:
-            picked = logprobs[flat, torch.arange(len(targets), device=device), torch.tensor(targets, device=device)]
-            scores[row][choice] += float(picked.sum())
+    # Every choice of every item as one flat row: (item row, choice) in item order.
+    choices = [(row, choice) for row, item in enumerate(batch) for choice in range(len(item.continuations))]
+    item_rows = torch.tensor([row for row, _ in choices], device=device)  # (C,)
+    first_tokens = torch.tensor([batch[row].continuations[choice][0] for row, choice in choices], device=device)
+    totals = first_logprobs[item_rows, first_tokens]  # (C,)
+    if multi_token:
+        totals += _continuation_tail_logprobs(model, batch, choices, output.past_key_values, context_mask, device)
+    flat = totals.tolist()  # the batch's one host sync
+    scores, offset = [], 0
+    for item in batch:
+        scores.append(flat[offset : offset + len(item.continuations)])
+        offset += len(item.continuations)
     return scores
+
+
+def _continuation_tail_logprobs(model, batch: list[EncodedItem], choices: list[tuple[int, int]],
+                                cache: DynamicCache, context_mask: torch.Tensor, device) -> torch.Tensor:
+    """Summed log-probabilities of continuation tokens 1.. of every choice (0 for one-token choices): each
+    longer choice is a row over its item's context cache, its continuation right-padded."""
+    longer = [flat for flat, (row, choice) in enumerate(choices) if len(batch[row].continuations[choice]) > 1]
+    continuations = [batch[choices[flat][0]].continuations[choices[flat][1]] for flat in longer]
+    item_rows = torch.tensor([choices[flat][0] for flat in longer], device=device)  # (R,)
+    cache.batch_select_indices(item_rows)
+    fed_width = max(len(c) - 1 for c in continuations)
+    # Token k of a row predicts token k + 1 of its continuation.
+    fed_ids = torch.tensor([c[:-1] + [PAD_ID] * (fed_width - len(c) + 1) for c in continuations], device=device)
+    targets = torch.tensor([c[1:] + [PAD_ID] * (fed_width - len(c) + 1) for c in continuations], device=device)
+    fed_mask = torch.tensor([[1] * (len(c) - 1) + [0] * (fed_width - len(c) + 1) for c in continuations],
+                            device=device)  # (R, F)
+    row_context_mask = context_mask[item_rows]  # (R, shared + W)
+    attention = torch.cat([row_context_mask, fed_mask], dim=1)  # (R, shared + W + F)
+    positions = row_context_mask.sum(-1, keepdim=True) + torch.arange(fed_width, device=device)[None, :]  # (R, F)
+    logits = model(input_ids=fed_ids, attention_mask=attention, position_ids=positions, past_key_values=cache).logits
+    real = fed_mask.bool()  # (R, F)
+    logprobs = F.log_softmax(logits[real].float(), dim=-1)  # (N, V): real continuation positions only
+    picked = logprobs.gather(-1, targets[real][:, None])[:, 0]  # (N,)
+    row_of_position = torch.arange(len(longer), device=device)[:, None].expand_as(real)[real]  # (N,)
+    per_row = torch.zeros(len(longer), dtype=picked.dtype, device=device).index_add_(0, row_of_position, picked)
+    tails = torch.zeros(len(choices), dtype=picked.dtype, device=device)  # (C,)
+    tails[torch.tensor(longer, device=device)] = per_row
+    return tails
 
 
 @torch.inference_mode()
@@ -182,14 +245,18 @@ def document_nll(model, tokenizer, texts: Sequence[str], window: int, stride: in
     for start in range(0, len(order), batch_size):
         chunk = [windows[i] for i in order[start : start + batch_size]]
         width = max(len(ids) for _, ids, _ in chunk)
-        input_ids = torch.tensor([ids + [0] * (width - len(ids)) for _, ids, _ in chunk], device=device)
+        input_ids = torch.tensor([ids + [PAD_ID] * (width - len(ids)) for _, ids, _ in chunk], device=device)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for _, ids, _ in chunk], device=device)
         logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V)
-        for row, (text_index, ids, scored) in enumerate(chunk):
+        window_logprobs = []
+        for row, (_, ids, scored) in enumerate(chunk):
+            # Position p predicts token p + 1: the last `scored` tokens come from positions
+            # len - scored - 1 .. len - 2, the only ones whose float32 log-softmax is taken.
             length = len(ids)
-            logprobs = F.log_softmax(logits[row, : length - 1].float(), dim=-1)  # predicts tokens 1..length-1
-            targets = torch.tensor(ids[1:], device=device)
-            token_logprobs = logprobs.gather(-1, targets[:, None])[:, 0]
-            totals[text_index][0] -= float(token_logprobs[-scored:].sum())
+            logprobs = F.log_softmax(logits[row, length - scored - 1 : length - 1].float(), dim=-1)  # (scored, V)
+            targets = torch.tensor(ids[length - scored :], device=device)  # (scored,)
+            window_logprobs.append(logprobs.gather(-1, targets[:, None]).sum())
+        for (text_index, _, scored), summed in zip(chunk, torch.stack(window_logprobs).tolist(), strict=True):
+            totals[text_index][0] -= summed
             totals[text_index][1] += scored
     return [(nll, count) for nll, count in totals]
