@@ -11,16 +11,18 @@ reaches the threshold.
 
     python bench/dedup.py                                  # dedup quality + speed, then memory
     python bench/dedup.py --per-source 2000 --parts dedup --json out.json
-    python bench/dedup.py --parts memory --memory-sizes 100000,1000000 --dedup-memory-sizes 100000
+    python bench/dedup.py --parts memory --memory-runs per_record:100000,dedup_only:1000000
 
 datasketch "plain": one `MinHash(num_perm)` per document updated with the same shingles, one
 `MinHashLSH(threshold, num_perm)`, `query` then `insert` when nothing is found (a candidate
 counts as a duplicate: datasketch does not verify). Both see the same shingles and num_perm.
 
 Memory: peak RSS of the `tunesmith curate` command on N synthetic unique records, for a
-pipeline of per-record steps (flat in N: one chunk in memory at a time) and the same with
-exact_dedup + near_dedup (grows with the kept records: 16-byte keys and num_perm * 4-byte
-signatures plus band-table entries per kept record, by design).
+pipeline of per-record steps (flat in N: one chunk in memory at a time), the same with
+exact_dedup + near_dedup, and the two dedup steps alone. With dedup, memory grows with the kept
+records by design: per kept record a 16-byte exact key, the num_perm * 4-byte MinHash signature
+(verification needs it) and 12 bytes per LSH band; `--source` names the code to measure (e.g. a
+copy of an older src/) so before/after figures come from the same command.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--planted", type=float, default=0.5, help="share of originals that get 1-3 variants")
     parser.add_argument("--min-words", type=int, default=10, help="originals shorter than this are skipped")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--memory-sizes", default="100000,1000000",
-                        help="synthetic record counts for the peak-RSS runs of the per-record pipeline")
-    parser.add_argument("--dedup-memory-sizes", default="100000,1000000",
-                        help="synthetic record counts for the peak-RSS runs of the pipeline with dedup")
+    parser.add_argument("--memory-runs", default="per_record:100000,per_record:1000000,with_dedup:100000,"
+                        "with_dedup:1000000", help="PIPELINE:RECORDS,... peak-RSS runs (pipelines: "
+                        "per_record, with_dedup, dedup_only)")
+    parser.add_argument("--source", type=Path, help="import tunesmith from this src folder for the memory runs")
     parser.add_argument("--parts", default="dedup,memory", help="what to run: dedup (quality, speed), memory")
     parser.add_argument("--workdir", type=Path, help="where synthetic inputs go (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -266,10 +268,11 @@ def write_synthetic(path: Path, count: int, seed: int) -> None:
 MEMORY_PIPELINES = {
     "per_record": ["normalise", "schema", {"name": "length", "min_words": 3}, "pii"],
     "with_dedup": ["normalise", "schema", {"name": "length", "min_words": 3}, "pii", "exact_dedup", "near_dedup"],
+    "dedup_only": ["exact_dedup", "near_dedup"],
 }
 
 
-def peak_rss(workdir: Path, count: int, pipeline: str, seed: int) -> dict:
+def peak_rss(workdir: Path, count: int, pipeline: str, seed: int, source: Path | None = None) -> dict:
     import yaml
 
     data = workdir / f"synthetic-{count}.jsonl"
@@ -283,13 +286,16 @@ def peak_rss(workdir: Path, count: int, pipeline: str, seed: int) -> dict:
     wrapper = ("import resource, subprocess, sys\n"
                "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)")
+    environment = {**os.environ, "PYTHONPATH": str(source.resolve())} if source else None
     started = time.perf_counter()
-    output = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, check=True)
+    output = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, check=True,
+                            env=environment)
     seconds = time.perf_counter() - started
     kilobytes, code = map(int, output.stdout.split())
     if code != 0:
         raise SystemExit(f"tunesmith curate failed on {count} records ({pipeline}): exit {code}")
-    return {"pipeline": pipeline, "records": count, "peak_rss_mb": round(kilobytes / 1024, 1),
+    return {"pipeline": pipeline, "records": count, "code": str(source or "installed tunesmith"),
+            "peak_rss_mb": round(kilobytes / 1024, 1),
             "seconds": round(seconds, 1), "records_per_s": round(count / seconds, 1)}
 
 
@@ -343,15 +349,25 @@ def dedup_quality_and_speed(args: argparse.Namespace) -> dict:
             "speedup": round(speedup, 2)}
 
 
+def memory_runs(text: str) -> list[tuple[int, str]]:
+    """`PIPELINE:RECORDS,...` as (records, pipeline) pairs, smallest first."""
+    runs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        pipeline, _, count = item.partition(":")
+        if pipeline not in MEMORY_PIPELINES or not count.isdigit():
+            raise SystemExit(f"--memory-runs: {item!r} is not PIPELINE:RECORDS with PIPELINE one of "
+                             f"{', '.join(MEMORY_PIPELINES)}")
+        runs.append((int(count), pipeline))
+    return sorted(runs)
+
+
 def memory(args: argparse.Namespace) -> list[dict]:
     rows = []
-    runs = [(int(size), "per_record") for size in args.memory_sizes.split(",") if size.strip()]
-    runs += [(int(size), "with_dedup") for size in args.dedup_memory_sizes.split(",") if size.strip()]
     with tempfile.TemporaryDirectory() as scratch:
         workdir = args.workdir or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
-        for count, pipeline in sorted(runs):
-            row = peak_rss(workdir, count, pipeline, args.seed)
+        for count, pipeline in memory_runs(args.memory_runs):
+            row = peak_rss(workdir, count, pipeline, args.seed, args.source)
             rows.append(row)
             print(f"memory: {pipeline:>10} {count:>9,} records: peak RSS {row['peak_rss_mb']:,.0f} MB, "
                   f"{row['records_per_s']:,.0f} records/s", flush=True)

@@ -46,6 +46,14 @@ class Registry(Generic[T]):
                 f"{where}unknown {self.kind} {name!r}{closest(name, self._entries)}; known: {known}"
             ) from None
 
+    def known(self, name: str) -> str:
+        """`name` when registered, else ValueError naming the closest entry (for pydantic validators,
+        which prefix the config key)."""
+        if name not in self._entries:
+            known = ", ".join(self._entries)
+            raise ValueError(f"unknown {self.kind} {name!r}{closest(name, self._entries)}; known: {known}")
+        return name
+
     def names(self) -> list[str]:
         return list(self._entries)
 

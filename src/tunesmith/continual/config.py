@@ -9,7 +9,6 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from tunesmith.continual.penalties import REGULARIZERS
-from tunesmith.registry import closest
 from tunesmith.settings import Section
 
 
@@ -40,10 +39,7 @@ class RegularizerConfig(Section):
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
-        if name not in REGULARIZERS:
-            known = ", ".join(REGULARIZERS.names())
-            raise ValueError(f"unknown regularizer {name!r}{closest(name, REGULARIZERS.names())}; known: {known}")
-        return name
+        return REGULARIZERS.known(name)
 
 
 class ContinualConfig(Section):

@@ -5,6 +5,7 @@ Importing this package registers every built-in step (one module per family of s
 
 # noqa below: importing the modules registers the steps.
 from tunesmith.curate import (  # noqa: F401
+    augment,
     balance,
     decontam,
     dedup,

@@ -3,7 +3,9 @@
 A step is built once from its typed settings and then sees the records chunk by chunk, in input
 order. `process` returns the records it keeps (possibly edited), the ones it removes (as `Reject`s
 with a reason and evidence) and counters for the report; every record it was given must come back
-in exactly one of the two lists, which the pipeline checks, so input = kept + rejected holds.
+in exactly one of the two lists, which the pipeline checks, so input = kept + rejected holds. A
+step that creates records (augment) puts them among the kept and says how many in `added`: then
+input + added = kept + rejected.
 
 A step registered with `parallel=True` judges each record on its own, so the pipeline may split a
 chunk across worker processes. Steps with state across records (dedup, scans) run in the main
@@ -34,6 +36,7 @@ class StepOutput:
     kept: list[Record]
     rejected: list[Reject] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+    added: int = 0  # records among `kept` that the step created
 
 
 @dataclass

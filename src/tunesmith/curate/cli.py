@@ -19,17 +19,21 @@ def curate_command(
     ],
     output: Annotated[Path, typer.Option("--output", help="Folder for kept.jsonl, rejected.jsonl and the reports.")],
     workers: Annotated[int | None, typer.Option(min=1, help="Processes for record-by-record steps.")] = None,
-    engine: Annotated[str | None, typer.Option(help="local (default) or ray.")] = None,
+    engine: Annotated[str | None, typer.Option(help="local (default) or ray (Ray Data).")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="Ray cluster for --engine ray (e.g. ray://head:10001, auto).")
+    ] = None,
 ) -> None:
     """Clean, filter, deduplicate and decontaminate data; every removed record is kept with its reason."""
     from rich.console import Console
 
     from tunesmith.curate import curate, load_curate_config
 
-    settings = load_curate_config(config, workers=workers, engine=engine)
+    settings = load_curate_config(config, workers=workers, engine=engine, ray_address=ray_address)
     result = curate(settings, inputs, output)
     console = Console()
     for row in result.report["funnel"]:
-        console.print(f"{row['step']:>18}: {row['in']:>9,} in  {row['out']:>9,} out")
+        added = f"  ({row['added']:,} added)" if row["added"] else ""
+        console.print(f"{row['step']:>18}: {row['in']:>9,} in  {row['out']:>9,} out{added}")
     console.print(f"{result.records_in:,} records: {result.kept:,} kept, {result.rejected:,} rejected "
                   f"({result.report['seconds']:.1f} s); report: {output / 'report.html'}")

@@ -22,7 +22,13 @@ class CurateConfig(Section):
     header: Literal["auto", "yes", "no"] = Field("auto", description="Whether CSV/TSV inputs start with a header row.")
     chunk_size: int = Field(1000, ge=1, description="Records read and passed through the steps at a time.")
     workers: int = Field(1, ge=1, description="Processes for the record-by-record steps (the CLI's --workers).")
-    engine: Literal["local", "ray"] = Field("local", description="Where the steps run (the CLI's --engine).")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="Where the steps run: local processes, or Ray Data (ray); the CLI's --engine."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster for engine: ray (e.g. ray://head:10001, or auto); unset: a local Ray with "
+        "`workers` CPUs (the CLI's --ray-address)."
+    )
     max_record_bytes: int = Field(10_000_000, ge=1, description="JSONL lines longer than this are rejected unread.")
     examples: int = Field(3, ge=0, description="Examples per removal reason and per cluster in the report.")
     seed: int = Field(0, description="Seed for sampling steps.")

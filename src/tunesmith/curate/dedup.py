@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from tunesmith.curate.base import StepContext, StepOutput, StepSettings, register_step
@@ -143,21 +144,41 @@ class NearDedup:
             keys = self.reference.band_keys(signatures)
             for (source, _), signature, band_keys in zip(batch, signatures, keys, strict=True):
                 self.reference.add(signature, band_keys, source)
+            self.reference.seal()
 
     def process(self, records: list[Record]) -> StepOutput:
         output = StepOutput(kept=[])
-        signatures = self._signatures([record.text(self.settings.part) for record in records])
-        all_keys = self.index.band_keys(signatures)
-        for record, signature, keys in zip(records, signatures, all_keys, strict=True):
-            if self.settings.scope == "file" and record.file != self.file:
+        signatures = self._signatures([record.text(self.settings.part) for record in records])  # (N, K)
+        keys = self.index.band_keys(signatures)  # (N, bands)
+        for start, end in self._segments(records):
+            if self.settings.scope == "file" and records[start].file != self.file:
                 self.index = self._new_index()
-            self.file = record.file
-            match, where = self.reference.query(signature, keys), "reference dataset"
-            index = self.reference
+            self.file = records[start].file
+            self._deduplicate(records[start:end], signatures[start:end], keys[start:end], output)
+        return output
+
+    def _segments(self, records: list[Record]) -> list[tuple[int, int]]:
+        """(start, end) spans looked up together: the whole chunk, or with scope: file each file's run
+        of records (the index starts afresh at each new file)."""
+        if self.settings.scope == "global":
+            return [(0, len(records))]
+        starts = [0] + [i for i in range(1, len(records)) if records[i].file != records[i - 1].file]
+        return list(zip(starts, [*starts[1:], len(records)], strict=True))
+
+    def _deduplicate(self, records: list[Record], signatures: np.ndarray, keys: np.ndarray,
+                     output: StepOutput) -> None:
+        """Records in order against the reference and the index; kept ones join the index."""
+        reference_candidates = self.reference.sealed_candidates(keys)
+        index_candidates = self.index.sealed_candidates(keys)
+        for position, record in enumerate(records):
+            signature, band_keys = signatures[position], keys[position]
+            index, where = self.reference, "reference dataset"
+            match = index.query(signature, band_keys, reference_candidates[position])
             if match is None:
-                match, where, index = self.index.query(signature, keys), "input", self.index
+                index, where = self.index, "input"
+                match = index.query(signature, band_keys, index_candidates[position])
             if match is None:
-                self.index.add(signature, keys, record.source)
+                self.index.add(signature, band_keys, record.source)
                 output.kept.append(record)
                 continue
             original, similarity = index.names[match[0]], match[1]
@@ -168,7 +189,7 @@ class NearDedup:
                  "num_perm": self.num_perm, "bands": self.bands, "rows": self.rows},
                 record, duplicate_of=original, similarity=similarity,
             ))
-        return output
+        self.index.seal()
 
     def summary(self) -> dict:
         sizes = Counter(1 + size for size in self.cluster_sizes.values())

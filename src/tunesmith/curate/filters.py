@@ -29,7 +29,6 @@ C4_POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses
                         "use cookies")
 C4_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 END_PUNCTUATION = (".", "?", "!", '"', "'")
-TERMINAL_PUNCTUATION = (*END_PUNCTUATION, "…", "。", "！", "？", ":", ";")
 
 
 def words_of(text: str) -> list[str]:
@@ -137,8 +136,9 @@ class GopherQuality(RecordFilter):
 def gopher_quality_failure(text: str, s: GopherQualitySettings) -> tuple[str, float, float] | None:
     """The first Gopher quality rule `text` fails as (rule, value, threshold), or None."""
     words = words_of(text)
-    n_words = max(len(words), 1)
     content = [word for word in words if any(char not in _PUNCTUATION for char in word)]
+    # datatrove divides the symbol and alphabetic-word counts by the non-punctuation words too.
+    n_words = max(len(content), 1)
     if s.min_doc_words is not None and len(content) < s.min_doc_words:
         return "min_doc_words", len(content), s.min_doc_words
     if s.max_doc_words is not None and len(content) > s.max_doc_words:
@@ -154,6 +154,7 @@ def gopher_quality_failure(text: str, s: GopherQualitySettings) -> tuple[str, fl
                 return f"max_symbol_word_ratio ({symbol})", count / n_words, s.max_symbol_word_ratio
     lines = text.splitlines() or [""]
     if s.max_bullet_lines_ratio is not None:
+        # Departs from datatrove, which counts only "•": Markdown lists in SFT data use "-".
         ratio = sum(line.lstrip().startswith(("•", "-")) for line in lines) / len(lines)
         if ratio > s.max_bullet_lines_ratio:
             return "max_bullet_lines_ratio", ratio, s.max_bullet_lines_ratio
@@ -166,6 +167,7 @@ def gopher_quality_failure(text: str, s: GopherQualitySettings) -> tuple[str, fl
         if ratio < s.min_alpha_words_ratio:
             return "min_alpha_words_ratio", ratio, s.min_alpha_words_ratio
     if s.min_stop_words is not None:
+        # Departs from datatrove (case-sensitive): "The" at a sentence start is a stop word too.
         count = sum(word.lower() in GOPHER_STOP_WORDS for word in words)
         if count < s.min_stop_words:
             return "min_stop_words", count, s.min_stop_words
@@ -287,11 +289,11 @@ class C4(RecordFilter):
                 lowered = line.lower()
                 if s.lorem_ipsum and "lorem ipsum" in lowered:
                     return reject(record, self.name, "c4 lorem_ipsum: placeholder text", rule="lorem_ipsum")
-                if s.curly_bracket and "{" in line:
-                    return reject(record, self.name, "c4 curly_bracket: '{' in text", rule="curly_bracket")
                 if s.javascript and "javascript" in lowered:
                     self.counts["c4 lines dropped: javascript"] += 1
                     continue
+                if s.curly_bracket and "{" in line:
+                    return reject(record, self.name, "c4 curly_bracket: '{' in text", rule="curly_bracket")
                 if s.policy and any(phrase in lowered for phrase in C4_POLICY_SUBSTRINGS):
                     self.counts["c4 lines dropped: policy"] += 1
                     continue
@@ -312,11 +314,17 @@ class FineWebSettings(StepSettings):
 
     name: Literal["fineweb"] = "fineweb"
     part: Part = Field("all", description="Which texts are judged: all, prompt or response.")
-    line_punct_thr: float | None = Field(0.12, description="Fewest lines ending in terminal punctuation (fraction).")
+    line_punct_thr: float | None = Field(
+        0.12, description="Remove records where at most this fraction of lines ends in . ? ! \" or '."
+    )
     line_punct_exclude_zero: bool = Field(False, description="Do not apply line_punct_thr when no line ends so.")
-    short_line_thr: float | None = Field(0.67, description="Most lines of at most `short_line_length` characters.")
+    short_line_thr: float | None = Field(
+        0.67, description="Remove records where at least this fraction of lines is `short_line_length` or shorter."
+    )
     short_line_length: int = Field(30, description="A line this short or shorter counts as short.")
-    char_duplicates_ratio: float | None = Field(0.01, description="Most characters in duplicated lines.")
+    char_duplicates_ratio: float | None = Field(
+        0.01, description="Remove records with at least this fraction of characters in duplicated lines."
+    )
     new_line_ratio: float | None = Field(0.3, description="Most newlines per word (list-like text).")
 
 
@@ -334,20 +342,24 @@ class FineWeb(RecordFilter):
 
 
 def fineweb_failure(text: str, s: FineWebSettings) -> tuple[str, float, float] | None:
+    """The first FineWeb rule `text` fails as (rule, value, threshold), or None. The comparisons are
+    datatrove's: a record *at* line_punct_thr, short_line_thr or char_duplicates_ratio is removed."""
+    # Departs from datatrove, which also counts blank lines (as short and unpunctuated): SFT records
+    # separate paragraphs with blank lines far more often than web text does.
     lines = [line for line in text.split("\n") if line.strip()]
     if not lines:
         return "empty", 0, 1
     if s.line_punct_thr is not None:
-        ratio = sum(line.endswith(TERMINAL_PUNCTUATION) for line in lines) / len(lines)
-        if ratio < s.line_punct_thr and not (ratio == 0 and s.line_punct_exclude_zero):
+        ratio = sum(line.endswith(END_PUNCTUATION) for line in lines) / len(lines)
+        if ratio <= s.line_punct_thr and not (ratio == 0 and s.line_punct_exclude_zero):
             return "line_punct_ratio", ratio, s.line_punct_thr
     if s.short_line_thr is not None:
         ratio = sum(len(line) <= s.short_line_length for line in lines) / len(lines)
-        if ratio > s.short_line_thr:
+        if ratio >= s.short_line_thr:
             return "short_line_ratio", ratio, s.short_line_thr
     if s.char_duplicates_ratio is not None:
         ratio = _duplicates(lines)[1] / max(len(text.replace("\n", "")), 1)
-        if ratio > s.char_duplicates_ratio:
+        if ratio >= s.char_duplicates_ratio:
             return "char_dup_ratio", ratio, s.char_duplicates_ratio
     if s.new_line_ratio is not None:
         ratio = text.count("\n") / max(len(words_of(text)), 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -112,15 +113,141 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.2, fn_we
     return best
 
 
+_TRAILING_NUMBER = re.compile(r"\d+$")
+
+
+class SourceNames:
+    """The sources ("file:line") of indexed documents, by document id, at 12 bytes each: a source is
+    held as a prefix id and its trailing number ("data.jsonl:" and 41), not as one string per record."""
+
+    def __init__(self):
+        self.prefixes: list[str] = []
+        self.prefix_ids: dict[str, int] = {}
+        self.prefix_of = np.empty(0, dtype=np.uint32)
+        self.number_of = np.empty(0, dtype=np.int64)
+        self.count = 0
+
+    def add(self, source: str) -> int:
+        digits = _TRAILING_NUMBER.search(source)
+        # Only numbers that print back the same ("007" does not) and fit an int64 are split off.
+        if digits and len(digits.group()) < 19 and str(int(digits.group())) == digits.group():
+            prefix, number = source[:digits.start()], int(digits.group())
+        else:
+            prefix, number = source, -1
+        if self.count == len(self.number_of):
+            grown = max(1024, self.count // 2)
+            self.prefix_of = np.concatenate([self.prefix_of, np.empty(grown, dtype=np.uint32)])
+            self.number_of = np.concatenate([self.number_of, np.empty(grown, dtype=np.int64)])
+        self.prefix_of[self.count] = self.prefix_ids.setdefault(prefix, len(self.prefix_ids))
+        if len(self.prefixes) < len(self.prefix_ids):
+            self.prefixes.append(prefix)
+        self.number_of[self.count] = number
+        self.count += 1
+        return self.count - 1
+
+    def __getitem__(self, doc: int) -> str:
+        number = int(self.number_of[doc])
+        return self.prefixes[self.prefix_of[doc]] + (str(number) if number >= 0 else "")
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class SignatureStore:
+    """(N, K) uint32 signatures in fixed-size blocks: growing never copies, nor holds twice the data."""
+
+    BLOCK_ROWS = 4096
+
+    def __init__(self, num_perm: int):
+        self.num_perm = num_perm
+        self.blocks: list[np.ndarray] = []
+        self.count = 0
+
+    def append(self, signature: np.ndarray) -> None:
+        block, row = divmod(self.count, self.BLOCK_ROWS)
+        if block == len(self.blocks):
+            self.blocks.append(np.empty((self.BLOCK_ROWS, self.num_perm), dtype=np.uint32))
+        self.blocks[block][row] = signature
+        self.count += 1
+
+    def rows(self, docs: np.ndarray) -> np.ndarray:
+        """(len(docs), K) signatures of the given document ids."""
+        if len(self.blocks) == 1:
+            return self.blocks[0][docs]
+        return np.stack([self.blocks[doc // self.BLOCK_ROWS][doc % self.BLOCK_ROWS] for doc in docs.tolist()])
+
+
+_FREED = np.zeros(0, dtype=np.uint64)
+
+
+@dataclass
+class BandRun:
+    """Band keys of a set of documents, each band's keys sorted (with the matching document ids), so a
+    whole chunk's keys are looked up with one `np.searchsorted` per band."""
+
+    keys: list[np.ndarray]  # per band: (M,) uint64, ascending
+    docs: list[np.ndarray]  # per band: (M,) uint32, the document of each key
+
+    @property
+    def size(self) -> int:
+        return len(self.keys[0])
+
+    @classmethod
+    def build(cls, keys: np.ndarray, docs: np.ndarray) -> BandRun:
+        """From (M, bands) keys of documents `docs` (M,)."""
+        orders = [np.argsort(keys[:, band], kind="stable") for band in range(keys.shape[1])]
+        return cls([keys[order, band] for band, order in enumerate(orders)], [docs[order] for order in orders])
+
+    def merge(self, other: BandRun) -> BandRun:
+        """One run holding both, built band by band so the extra memory is one band's worth. Stable
+        sorting two concatenated sorted runs is a linear merge (timsort finds the two runs)."""
+        keys, docs = [], []
+        for band in range(len(self.keys)):
+            joined = np.concatenate([self.keys[band], other.keys[band]])
+            order = np.argsort(joined, kind="stable")
+            keys.append(joined[order])
+            docs.append(np.concatenate([self.docs[band], other.docs[band]])[order])
+            # Both inputs are dropped after the merge: free each band as soon as it is merged.
+            self.keys[band] = self.docs[band] = other.keys[band] = other.docs[band] = _FREED
+        return BandRun(keys, docs)
+
+    def lookup(self, keys: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every (query row, document) pair sharing a band key, for (N, bands) query keys."""
+        rows, docs = [], []
+        for band, (column, owners) in enumerate(zip(self.keys, self.docs, strict=True)):
+            low = np.searchsorted(column, keys[:, band], "left")
+            counts = np.searchsorted(column, keys[:, band], "right") - low  # documents holding each key
+            hit = np.flatnonzero(counts)
+            if hit.size:
+                counts = counts[hit]
+                # Positions low[h], ..., low[h] + counts[h] - 1 for every hit h, as one flat range.
+                offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+                rows.append(np.repeat(hit, counts))
+                docs.append(owners[np.repeat(low[hit], counts) + offsets])
+        return rows, docs
+
+
+_NO_CANDIDATES = np.zeros(0, dtype=np.int64)
+
+
 class LSHIndex:
     """Band tables over kept documents' signatures; `query` returns the most similar indexed document
-    whose estimated Jaccard reaches the threshold (the earliest on ties)."""
+    whose estimated Jaccard reaches the threshold (the earliest on ties).
+
+    Memory per indexed document: its signature (K * 4 bytes), 12 bytes per band and its source in 12
+    bytes. Band keys live in sorted numpy runs (an LSM layout: a chunk's new documents become a run,
+    runs of similar size merge, so there are O(log N) runs), looked up for a whole chunk at once by
+    `sealed_candidates`. Documents added within the current chunk sit in small dicts until `seal`.
+    """
 
     def __init__(self, threshold: float, num_perm: int, bands: int, rows: int):
         self.threshold, self.bands, self.rows = threshold, bands, rows
-        self.tables: list[dict[int, int | list[int]]] = [{} for _ in range(bands)]
-        self.signatures = np.empty((1024, num_perm), dtype=np.uint32)
-        self.names: list[str] = []
+        self.signatures = SignatureStore(num_perm)
+        self.names = SourceNames()
+        self.runs: list[BandRun] = []
+        self.open_tables: list[dict[int, int | list[int]]] = [{} for _ in range(bands)]
+        self.open_keys: list[np.ndarray] = []
+        self.open_docs: list[int] = []
         self._mix = np.random.RandomState(7).randint(1, 1 << 62, rows, dtype=np.uint64) | np.uint64(1)
 
     def band_keys(self, signatures: np.ndarray) -> np.ndarray:
@@ -129,28 +256,48 @@ class LSHIndex:
         used = signatures[:, :self.bands * self.rows].reshape(len(signatures), self.bands, self.rows)
         return (used.astype(np.uint64) * self._mix).sum(axis=2, dtype=np.uint64)  # (N, bands), wraps
 
-    def query(self, signature: np.ndarray, keys: np.ndarray) -> tuple[int, float] | None:
-        if not self.names:
+    def sealed_candidates(self, keys: np.ndarray) -> list[np.ndarray]:
+        """For (N, bands) query keys, each row's sorted ids of sealed documents sharing a band key."""
+        rows, docs = [], []
+        for run in self.runs:
+            run_rows, run_docs = run.lookup(keys)
+            rows += run_rows
+            docs += run_docs
+        if not rows:
+            return [_NO_CANDIDATES] * len(keys)
+        rows, docs = np.concatenate(rows), np.concatenate(docs).astype(np.int64)
+        order = np.lexsort((docs, rows))
+        rows, docs = rows[order], docs[order]
+        distinct = np.ones(len(rows), dtype=bool)
+        distinct[1:] = (rows[1:] != rows[:-1]) | (docs[1:] != docs[:-1])
+        rows, docs = rows[distinct], docs[distinct]
+        return np.split(docs, np.searchsorted(rows, np.arange(1, len(keys))))
+
+    def query(self, signature: np.ndarray, keys: np.ndarray, sealed: np.ndarray) -> tuple[int, float] | None:
+        """Best match among `sealed` (this row of `sealed_candidates`) and the documents added since
+        the last `seal` that share a band key with `keys` (bands,)."""
+        ids = sealed
+        if self.open_docs:
+            recent: set[int] = set()
+            for table, key in zip(self.open_tables, keys.tolist(), strict=True):
+                found = table.get(key)
+                if found is not None:
+                    recent.update(found) if isinstance(found, list) else recent.add(found)
+            if recent:
+                # Open documents were added after every sealed one: their ids are larger.
+                ids = np.concatenate([sealed, np.array(sorted(recent), dtype=np.int64)])
+        if not len(ids):
             return None
-        candidates: set[int] = set()
-        for table, key in zip(self.tables, keys.tolist(), strict=True):
-            found = table.get(key)
-            if found is not None:
-                candidates.update(found) if isinstance(found, list) else candidates.add(found)
-        if not candidates:
-            return None
-        ids = np.array(sorted(candidates))
-        similarity = (self.signatures[ids] == signature).mean(axis=1)
+        similarity = (self.signatures.rows(ids) == signature).mean(axis=1)
         best = int(np.argmax(similarity))  # argmax takes the first maximum: the earliest document
         return (int(ids[best]), float(similarity[best])) if similarity[best] >= self.threshold else None
 
     def add(self, signature: np.ndarray, keys: np.ndarray, name: str) -> int:
-        doc = len(self.names)
-        if doc == len(self.signatures):
-            self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures)])
-        self.signatures[doc] = signature
-        self.names.append(name)
-        for table, key in zip(self.tables, keys.tolist(), strict=True):
+        doc = self.names.add(name)
+        self.signatures.append(signature)
+        self.open_keys.append(keys)
+        self.open_docs.append(doc)
+        for table, key in zip(self.open_tables, keys.tolist(), strict=True):
             # Most buckets hold one document: a bare int saves a list per entry.
             found = table.get(key)
             if found is None:
@@ -160,3 +307,15 @@ class LSHIndex:
             else:
                 table[key] = [found, doc]
         return doc
+
+    def seal(self) -> None:
+        """Move the documents added since the last seal into a sorted run; merge runs while the
+        newest is at least half the size of the one before (so sizes at least double down the list)."""
+        if not self.open_docs:
+            return
+        self.runs.append(BandRun.build(np.stack(self.open_keys), np.array(self.open_docs, dtype=np.uint32)))
+        self.open_tables = [{} for _ in range(self.bands)]
+        self.open_keys, self.open_docs = [], []
+        while len(self.runs) > 1 and 2 * self.runs[-1].size >= self.runs[-2].size:
+            newest = self.runs.pop()
+            self.runs[-1] = self.runs[-1].merge(newest)

@@ -37,7 +37,7 @@ class ReportBuilder:
         self.examples: dict[str, list[dict]] = {}
         self.clusters: dict[str, list[str]] = {}
         self.cluster_sizes: Counter = Counter()
-        self.kept = self.rejected = 0
+        self.kept = self.rejected = self.kept_augmented = 0
 
     def _observe(self, records: list[Record], when: str) -> None:
         lengths = [len(record.text()) for record in records]
@@ -50,6 +50,7 @@ class ReportBuilder:
     def observe_output(self, kept: list[Record], rejected: list[Reject]) -> None:
         self._observe(kept, "after")
         self.kept += len(kept)
+        self.kept_augmented += sum(isinstance(record.fields.get("augmented"), dict) for record in kept)
         self.rejected += len(rejected)
         for item in rejected:
             key = f"{item.step}: {item.reason.split(':')[0]}"
@@ -66,14 +67,18 @@ class ReportBuilder:
                         members.append(_snippet(item.record.text()))
 
     def write(self, output_dir: Path, read_stats, stats, summaries: dict, seconds: float) -> dict:
+        # A step's "added" records (augmentation) are counted apart: removed = in + added - out.
         funnel = [{"step": "read", "in": read_stats.records_in, "out": read_stats.records_out,
-                   "removed": read_stats.records_in - read_stats.records_out}]
+                   "removed": read_stats.records_in - read_stats.records_out, "added": 0}]
         funnel += [{"step": stat.name, "in": stat.records_in, "out": stat.records_out,
-                    "removed": stat.records_in - stat.records_out, "seconds": round(stat.seconds, 3)} for stat in stats]
+                    "removed": stat.records_in + stat.added - stat.records_out, "added": stat.added,
+                    "seconds": round(stat.seconds, 3)} for stat in stats]
         biggest = self.cluster_sizes.most_common(20)
         report = {
             "records_in": read_stats.records_in,
+            "added": sum(stat.added for stat in stats),
             "kept": self.kept,
+            "kept_augmented": self.kept_augmented,
             "rejected": self.rejected,
             "seconds": round(seconds, 3),
             "records_per_s": round(read_stats.records_in / seconds, 1) if seconds else None,
@@ -101,13 +106,16 @@ def render_html(report: dict) -> Report:
     import matplotlib.pyplot as plt
 
     page = Report("tunesmith curate")
-    page.headline({"records in": report["records_in"], "kept": report["kept"], "rejected": report["rejected"],
-                   "records/s": report["records_per_s"] or 0.0})
+    headline = {"records in": report["records_in"], "kept": report["kept"], "rejected": report["rejected"],
+                "records/s": report["records_per_s"] or 0.0}
+    if report["added"]:
+        headline |= {"augmented added": report["added"], "augmented kept": report["kept_augmented"]}
+    page.headline(headline)
     for warning in report["steps"].get("balance", {}).get("warnings", []):
         page.warning(warning)
     page.heading("Funnel: records in and out of each step", element_id="funnel")
-    page.table([(row["step"], row["in"], row["out"], row["removed"]) for row in report["funnel"]],
-               ["step", "in", "out", "removed"], element_id="funnel-table")
+    page.table([(row["step"], row["in"], row["out"], row["removed"], row["added"]) for row in report["funnel"]],
+               ["step", "in", "out", "removed", "added (augmented)"], element_id="funnel-table")
     figure, axis = plt.subplots(figsize=(8, 0.4 * len(report["funnel"]) + 1))
     names = [row["step"] for row in report["funnel"]][::-1]
     axis.barh(names, [row["out"] for row in report["funnel"]][::-1], color="#4c72b0")

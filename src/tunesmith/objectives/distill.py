@@ -59,7 +59,7 @@ from tunesmith.filelock import file_lock
 from tunesmith.files import write_file_atomically
 from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings, ObjectiveSpec, register
 from tunesmith.objectives.causal_lm import _language_model, loss_position_logits
-from tunesmith.registry import Registry, closest
+from tunesmith.registry import Registry
 
 # --- divergences -----------------------------------------------------------------------------------------
 
@@ -138,10 +138,7 @@ class DistillSettings(ObjectiveSettings):
     @field_validator("divergence")
     @classmethod
     def _known_divergence(cls, name: str) -> str:
-        if name not in DIVERGENCES:
-            known = ", ".join(DIVERGENCES.names())
-            raise ValueError(f"unknown divergence {name!r}{closest(name, DIVERGENCES.names())}; known: {known}")
-        return name
+        return DIVERGENCES.known(name)
 
     @field_validator("teacher")
     @classmethod
