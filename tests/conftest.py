@@ -91,6 +91,22 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tiny_llama_dir):
+    """The tiny Llama with every weight perturbed: same tokenizer, clearly different distributions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * (parameter.std() + 0.02))
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """A 2-layer, hidden-64 BERT encoder (no head: the classify task creates one) with the tiny tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertModel

@@ -20,22 +20,6 @@ from tunesmith.training import train
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tiny_llama_dir):
-    """The tiny Llama with every weight perturbed: same tokenizer, clearly different distributions."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * (parameter.std() + 0.02))
-    folder = tmp_path_factory.mktemp("tiny_teacher")
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def foreign_teacher_dir(tmp_path_factory, tiny_llama_dir):
     """A teacher whose tokenizer has one more token (and one more embedding row)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
