@@ -13,8 +13,12 @@ its own subprocess so peak memory (RSS on CPU, max allocated on CUDA) is its own
 
 Figures: pairs/s (pairs trained over the summed optimiser-step time; tunesmith's step time includes
 collation, trl's starts after its batches are collated), peak memory, and per step the loss, reward
-accuracy and reward margin; then the ratios tunesmith / trl. The script exits 1 when the step-1 losses
-differ from ln 2 or the mean losses differ by more than --loss-tolerance (relative).
+accuracy and reward margin; then the ratios tunesmith / trl. On CPU, peak memory is peak RSS, which
+also counts what glibc's heap keeps after tensors are freed (its mmap threshold grows to 32 MB after the
+first large free, so later activations stay in a fragmenting heap); `MALLOC_MMAP_THRESHOLD_=1048576`
+in the environment (both workers inherit it) makes RSS follow the tensors the tools hold. The script
+exits 1 when the step-1 losses differ from ln 2 or the mean losses differ by more than --loss-tolerance
+(relative).
 
 Requires trl (`pip install trl`).
 """

@@ -4,6 +4,7 @@ the parameters the method makes trainable, use the base as the LoRA reference, a
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -180,3 +181,19 @@ def test_reference_cached_in_one_pass_equals_the_live_reference(task, method, ti
             torch.testing.assert_close(from_cache[name], live[name], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(objective.loss(policy, from_cache, settings).loss_sum,
                                    objective.loss(policy, live, settings).loss_sum, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_cache_reference_trains_from_the_stored_reference(task, tiny_llama_dir, pairs_file, tmp_path):
+    """train.cache_reference with full fine-tuning: the reference log-probs are stored in one pass (no frozen
+    copy), so step 1, where policy == reference, has DPO's ln 2 loss, and the preference is still learned."""
+    config = run_config(
+        tiny_llama_dir, pairs_file, tmp_path / "run", task=task, method={"name": "full"},
+        data={"eval": str(pairs_file)},
+        train={"max_steps": 6, "batch_size": 8, "lr": 5e-3, "scheduler": "constant", "cache_reference": True},
+    )
+    result = train(config)
+    step_rows = [row for row in metric_rows(result.run_dir) if "loss" in row]
+    if task == "dpo":
+        assert step_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert result.summary["eval"]["reward_accuracy"] > 0.9, result.summary["eval"]

@@ -13,7 +13,7 @@ Canonical records, whatever the file looked like (`data.columns` renames fields 
 - `unpaired` -> {"prompt": [...], "completion": [assistant messages], "label": bool}
   from `messages` (or `conversations`) whose last assistant turn is the response + a boolean `label`
   (kto_en_demo.json), or `prompt` / `completion` + `label`.
-- `prompt` -> {"prompt": [...], "answer": str | None} for online RL (grpo): `prompt` / `question` /
+- `prompt` -> {"prompt": [...], "answer": str | None} for online RL (grpo, ppo): `prompt` / `question` /
   `instruction` (a string or messages) or `messages` without a final reply, with an optional
   reference `answer` / `solution` for reward functions.
 
@@ -50,6 +50,7 @@ PREFERENCE_TASK_FORMATS: dict[str, tuple[str, ...]] = {
     # KTO learns from unpaired labels; a pair gives one desirable and one undesirable example (trl does the same).
     "kto": ("unpaired", "preference"),
     "grpo": ("prompt",),
+    "ppo": ("prompt",),
 }
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")

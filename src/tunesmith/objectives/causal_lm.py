@@ -92,18 +92,19 @@ def chunked_cross_entropy_sum(
     Each chunk's logits are recomputed in the backward pass (activation checkpointing of the
     head + loss), trading one extra head matmul for never materialising (N, V) in float32.
     """
-    if chunk_tokens is None or hidden.shape[0] <= chunk_tokens or not torch.is_grad_enabled():
+    if chunk_tokens is None or hidden.shape[0] <= chunk_tokens:
         return _chunk_cross_entropy_sum(hidden, targets, head, weights)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
-        total = total + checkpoint(
-            _chunk_cross_entropy_sum,
+        piece = (
             hidden[start : start + chunk_tokens],  # (C, H)
             targets[start : start + chunk_tokens],  # (C,)
             head,
             None if weights is None else weights[start : start + chunk_tokens],  # (C,)
-            use_reentrant=False,
         )
+        # Without gradients (evaluation, reference passes) there is nothing to recompute: just bound the chunk.
+        total = total + (checkpoint(_chunk_cross_entropy_sum, *piece, use_reentrant=False)
+                         if torch.is_grad_enabled() else _chunk_cross_entropy_sum(*piece))
     return total
 
 

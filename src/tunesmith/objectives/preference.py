@@ -23,8 +23,13 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
 from tunesmith.data.collate import IGNORE_INDEX, shift_labels
-from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, register
-from tunesmith.objectives.causal_lm import loss_position_logits
+from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings, ObjectiveSpec, register
+from tunesmith.objectives.causal_lm import (
+    _can_skip_unused_logits,
+    chunked_cross_entropy_sum,
+    loss_position_hidden,
+    loss_position_logits,
+)
 from tunesmith.registry import Registry, closest
 
 # --- batches --------------------------------------------------------------------------------------------
@@ -77,23 +82,39 @@ def collate_unpaired(examples: list[dict], pad_id: int) -> dict:
 # --- log-probabilities of responses ------------------------------------------------------------------------
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model: torch.nn.Module, batch: dict, chunk_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log pi(y|x) over each row's response tokens (R,) in float32, and the response lengths (R,).
 
-    Logits come from sft's `loss_position_logits`, at target positions only: the (R, T, V) logits
-    tensor is the largest activation of a small model and most positions are prompt.
+    Only response positions reach the output head: the (R, T, V) logits are the largest activation of
+    a small model and most positions are prompt. Each row's sum is sft's `chunked_cross_entropy_sum`
+    over that row's positions, so with `chunk_tokens` the head and its log-softmax run on at most
+    chunk_tokens positions at a time and are recomputed in the backward pass: the (N, V) float32
+    logits of all chosen and rejected responses never exist at once (a row no longer than
+    chunk_tokens is one piece). Without gradients the rows are still computed one at a time.
     """
-    has_target = batch["targets"] != IGNORE_INDEX  # (R, T)
-    logits, targets = loss_position_logits(model, batch)  # (N, V), (N,)
-    token_logps = -F.cross_entropy(logits, targets, reduction="none")  # (N,)
-    rows = has_target.nonzero()[:, 0]  # (N,) the row of each target token
-    logps = torch.zeros(has_target.shape[0], device=token_logps.device).index_add(0, rows, token_logps)  # (R,)
-    return logps, has_target.sum(-1).float()
+    targets = batch["targets"]  # (R, T)
+    has_target = targets != IGNORE_INDEX  # (R, T)
+    lengths = has_target.sum(-1)  # (R,)
+    if not _can_skip_unused_logits(model):  # prompt learning, soft-capped heads: the full forward
+        logits, flat_targets = loss_position_logits(model, batch)  # (N, V), (N,)
+        token_logps = -F.cross_entropy(logits, flat_targets, reduction="none")  # (N,)
+        rows = has_target.nonzero()[:, 0]  # (N,) the row of each target token
+        logps = torch.zeros(len(lengths), device=token_logps.device).index_add(0, rows, token_logps)  # (R,)
+        return logps, lengths.float()
+    hidden, head = loss_position_hidden(model, batch)  # (N, H), row after row
+    row_sizes = lengths.tolist()
+    logps = torch.stack([
+        -chunked_cross_entropy_sum(row_hidden, head, row_targets, chunk_tokens)
+        for row_hidden, row_targets in zip(hidden.split(row_sizes), targets[has_target].split(row_sizes), strict=True)
+    ])  # (R,)
+    return logps, lengths.float()
 
 
-def pair_logps(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+def pair_logps(model: torch.nn.Module, batch: dict, chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
     """policy_chosen_logps, policy_rejected_logps (B,) and the response lengths of both sides (B,)."""
-    logps, lengths = sequence_logps(model, batch)
+    logps, lengths = sequence_logps(model, batch, chunk_tokens)
     chosen_logps, rejected_logps = logps.chunk(2)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
     return {
@@ -105,7 +126,8 @@ def pair_logps(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def reference_pair_logps(reference_model: torch.nn.Module, batch: dict, settings) -> dict[str, torch.Tensor]:
-    """The loop runs this on the reference (adapters disabled, or a frozen copy) without gradients."""
+    """The loop runs this on the reference (adapters disabled, or a frozen copy) without gradients, so no
+    logits are kept for a backward pass and `loss_chunk_tokens` does not apply."""
     logps, _ = sequence_logps(reference_model, batch)
     chosen, rejected = logps.chunk(2)
     return {"reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
@@ -162,6 +184,18 @@ def cache_reference_outputs(
                         example[key] = value
     finally:
         reference_model.train(was_training)
+
+
+def reference_cache_hook(task: str) -> Callable[[torch.nn.Module, list[dict], ReferenceSettings], None]:
+    """The `cache_reference` hook of `task` (the loop's `train.cache_reference`): `cache_reference_outputs`
+    on the reference's device. Padding is masked out of every log-prob, so any valid token id pads (0)."""
+
+    def cache(reference_model: torch.nn.Module, examples: list[dict], settings: ReferenceSettings) -> None:
+        device = next(reference_model.parameters()).device
+        cache_reference_outputs(OBJECTIVES.get(task), reference_model, examples, settings, pad_id=0,
+                                batch_size=settings.reference_batch_size, device=device)
+
+    return cache
 
 
 # --- the pairwise losses ------------------------------------------------------------------------------------
@@ -271,7 +305,27 @@ def orpo_loss(logps: dict[str, torch.Tensor], settings) -> PairLoss:
 # --- settings -------------------------------------------------------------------------------------------------
 
 
-class DPOSettings(ObjectiveSettings):
+class ResponseLogpSettings(ObjectiveSettings):
+    """What every objective that scores responses by log pi(y|x) shares."""
+
+    loss_chunk_tokens: int | None = Field(
+        128,
+        ge=1,
+        description="Run the output head over chunks of this many response positions of a row, recomputing "
+        "their logits in the backward pass, so the (N, V) float32 logits never exist at once (exact). "
+        "null: all positions of a row in one piece.",
+    )
+
+
+class ReferenceSettings(ResponseLogpSettings):
+    """Objectives whose reference is per example (dpo, kto), so `train.cache_reference` can store it."""
+
+    reference_batch_size: int = Field(
+        8, ge=1, description="train.cache_reference: examples per reference forward in the one pass before training."
+    )
+
+
+class DPOSettings(ReferenceSettings):
     beta: float = Field(0.1, gt=0, description="KL strength beta (Rafailov et al. 2023 use 0.1); tau for ipo.")
     loss: str = Field("sigmoid", description="Loss variant: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO).")
     label_smoothing: float = Field(
@@ -293,16 +347,16 @@ class DPOSettings(ObjectiveSettings):
         return self
 
 
-class SimPOSettings(ObjectiveSettings):
+class SimPOSettings(ResponseLogpSettings):
     beta: float = Field(2.0, gt=0, description="Reward scale beta (SimPO paper: 2.0 to 2.5).")
     gamma: float = Field(1.0, ge=0, description="Target reward margin gamma (paper: gamma / beta about 0.5).")
 
 
-class ORPOSettings(ObjectiveSettings):
+class ORPOSettings(ResponseLogpSettings):
     beta: float = Field(0.1, gt=0, description="Weight lambda of the odds-ratio term (ORPO paper: 0.1).")
 
 
-class KTOSettings(ObjectiveSettings):
+class KTOSettings(ReferenceSettings):
     beta: float = Field(0.1, gt=0, description="Risk aversion beta (KTO paper: 0.1).")
     desirable_weight: float = Field(1.0, gt=0, description="lambda_D, weight of desirable examples.")
     undesirable_weight: float = Field(1.0, gt=0, description="lambda_U, weight of undesirable examples.")
@@ -328,7 +382,8 @@ def pairwise_objective(loss_function: Callable[[dict, ObjectiveSettings], PairLo
     """(loss, evaluate) of a pairwise objective built on `loss_function(logps, settings)`."""
 
     def loss(model: torch.nn.Module, batch: dict, settings) -> LossOutput:
-        logps = {**pair_logps(model, batch), **{key: value for key, value in batch.items() if "reference_" in key}}
+        references = {key: value for key, value in batch.items() if "reference_" in key}
+        logps = {**pair_logps(model, batch, settings.loss_chunk_tokens), **references}
         result = loss_function(logps, settings)
         return LossOutput(result.losses.sum(), batch["num_loss_tokens"], _pair_metrics(logps, result))
 
@@ -354,7 +409,7 @@ def dpo_loss_function(logps: dict, settings: DPOSettings) -> PairLoss:
 _dpo_loss, _dpo_evaluate = pairwise_objective(dpo_loss_function)
 register(ObjectiveSpec(
     name="dpo", model_kind="causal_lm", collate=collate_pairs, loss=_dpo_loss, evaluate=_dpo_evaluate,
-    settings=DPOSettings, reference=reference_pair_logps,
+    settings=DPOSettings, reference=reference_pair_logps, cache_reference=reference_cache_hook("dpo"),
 ))
 _simpo_loss, _simpo_evaluate = pairwise_objective(simpo_loss)
 register(ObjectiveSpec(
@@ -397,7 +452,7 @@ def kto_reference_point(policy_logps: torch.Tensor, reference_logps: torch.Tenso
 
 
 def kto_loss(model: torch.nn.Module, batch: dict, settings: KTOSettings) -> LossOutput:
-    policy_logps, _ = sequence_logps(model, batch)  # (B,)
+    policy_logps, _ = sequence_logps(model, batch, settings.loss_chunk_tokens)  # (B,)
     reference = batch["reference_logps"]  # (B,)
     kl = kto_reference_point(policy_logps, reference)
     losses, rewards = kto_losses(policy_logps, reference, batch["desirable"], kl, settings)
@@ -442,5 +497,5 @@ def evaluate_kto(model: torch.nn.Module, batches: Iterable[dict], settings: KTOS
 
 register(ObjectiveSpec(
     name="kto", model_kind="causal_lm", collate=collate_unpaired, loss=kto_loss, evaluate=evaluate_kto,
-    settings=KTOSettings, reference=reference_logps,
+    settings=KTOSettings, reference=reference_logps, cache_reference=reference_cache_hook("kto"),
 ))

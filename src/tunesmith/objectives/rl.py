@@ -1,18 +1,22 @@
-"""grpo: Group Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath", sec. 4.1), inside the one loop.
+"""Online RL inside the one loop: grpo (Shao et al. 2024, "DeepSeekMath", sec. 4.1) and ppo with a value
+head (Schulman et al. 2017; the RL stage of Ouyang et al. 2022, "InstructGPT").
 
-Each micro-batch holds prompts. `loss` samples a group of G completions per prompt from the CURRENT
-policy (batched, with the KV cache), scores them with registered reward functions and/or a reward
-model (a `reward` run), normalises the rewards within each group into advantages, and returns the
-clipped-ratio objective with a KL penalty to the reference (eq. 3, with the k3 KL estimator of eq. 4).
+Each micro-batch holds prompts. `loss` samples completions from the CURRENT policy (batched, with the
+KV cache) and scores them with registered reward functions and/or a reward model (a `reward` run).
+grpo samples a group of G completions per prompt, normalises the rewards within each group into
+advantages, and returns the clipped-ratio objective with a KL penalty to the reference (eq. 3, with
+the k3 KL estimator of eq. 4). ppo puts a per-token KL penalty into the reward, estimates advantages
+with GAE from a scalar value head on the policy's last hidden state, and returns the clipped policy
+loss plus the clipped value loss.
 
-Normalisation: eq. 3 averages tokens within a completion, then completions within a group; the loop
-then divides the summed per-prompt losses by the prompts of the whole step (`num_loss_tokens` counts
-prompts), so accumulation does not change the objective.
+Normalisation: both average tokens within a completion, then completions of a prompt (grpo's eq. 3);
+the loop then divides the summed per-prompt losses by the prompts of the whole step
+(`num_loss_tokens` counts prompts), so accumulation does not change the objective.
 
-Departure from the paper: one policy update per generation (mu = 1, as trl's default), so
-pi_old = pi_theta (detached) and the ratio is 1 at the point where the gradient is taken; the clip
-only matters for mu > 1, which would need the loop to reuse a batch. It is written out so the
-formula reads as in the paper.
+Departure from the papers: one policy update per generation (mu = 1, as trl's grpo default), so
+pi_old = pi_theta (detached) and the ratio is 1 at the point where the gradient is taken; the clips
+only matter for mu > 1, which would need the loop to reuse a batch. They are written out so the
+formulas read as in the papers.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from pathlib import Path
 import torch
 from pydantic import Field, field_validator
 
+from tunesmith.errors import ConfigError
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, register
-from tunesmith.objectives.causal_lm import _language_model
+from tunesmith.objectives.causal_lm import _can_skip_unused_logits, _language_model
 from tunesmith.registry import Registry, closest
 
 # --- reward functions ----------------------------------------------------------------------------------------
@@ -88,19 +93,18 @@ def length_penalty(prompts, completions, answers) -> list[float]:
 # --- settings --------------------------------------------------------------------------------------------------
 
 
-class GRPOSettings(ObjectiveSettings):
-    group_size: int = Field(4, ge=2, description="Completions sampled per prompt (G).")
+class SamplingSettings(ObjectiveSettings):
+    """How completions are sampled and scored: shared by grpo and ppo."""
+
+    group_size: int = Field(4, ge=1, description="Completions sampled per prompt.")
     max_new_tokens: int = Field(128, ge=1, description="Longest completion sampled.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    beta: float = Field(0.04, ge=0, description="KL penalty to the reference (DeepSeekMath: 0.04); 0 skips it.")
-    epsilon: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
     rewards: list[str] = Field(
         default_factory=lambda: ["gsm8k_correctness"], description="Registered reward functions, summed."
     )
     reward_weights: list[float] | None = Field(None, description="Weight of each reward function; default 1 each.")
     reward_run: Path | None = Field(None, description="A `reward` run whose model scores completions (added).")
-    scale_rewards: bool = Field(True, description="Divide advantages by the group's std (paper); off = Dr. GRPO.")
 
     @field_validator("rewards")
     @classmethod
@@ -111,6 +115,33 @@ class GRPOSettings(ObjectiveSettings):
                 raise ValueError(f"unknown reward function {name!r}{closest(name, REWARD_FUNCTIONS.names())}; "
                                  f"known: {known}")
         return names
+
+    @field_validator("reward_weights")
+    @classmethod
+    def _one_weight_per_reward(cls, weights: list[float] | None, info) -> list[float] | None:
+        rewards = info.data.get("rewards")
+        if weights is not None and rewards is not None and len(weights) != len(rewards):
+            raise ValueError(f"{len(weights)} weights for {len(rewards)} rewards ({', '.join(rewards)})")
+        return weights
+
+
+class GRPOSettings(SamplingSettings):
+    group_size: int = Field(4, ge=2, description="Completions sampled per prompt (G).")
+    beta: float = Field(0.04, ge=0, description="KL penalty to the reference (DeepSeekMath: 0.04); 0 skips it.")
+    epsilon: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
+    scale_rewards: bool = Field(True, description="Divide advantages by the group's std (paper); off = Dr. GRPO.")
+
+
+class PPOSettings(SamplingSettings):
+    group_size: int = Field(1, ge=1, description="Completions sampled per prompt (PPO's baseline is the value head).")
+    beta: float = Field(0.02, ge=0, description="Per-token KL penalty to the reference in the reward (InstructGPT: "
+                        "0.02); 0 skips it.")
+    epsilon: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
+    value_epsilon: float = Field(0.2, gt=0, description="Clip range of the value update around the sampled values.")
+    value_coef: float = Field(0.1, ge=0, description="Weight of the value loss in the total loss.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount per token (1: the final reward counts fully).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 0 is one-step TD, 1 is Monte Carlo returns.")
+    whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 over the batch's tokens.")
 
 
 # --- batches ------------------------------------------------------------------------------------------------------
@@ -157,7 +188,7 @@ def _reward_model(run_dir: str):
 
 
 @torch.no_grad()
-def sample_groups(model, batch: dict, settings: GRPOSettings, greedy: bool = False) -> dict:
+def sample_groups(model, batch: dict, settings: SamplingSettings, greedy: bool = False) -> dict:
     """G completions per prompt, batched with the KV cache: sequences (BG, P+C), completion_mask (BG, C)."""
     from tunesmith.inference import stop_token_ids
 
@@ -195,7 +226,9 @@ def sample_groups(model, batch: dict, settings: GRPOSettings, greedy: bool = Fal
     }
 
 
-def score_completions(batch: dict, samples: dict, settings: GRPOSettings) -> tuple[torch.Tensor, dict[str, list]]:
+def score_completions(
+    batch: dict, samples: dict, settings: SamplingSettings
+) -> tuple[torch.Tensor, dict[str, list]]:
     """The total reward of each completion (BG,) and each reward function's values."""
     group = samples["group"]
     prompts = [prompt for prompt in batch["prompts"] for _ in range(group)]
@@ -228,18 +261,26 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> t
     return centred.view(-1)
 
 
+def sequence_inputs(samples: dict) -> dict[str, torch.Tensor]:
+    """Forward inputs of the sampled sequences (BG, P + C); left-padded prompts count positions over real
+    tokens only, as generate() numbered them."""
+    attention_mask = samples["attention_mask"]  # (BG, P + C)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (BG, P + C)
+    return {"input_ids": samples["sequences"], "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def gather_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] (BG, C) in float32, from logits (BG, C, V) and targets (BG, C)."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def completion_logps(model, samples: dict) -> torch.Tensor:
     """log pi(o_t | q, o_<t) of each completion token (BG, C), in float32."""
-    sequences, attention_mask = samples["sequences"], samples["attention_mask"]
     completion_length = samples["completion_mask"].shape[1]
-    # Left-padded prompts: positions count real tokens only, as generate() numbered them.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (BG, P + C)
     logits = model(
-        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-        logits_to_keep=completion_length + 1,
-    ).logits[:, :-1].float()  # (BG, C, V): the position before each completion token predicts it
-    targets = sequences[:, -completion_length:]  # (BG, C)
-    return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        **sequence_inputs(samples), use_cache=False, logits_to_keep=completion_length + 1
+    ).logits[:, :-1]  # (BG, C, V): the position before each completion token predicts it
+    return gather_logps(logits, samples["sequences"][:, -completion_length:])
 
 
 def grpo_token_losses(
@@ -304,7 +345,7 @@ def grpo_loss(model: torch.nn.Module, batch: dict, settings: GRPOSettings) -> Lo
 
 
 @torch.no_grad()
-def evaluate_grpo(model: torch.nn.Module, batches: Iterable[dict], settings: GRPOSettings) -> dict[str, float]:
+def evaluate_rewards(model: torch.nn.Module, batches: Iterable[dict], settings: SamplingSettings) -> dict[str, float]:
     """Mean reward of one greedy completion per eval prompt; eval_loss is its negative."""
     totals: dict[str, float] = {}
     count = 0
@@ -321,6 +362,154 @@ def evaluate_grpo(model: torch.nn.Module, batches: Iterable[dict], settings: GRP
 
 
 register(ObjectiveSpec(
-    name="grpo", model_kind="causal_lm", collate=collate_prompts, loss=grpo_loss, evaluate=evaluate_grpo,
+    name="grpo", model_kind="causal_lm", collate=collate_prompts, loss=grpo_loss, evaluate=evaluate_rewards,
     settings=GRPOSettings, reference=reference_handle,
+))
+
+
+# --- ppo: a value head and GAE -------------------------------------------------------------------------------------
+
+
+def add_value_head(model: torch.nn.Module, settings: PPOSettings) -> None:
+    """`prepare_model` of ppo: a trainable scalar head `model.value_head` on the policy's last hidden state.
+
+    Zero-initialised, so every value starts at 0 (a critic that knows nothing yet) instead of at a random
+    offset that the first advantages would inherit. It trains and checkpoints with the policy but is not
+    exported: peft saves adapter weights only, and a plain transformers model is told to skip its keys
+    (`_keys_to_ignore_on_save`), so the exported policy loads as the same causal LM it started as.
+    """
+    if not _can_skip_unused_logits(model):
+        raise ConfigError("task ppo: the value head reads the policy's last hidden state, which this model or method "
+                          "does not expose (prompt-learning methods, soft-capped heads); use lora or full")
+    language_model = _language_model(model)
+    value_head = torch.nn.Linear(language_model.config.hidden_size, 1)
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    model.value_head = value_head.to(language_model.device)
+    if model is language_model:
+        ignored = set(language_model._keys_to_ignore_on_save or ())
+        language_model._keys_to_ignore_on_save = ignored | {"value_head.weight", "value_head.bias"}
+
+
+def policy_logps_and_values(model, samples: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(o_t | q, o_<t) (BG, C) and V(q, o_<t) (BG, C), in float32, from ONE forward of the policy:
+    the head and the value head both read the last hidden state at the position before each token."""
+    completion_length = samples["completion_mask"].shape[1]
+    language_model = _language_model(model)
+    backbone = getattr(language_model, language_model.base_model_prefix)
+    hidden = backbone(**sequence_inputs(samples), use_cache=False).last_hidden_state  # (BG, P + C, H)
+    hidden = hidden[:, -completion_length - 1:-1]  # (BG, C, H)
+    logits = language_model.get_output_embeddings()(hidden)  # (BG, C, V)
+    logps = gather_logps(logits, samples["sequences"][:, -completion_length:])  # (BG, C)
+    values = model.value_head(hidden).squeeze(-1).float()  # (BG, C)
+    return logps, values
+
+
+def kl_penalised_rewards(
+    rewards: torch.Tensor, logps: torch.Tensor, reference_logps: torch.Tensor | None, mask: torch.Tensor, beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards (BG, C) and the per-token KL estimate log pi/pi_ref (BG, C).
+
+    InstructGPT's reward (Ouyang et al. 2022, eq. 2; Stiennon et al. 2020, eq. 1) spread over tokens as in
+    Ziegler et al. 2019: every token pays -beta * log(pi/pi_ref) for the token it chose, and the last token
+    of the completion also gets the sequence reward r(x, y).
+    """
+    kl = torch.zeros_like(logps) if reference_logps is None else (logps - reference_logps) * mask  # (BG, C)
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # (BG,) the completion mask is 1s, then 0s
+    token_rewards = -beta * kl  # (BG, C)
+    token_rewards[torch.arange(len(rewards), device=mask.device), last] += rewards.to(mask.device)
+    return token_rewards, kl
+
+
+def generalised_advantages(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages (BG, C) and the value targets, returns = advantages + values (BG, C).
+
+    Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
+    eq. 16: A_t = sum_l (gamma lam)^l delta_{t+l}, delta_t = r_t + gamma V(s_{t+1}) - V(s_t), with
+    V = 0 after the last token (the episode ends there). Masked positions hold r = V = 0, so the
+    backward recursion carries nothing across them.
+    """
+    values = values * mask  # (BG, C)
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # (BG, C) V(s_{t+1})
+    deltas = token_rewards * mask + gamma * next_values - values  # (BG, C)
+    advantages = torch.zeros_like(deltas)  # (BG, C)
+    running = torch.zeros_like(deltas[:, 0])  # (BG,)
+    for position in reversed(range(deltas.shape[1])):
+        running = deltas[:, position] + gamma * lam * running
+        advantages[:, position] = running
+    return advantages * mask, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the masked-in entries (as the PPO implementations of Ziegler et al. 2019 do)."""
+    count = mask.sum().clamp(min=1)
+    mean = (values * mask).sum() / count
+    variance = (((values - mean) * mask) ** 2).sum() / count
+    return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
+
+
+def ppo_token_losses(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+    old_values: torch.Tensor, returns: torch.Tensor, settings: PPOSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped policy loss (BG, C) and clipped value loss (BG, C).
+
+    Policy: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7:
+    -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = pi / pi_old.
+    Value: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2), the clipped value loss of
+    OpenAI's PPO implementation (baselines ppo2) that InstructGPT's lineage uses (Ziegler et al. 2019).
+    """
+    ratio = torch.exp(logps - old_logps)  # (BG, C)
+    clipped_ratio = ratio.clamp(1 - settings.epsilon, 1 + settings.epsilon)
+    policy_losses = -torch.minimum(ratio * advantages, clipped_ratio * advantages)  # (BG, C)
+    clipped_values = old_values + (values - old_values).clamp(-settings.value_epsilon, settings.value_epsilon)
+    value_losses = 0.5 * torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)  # (BG, C)
+    return policy_losses, value_losses
+
+
+def ppo_loss(model: torch.nn.Module, batch: dict, settings: PPOSettings) -> LossOutput:
+    """One PPO update on completions sampled now (InstructGPT's RL stage, Ouyang et al. 2022, sec. 3.5).
+
+    Like grpo, one update per generation (mu = 1): pi_old and V_old are this forward's detached values,
+    so the ratio is 1 and both clips are inactive where the gradient is taken; they are written out so
+    the formulas read as in the papers.
+    """
+    samples = sample_groups(model, batch, settings)
+    rewards, parts = score_completions(batch, samples, settings)  # (BG,)
+    mask = samples["completion_mask"].float()  # (BG, C)
+    logps, values = policy_logps_and_values(model, samples)  # (BG, C), (BG, C)
+    old_logps, old_values = logps.detach(), values.detach()
+    reference = _reference_logps(model, batch, samples) if settings.beta > 0 and "reference_model" in batch else None
+    token_rewards, kl = kl_penalised_rewards(rewards, old_logps, reference, mask, settings.beta)  # (BG, C)
+    advantages, returns = generalised_advantages(token_rewards, old_values, mask, settings.gamma, settings.lam)
+    if settings.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    policy_losses, value_losses = ppo_token_losses(
+        logps, old_logps, advantages, values, old_values, returns, settings
+    )  # (BG, C), (BG, C)
+    token_losses = policy_losses + settings.value_coef * value_losses  # (BG, C)
+    lengths = mask.sum(-1).clamp(min=1)  # (BG,)
+    prompts = len(batch["prompts"])
+
+    def per_prompt(per_token: torch.Tensor) -> torch.Tensor:
+        """Mean over each completion's tokens, then over the prompt's completions (B,), as in grpo."""
+        return ((per_token * mask).sum(-1) / lengths).view(prompts, -1).mean(-1)
+
+    metrics = {
+        "reward": rewards.view(prompts, -1).mean(-1).sum(),
+        "kl": per_prompt(kl).sum(),
+        "value_loss": per_prompt(value_losses).sum(),
+        "value": per_prompt(old_values).sum(),
+        "completion_length": lengths.view(prompts, -1).mean(-1).sum(),
+        **{f"reward_{name}": torch.tensor(values).view(prompts, -1).mean(-1).sum() for name, values in parts.items()},
+    }
+    return LossOutput(per_prompt(token_losses).sum(), batch["num_loss_tokens"],
+                      {key: value.detach().float() for key, value in metrics.items()})
+
+
+register(ObjectiveSpec(
+    name="ppo", model_kind="causal_lm", collate=collate_prompts, loss=ppo_loss, evaluate=evaluate_rewards,
+    settings=PPOSettings, reference=reference_handle, prepare_model=add_value_head,
 ))

@@ -1,0 +1,114 @@
+"""Response log-probs computed in chunks through the output head (`loss_chunk_tokens`) equal the one-piece
+computation and the plain full-logits formula, in value and in every gradient, and the head never sees
+more than a chunk of positions at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.config import ModelConfig
+from tunesmith.data.collate import IGNORE_INDEX
+from tunesmith.data.preference import tokenize_preference_record
+from tunesmith.methods import METHODS
+from tunesmith.models import load_model, load_tokenizer
+from tunesmith.objectives.preference import DPOSettings, collate_pairs, sequence_logps
+
+
+def pair_batch(tokenizer) -> dict:
+    """Three pairs: long chosen replies (several chunks) and short rejected ones (a single piece)."""
+    records = [
+        {"prompt": [{"role": "user", "content": f"What is {index} plus {index}?"}],
+         "chosen": [{"role": "assistant", "content": f"{index} plus {index} is {2 * index}, because adding a "
+                                                     f"number to itself doubles it: {index} times 2."}],
+         "rejected": [{"role": "assistant", "content": "No."}]}
+        for index in range(3)
+    ]
+    examples = [tokenize_preference_record(record, "dpo", tokenizer, 128)[0] for record in records]
+    return collate_pairs(examples, tokenizer.pad_token_id)
+
+
+def logps_and_gradients(model, batch: dict, chunk_tokens: int | None) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    logps, _ = sequence_logps(model, batch, chunk_tokens)  # (R,)
+    weights = torch.linspace(1.0, 2.0, len(logps))  # rows weigh differently, as in DPO's loss
+    (logps * weights).sum().backward()
+    return logps.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()
+                            if parameter.grad is not None}
+
+
+def full_logits_logps(model, batch: dict) -> torch.Tensor:
+    """The formula written plainly: log-softmax of the whole (R, T, V) logits, summed over response tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # (R, T, V)
+    targets = batch["targets"]  # (R, T)
+    token_logps = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * (targets != IGNORE_INDEX)).sum(-1)  # (R,)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_chunked_logps_and_gradients_equal_the_one_piece_computation(method, tiny_llama_dir):
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    tokenizer = load_tokenizer(model_config)
+    batch = pair_batch(tokenizer)
+    lengths = (batch["targets"] != IGNORE_INDEX).sum(-1)
+    chunk = 4
+    assert lengths.max() > 3 * chunk and lengths.min() <= chunk  # both paths: several chunks and one piece
+    torch.manual_seed(0)
+    model = METHODS.get(method).apply(load_model(model_config, "dpo"), METHODS.get(method).settings(), "dpo")
+    model.eval()  # no dropout: the two computations must see the same network
+    if method == "lora":  # move the adapters off their zero start so their gradients are not trivial
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=0.1)
+
+    whole, whole_gradients = logps_and_gradients(model, batch, None)
+    chunked, chunked_gradients = logps_and_gradients(model, batch, chunk)
+
+    torch.testing.assert_close(chunked, whole)
+    with torch.no_grad():
+        torch.testing.assert_close(whole, full_logits_logps(model, batch))
+    assert whole_gradients and set(chunked_gradients) == set(whole_gradients)
+    for name, gradient in whole_gradients.items():
+        assert gradient.abs().sum() > 0, name
+        torch.testing.assert_close(chunked_gradients[name], gradient, msg=name)
+
+
+def test_the_head_sees_at_most_one_chunk_at_a_time(tiny_llama_dir):
+    """Forward and the backward's recomputation run the output head on <= chunk positions per call."""
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    batch = pair_batch(load_tokenizer(model_config))
+    model = load_model(model_config, "dpo")
+    positions_per_call: list[int] = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, output: positions_per_call.append(output.shape[0])
+    )
+    logps, _ = sequence_logps(model, batch, chunk_tokens=4)
+    forward_calls = len(positions_per_call)
+    logps.sum().backward()
+    assert max(positions_per_call) <= 4
+    assert len(positions_per_call) > forward_calls  # the backward recomputed the chunks' logits
+    assert sum(positions_per_call[:forward_calls]) == int((batch["targets"] != IGNORE_INDEX).sum())
+
+
+def test_chunk_size_is_a_setting_with_a_one_line_error():
+    assert DPOSettings().loss_chunk_tokens == 128 and DPOSettings(loss_chunk_tokens=None).loss_chunk_tokens is None
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
+        DPOSettings(loss_chunk_tokens=0)
+
+
+def test_a_rows_logp_does_not_depend_on_the_other_rows(tiny_llama_dir):
+    """Each row's sum is its own: a row's log-prob does not depend on the other rows of the batch."""
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    batch = pair_batch(load_tokenizer(model_config))
+    model = load_model(model_config, "dpo").eval()
+    with torch.no_grad():
+        together, _ = sequence_logps(model, batch, 4)
+        row = {key: value[1:2] if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+        alone, _ = sequence_logps(model, row, 4)
+        logits = model(input_ids=row["input_ids"], attention_mask=row["attention_mask"]).logits[0]  # (T, V)
+        has_target = row["targets"][0] != IGNORE_INDEX
+        by_cross_entropy = -F.cross_entropy(logits[has_target], row["targets"][0][has_target], reduction="sum")
+    torch.testing.assert_close(alone[0], together[1])
+    torch.testing.assert_close(alone[0], by_cross_entropy)
