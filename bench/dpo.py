@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--release-memory", type=int, choices=(0, 1), default=0,
+                        help="1: tunesmith runs with train.release_memory (lower peak RSS on CPU, fewer tokens/s)")
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--loss-tolerance", type=float, default=0.05)
     parser.add_argument("--json", type=Path, help="also write the job and the figures here")
@@ -81,7 +83,7 @@ def job_config(args: argparse.Namespace, output_dir: Path):
         "method": {"name": "lora", "r": args.rank, "dropout": 0.0},
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "lr": args.lr, "warmup": 0, "scheduler": "constant", "seed": args.seed, "eval_before": False,
-                  "log_every": 1},
+                  "log_every": 1, "release_memory": bool(args.release_memory)},
         "output_dir": str(output_dir),
     })
 
@@ -225,7 +227,7 @@ def worker_main(args: argparse.Namespace) -> None:
 def run_tool(tool: str, args: argparse.Namespace) -> dict:
     options = {"worker": tool}
     shared = ("model", "data", "pairs", "max_length", "batch_size", "grad_accum", "steps", "lr", "beta", "rank",
-              "seed", "threads")
+              "seed", "threads", "release_memory")
     options |= {name: getattr(args, name) for name in shared}
     figures = run_worker(__file__, options, args.threads)
     if figures is None:

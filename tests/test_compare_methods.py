@@ -10,7 +10,7 @@ import torch
 import yaml
 from helpers import chat_records, run_cli, write_jsonl
 
-from tunesmith.compare_methods import parse_learning_rates, parse_methods
+from tunesmith.compare_methods import best_trial, parse_learning_rates, parse_methods, trial_learning_rates
 from tunesmith.errors import ConfigError
 from tunesmith.methods import METHODS
 
@@ -79,3 +79,43 @@ def test_arguments_are_checked_in_one_line():
         parse_learning_rates(["prefix=1e-2"], ["full", "lora"])
     with pytest.raises(ConfigError, match="expected METHOD=VALUE"):
         parse_learning_rates(["1e-2"], ["lora"])
+
+
+def test_learning_rate_trials_span_the_recommended_range_and_the_best_is_kept():
+    low, high = METHODS.get("lora").lr_range
+    rates = trial_learning_rates("lora", 3)
+    assert rates[0] == pytest.approx(low) and rates[-1] == pytest.approx(high)
+    assert rates[1] == pytest.approx((low * high) ** 0.5, rel=0.01)  # the geometric middle
+    assert trial_learning_rates("lora", 1) == [METHODS.get("lora").default_lr]
+    assert all(METHODS.get(name).lr_range is not None for name in METHODS.names())
+
+    def trial(lr, metric, value, status="ok"):
+        return {"method": "lora", "lr": lr, "metric": metric, "metric_after": value, "status": status}
+
+    best = best_trial([trial(1e-4, "accuracy", 0.6), trial(3e-4, "accuracy", 0.8), trial(1e-3, "accuracy", 0.7)])
+    assert best["lr"] == 3e-4 and [row["lr"] for row in best["lr_trials"]] == [1e-4, 3e-4, 1e-3]
+    assert best_trial([trial(1e-4, "eval_loss", 2.0), trial(3e-4, "eval_loss", 1.5)])["lr"] == 3e-4
+    assert best_trial([trial(1e-4, "accuracy", None, "failed (exit 1)"), trial(3e-4, "accuracy", 0.5)])["lr"] == 3e-4
+
+
+def test_lr_trials_run_each_rate_in_its_own_run_directory(tiny_llama_dir, tmp_path, capsys):
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_records(12))
+    config = {
+        "model": {"name": str(tiny_llama_dir)},
+        "data": {"train": str(train_file), "eval_split": 0.25, "max_length": 96},
+        "task": "sft", "method": {"name": "lora", "r": 4},
+        "train": {"batch_size": 4, "max_steps": 2, "warmup": 0, "seed": 0},
+        "output_dir": str(tmp_path / "unused"),
+    }
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    output = tmp_path / "compare"
+    code, _, err = tunesmith(capsys, "compare-methods", str(config_path), "--methods", "lora",
+                             "--lr-trials", "2", "--no-isolate", "--output", str(output))
+    assert code == 0, err
+    (row,) = json.loads((output / "results.json").read_text())["methods"]
+    tried = [trial["lr"] for trial in row["lr_trials"]]
+    assert tried == trial_learning_rates("lora", 2) and row["lr"] in tried
+    assert all((output / "lora" / f"lr-{rate:g}" / "summary.json").is_file() for rate in tried)
+    losses = [trial["metric_after"] for trial in row["lr_trials"]]
+    assert row["metric_after"] == min(losses)

@@ -1,7 +1,10 @@
 """`tunesmith compare-methods`: the same task trained with each method, side by side.
 
-Every method gets the same config, data and step budget; only `method` and the learning rate change
-(each method's recommended default, `MethodSpec.default_lr`, unless `--lr method=value` is given).
+Every method gets the same config, data and step budget; only `method` and the learning rate change:
+`--lr method=value` when given, else with `--lr-trials K` the best of K rates spread evenly (log scale)
+over the method's recommended range (`MethodSpec.lr_range`), else the method's default
+(`MethodSpec.default_lr`). A trial is chosen on the config's eval split, as the PEFT papers pick their
+learning rate on the GLUE dev sets; every trial's figures are kept in results.json (`lr_trials`).
 Each run is an ordinary run directory under OUTPUT/<method>/, so any of them can be inspected,
 evaluated or resumed like a `tunesmith train` run. The figures come from each run's summary.json
 (trainable parameters, peak memory, tokens/s, the task metric before and after) and, when the config
@@ -70,9 +73,26 @@ def parse_learning_rates(pairs: list[str], methods: list[str]) -> dict[str, floa
     return rates
 
 
-def method_config(config: RunConfig, method: str, output: Path, steps: int | None, lr: float | None) -> RunConfig:
+def trial_learning_rates(method: str, trials: int) -> list[float]:
+    """`trials` learning rates evenly spaced in log scale across the method's recommended range, ends
+    included; the method's default alone when `trials` is 1 or it has no range."""
+    spec = METHODS.get(method)
+    if trials == 1 or spec.lr_range is None:
+        return [spec.default_lr]
+    low, high = spec.lr_range
+    return [float(f"{low * (high / low) ** (index / (trials - 1)):.3g}") for index in range(trials)]
+
+
+def better(metric: str, value: float, than: float) -> bool:
+    lower_is_better = "loss" in metric or "perplexity" in metric
+    return value < than if lower_is_better else value > than
+
+
+def method_config(
+    config: RunConfig, method: str, output: Path, steps: int | None, lr: float | None, run_name: str | None = None
+) -> RunConfig:
     """`config` with `method` (its own settings if the config already uses it, else the defaults), its
-    learning rate, the shared step budget, and OUTPUT/<method> as the run directory."""
+    learning rate, the shared step budget, and OUTPUT/<run_name or method> as the run directory."""
     raw = config.model_dump(mode="json")
     if raw["method"]["name"] != method:
         raw["method"] = {"name": method}
@@ -80,7 +100,7 @@ def method_config(config: RunConfig, method: str, output: Path, steps: int | Non
     raw["train"]["lr"] = lr
     if steps is not None:
         raw["train"]["max_steps"] = steps
-    raw["output_dir"] = str(output / method)
+    raw["output_dir"] = str(output / (run_name or method))
     return build_config(raw)
 
 
@@ -164,6 +184,7 @@ def compare_methods(
     metric: str | None = None,
     isolate: bool = True,
     console: Console | None = None,
+    lr_trials: int = 1,
 ) -> list[dict]:
     """Train `config` once per method under `output/<method>/`; write results.json and report.html.
 
@@ -174,30 +195,52 @@ def compare_methods(
 
     console = console or Console(stderr=True)
     learning_rates = learning_rates or {}
-    configs = {name: method_config(config, name, output, steps, learning_rates.get(name)) for name in methods}
+    runs = []  # (method, run name, config) for every trial of every method
+    for name in methods:
+        rates = [learning_rates[name]] if name in learning_rates else trial_learning_rates(name, lr_trials)
+        for rate in rates:
+            run_name = name if len(rates) == 1 else f"{name}/lr-{rate:g}"
+            runs.append((name, run_name, method_config(config, name, output, steps, rate, run_name)))
     output.mkdir(parents=True, exist_ok=True)
     (output / "logs").mkdir(exist_ok=True)
     peak_memory_valid = isolate or torch.cuda.is_available()
-    rows = []
-    for index, (name, method_cfg) in enumerate(configs.items(), start=1):
-        console.print(f"[bold]{index}/{len(configs)} {name}[/] (lr {method_cfg.train.lr:g}) -> {method_cfg.output_dir}")
-        log_path = output / "logs" / f"{name}.log"
+    trials: dict[str, list[dict]] = {name: [] for name in methods}
+    for index, (name, run_name, method_cfg) in enumerate(runs, start=1):
+        console.print(f"[bold]{index}/{len(runs)} {name}[/] (lr {method_cfg.train.lr:g}) -> {method_cfg.output_dir}")
+        log_path = output / "logs" / f"{run_name.replace('/', '-')}.log"
         started = time.perf_counter()
         if isolate:
-            exit_code = train_in_subprocess(method_cfg, output / "configs" / f"{name}.yaml", log_path)
+            config_path = output / "configs" / f"{run_name.replace('/', '-')}.yaml"
+            exit_code = train_in_subprocess(method_cfg, config_path, log_path)
         else:
             exit_code = train_in_process(method_cfg, log_path)
         if exit_code == 0 and (method_cfg.output_dir / "summary.json").is_file():
-            rows.append(figures(name, method_cfg, method_cfg.output_dir, metric, peak_memory_valid))
+            trials[name].append(figures(name, method_cfg, method_cfg.output_dir, metric, peak_memory_valid))
         else:
             tail = log_path.read_text(encoding="utf-8").strip().splitlines()[-1:] if log_path.is_file() else []
             console.print(f"[red]{name} failed[/] (exit {exit_code}): {' '.join(tail)} (log: {log_path})")
-            rows.append({"method": name, "lr": method_cfg.train.lr, "status": f"failed (exit {exit_code})",
-                         "log": str(log_path)})
+            trials[name].append({"method": name, "lr": method_cfg.train.lr, "status": f"failed (exit {exit_code})",
+                                 "log": str(log_path)})
         console.print(f"  done in {time.perf_counter() - started:.0f} s")
+    rows = [best_trial(trials[name]) for name in methods]
     (output / "results.json").write_text(json.dumps({"methods": rows}, indent=2), encoding="utf-8")
     write_report(rows, output / "report.html", config)
     return rows
+
+
+def best_trial(trials: list[dict]) -> dict:
+    """The trial with the best task metric after training (the first that ran, if none has one), with
+    every trial's learning rate and metric under `lr_trials`."""
+    done = [row for row in trials if row["status"] == "ok"]
+    scored = [row for row in done if row["metric_after"] is not None]
+    best = (done or trials)[0]
+    for row in scored:
+        if best.get("metric_after") is None or better(row["metric"], row["metric_after"], best["metric_after"]):
+            best = row
+    if len(trials) > 1:
+        best = {**best, "lr_trials": [
+            {"lr": row["lr"], "metric_after": row.get("metric_after"), "status": row["status"]} for row in trials]}
+    return best
 
 
 # --- table and report --------------------------------------------------------------------------------------------
@@ -290,6 +333,8 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[list[str] | None, typer.Option(
             "--lr", help="A method's learning rate, e.g. --lr lora=2e-4 (repeatable); default: the method's own.")]
         = None,
+        lr_trials: Annotated[int, typer.Option(
+            min=1, help="Try K learning rates across each method's recommended range; keep the best on eval.")] = 1,
         metric: Annotated[str | None, typer.Option(
             help="Metric compared (default: early_stopping.metric, else accuracy, else eval_loss).")] = None,
         isolate: Annotated[bool, typer.Option(help="Train each method in its own process (honest peak memory).")]
@@ -304,7 +349,7 @@ def register(app: typer.Typer) -> None:
         names = parse_methods(methods)
         rates = parse_learning_rates(lr or [], names)
         rows = compare_methods(run_config, names, output, steps, rates, metric, isolate,
-                               console=Console(stderr=True))
+                               console=Console(stderr=True), lr_trials=lr_trials)
         Console().print(results_table(rows))
         Console().print(f"results: {output / 'results.json'}, report: {output / 'report.html'}")
         if any(row["status"] != "ok" for row in rows):

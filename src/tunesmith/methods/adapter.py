@@ -233,7 +233,8 @@ def load_adapter(base_model: nn.Module, folder: Path) -> BottleneckAdapterModel:
 # Houlsby et al. tune lr in {1e-4 .. 1e-3}; Pfeiffer et al. use 1e-4; 5e-4 suits small models.
 register(
     MethodSpec(
-        name="adapter", settings=AdapterSettings, apply=apply_adapter, default_lr=5e-4, saves="adapter",
+        name="adapter", settings=AdapterSettings, apply=apply_adapter, default_lr=5e-4,
+        lr_range=(1e-4, 3e-3), saves="adapter",
         load=load_adapter,
     )
 )

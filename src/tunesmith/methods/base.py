@@ -33,6 +33,11 @@ class MethodSpec:
     """The learning rate used when `train.lr` is not set (current practice for this method)."""
     saves: Literal["model", "adapter"]
     """What the run directory holds: a full model folder or a peft adapter folder."""
+    lr_range: tuple[float, float] | None = None
+    """(low, high): the learning rates the method's paper and current practice sweep (full fine-tuning
+    1e-5..1e-4, Devlin et al. 2019 / Ouyang et al. 2022; LoRA 5e-5..1e-3, Hu et al. 2022; adapters
+    1e-4..3e-3, Houlsby et al. 2019; prompt tuning up to 0.3, Lester et al. 2021; IA3 3e-3, Liu et al.
+    2022); `compare-methods --lr-trials` searches it."""
     optimizer_groups: Callable[[torch.nn.Module, MethodSettings, float, float], list[dict]] | None = None
     """Optional optimizer_groups(model, settings, lr, weight_decay) -> AdamW parameter groups."""
     save: Callable[[torch.nn.Module, Path], None] | None = None

@@ -76,5 +76,6 @@ def apply_freeze(model, settings: FreezeSettings, task: str):
 
 
 register(
-    MethodSpec(name="freeze", settings=FreezeSettings, apply=apply_freeze, default_lr=5e-5, saves="model")
+    MethodSpec(name="freeze", settings=FreezeSettings, apply=apply_freeze, default_lr=5e-5,
+    lr_range=(1e-5, 2e-4), saves="model")
 )

@@ -39,4 +39,6 @@ def apply_ia3(model, settings: IA3Settings, task: str):
 
 
 # T-Few trains (IA)^3 with lr 3e-3 (sec. 3.3).
-register(MethodSpec(name="ia3", settings=IA3Settings, apply=apply_ia3, default_lr=3e-3, saves="adapter"))
+register(MethodSpec(
+    name="ia3", settings=IA3Settings, apply=apply_ia3, default_lr=3e-3, lr_range=(1e-3, 1e-2), saves="adapter"
+))

@@ -48,4 +48,6 @@ def apply_loha(model, settings: LohaSettings, task: str):
 
 
 # LyCORIS recommends learning rates like LoRA's for LoHa.
-register(MethodSpec(name="loha", settings=LohaSettings, apply=apply_loha, default_lr=2e-4, saves="adapter"))
+register(MethodSpec(
+    name="loha", settings=LohaSettings, apply=apply_loha, default_lr=2e-4, lr_range=(1e-4, 2e-3), saves="adapter"
+))

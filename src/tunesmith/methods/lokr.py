@@ -34,4 +34,6 @@ def apply_lokr(model, settings: LokrSettings, task: str):
     return get_peft_model(model, peft_config)
 
 
-register(MethodSpec(name="lokr", settings=LokrSettings, apply=apply_lokr, default_lr=2e-4, saves="adapter"))
+register(MethodSpec(
+    name="lokr", settings=LokrSettings, apply=apply_lokr, default_lr=2e-4, lr_range=(1e-4, 2e-3), saves="adapter"
+))

@@ -165,6 +165,7 @@ def quantize_4bit(model):
 
 register(
     MethodSpec(
-        name="lora", settings=LoraSettings, apply=apply_lora, default_lr=2e-4, saves="adapter", save=save_lora
+        name="lora", settings=LoraSettings, apply=apply_lora, default_lr=2e-4,
+        lr_range=(5e-5, 1e-3), saves="adapter", save=save_lora
     )
 )

@@ -38,7 +38,8 @@ def lora_plus_groups(model, settings: LoraPlusSettings, lr: float, weight_decay:
 # The paper lowers the base rate a little (about 2x) against plain LoRA when using the ratio.
 register(
     MethodSpec(
-        name="lora_plus", settings=LoraPlusSettings, apply=apply_lora, default_lr=1e-4, saves="adapter",
+        name="lora_plus", settings=LoraPlusSettings, apply=apply_lora, default_lr=1e-4,
+        lr_range=(2e-5, 5e-4), saves="adapter",
         optimizer_groups=lora_plus_groups, save=save_lora,
     )
 )

@@ -39,7 +39,8 @@ def apply_p_tuning(model, settings: PTuningSettings, task: str):
 # peft's p-tuning recipes use 1e-3 with AdamW.
 register(
     MethodSpec(
-        name="p_tuning", settings=PTuningSettings, apply=apply_p_tuning, default_lr=1e-3, saves="adapter",
+        name="p_tuning", settings=PTuningSettings, apply=apply_p_tuning, default_lr=1e-3,
+        lr_range=(1e-4, 1e-2), saves="adapter",
         supports_packing=False,
     )
 )

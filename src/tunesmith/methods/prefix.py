@@ -36,4 +36,6 @@ def apply_prefix(model, settings: PrefixSettings, task: str):
 
 # Learning rate: prompt-learning methods train few parameters from scratch and need a high rate;
 # 1e-2 is peft's documented recipe for prefix tuning (Li & Liang used 5e-5 with the MLP on GPT-2).
-register(MethodSpec(name="prefix", settings=PrefixSettings, apply=apply_prefix, default_lr=1e-2, saves="adapter"))
+register(MethodSpec(
+    name="prefix", settings=PrefixSettings, apply=apply_prefix, default_lr=1e-2, lr_range=(1e-3, 3e-2), saves="adapter"
+))

@@ -44,7 +44,8 @@ def apply_prompt(model, settings: PromptSettings, task: str):
 # Lester et al. use 0.3 with Adafactor; with AdamW, peft's recipes use 3e-2.
 register(
     MethodSpec(
-        name="prompt", settings=PromptSettings, apply=apply_prompt, default_lr=3e-2, saves="adapter",
+        name="prompt", settings=PromptSettings, apply=apply_prompt, default_lr=3e-2,
+        lr_range=(1e-2, 3e-1), saves="adapter",
         supports_packing=False,
     )
 )

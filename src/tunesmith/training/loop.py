@@ -42,6 +42,7 @@ from tunesmith.training.checkpoint import (
     save_checkpoint,
 )
 from tunesmith.training.distributed import ProcessGroup
+from tunesmith.training.memory import return_large_buffers_to_the_os
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs
@@ -283,6 +284,8 @@ def train(
     )
     group = ProcessGroup(accelerator)
     console = console or Console(stderr=True, quiet=not group.is_main)
+    if train_config.release_memory and accelerator.device.type == "cpu":
+        return_large_buffers_to_the_os()  # resident memory tracks the live tensors, step after step
 
     # --- setup: everything that can fail on bad input happens before the first step ---
     run_dir = prepare_run_dir(config, resume, overwrite, group)
