@@ -15,6 +15,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from tunesmith.training.distributed import ProcessGroup
 from tunesmith.training.memory import return_large_buffers_to_the_os
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.packed_attention import packed_attention
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs
 
 EXIT_INTERRUPTED = 130
@@ -431,9 +433,11 @@ def train(
                 sum(batch["input_ids"].numel() for batch in micro_batches),
             ]
             step_loss_tokens, step_tokens, step_positions = group.sum(local_counts)
-            step_loss, step_metrics, task_losses = accumulate_gradients(
-                model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens
-            )
+            # Packed rows: each record attends within itself through causal kernels, no block mask.
+            with packed_attention(model) if config.data.packing else nullcontext():
+                step_loss, step_metrics, task_losses = accumulate_gradients(
+                    model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens
+                )
             penalty = continual.penalty(model)
             if penalty is not None:
                 # Once per step, on top of the step's mean loss; each process adds 1/world of it, so the
