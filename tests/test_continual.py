@@ -286,7 +286,7 @@ def test_the_cli_trains_a_continued_run_and_names_a_bad_key(full_run_a, task_fil
 
     code, _, err = run_cli(capsys, "train", path, "--set", "continual.regularizer.name=ewk", "--overwrite")
     assert code == 2
-    assert "continual.regularizer.name: unknown regularizer 'ewk' (did you mean 'ewc'?)" in err
+    assert "continual.regularizer.name: unknown continual regularizer 'ewk' (did you mean 'ewc'?)" in err
     assert len(err.strip().splitlines()) == 1
 
 
