@@ -25,7 +25,7 @@ def chromium() -> str:
 
 def rendered_dom(page: Path, timeout: int = 60) -> str:
     """The DOM after Chromium has loaded and laid out the page (scripts run)."""
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:  # chromium helpers may still be writing
         result = subprocess.run(
             [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.resolve().as_uri()],
             capture_output=True, text=True, timeout=timeout,
@@ -35,7 +35,7 @@ def rendered_dom(page: Path, timeout: int = 60) -> str:
 
 
 def screenshot(page: Path, out: Path, timeout: int = 60) -> Path:
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:  # chromium helpers may still be writing
         subprocess.run(
             [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={out}",
              "--window-size=1200,1600", page.resolve().as_uri()],

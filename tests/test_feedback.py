@@ -54,7 +54,7 @@ def click_in_chromium(url: str, button_id: str) -> str:
     """Open `url` in headless Chromium, click `button_id` through the DevTools protocol, return the new page text."""
     import websocket
 
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:  # chromium helpers may still be writing
         process = subprocess.Popen(
             [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
