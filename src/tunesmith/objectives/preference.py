@@ -30,7 +30,7 @@ from tunesmith.objectives.causal_lm import (
     loss_position_hidden,
     loss_position_logits,
 )
-from tunesmith.registry import Registry, closest
+from tunesmith.registry import Registry
 
 # --- batches --------------------------------------------------------------------------------------------
 
@@ -335,10 +335,7 @@ class DPOSettings(ReferenceSettings):
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, loss: str) -> str:
-        if loss not in PAIRWISE_LOSSES:
-            known = ", ".join(PAIRWISE_LOSSES.names())
-            raise ValueError(f"unknown dpo loss {loss!r}{closest(loss, PAIRWISE_LOSSES.names())}; known: {known}")
-        return loss
+        return PAIRWISE_LOSSES.known(loss)
 
     @model_validator(mode="after")
     def _smoothing_needs_robust(self):
