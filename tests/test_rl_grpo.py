@@ -15,13 +15,16 @@ from tunesmith.objectives.rl import (
     REWARD_FUNCTIONS,
     GRPOSettings,
     collate_prompts,
+    completion_logps,
     final_number,
     group_advantages,
     grpo_loss,
     grpo_token_losses,
     register_reward,
+    rollout,
 )
 from tunesmith.training import train
+from tunesmith.training.reference import ReferenceModel
 
 
 @register_reward("test_digits")
@@ -76,12 +79,46 @@ def test_grpo_raises_the_reward_on_the_tiny_model(tiny_llama_dir):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     rewards = []
     for _ in range(12):
-        output = grpo_loss(model, batch, settings)
+        output = grpo_loss(model, rollout(model, None, batch, settings), settings)
         (output.loss_sum / output.num_loss_tokens).backward()
         optimizer.step()
         optimizer.zero_grad()
         rewards.append(output.metrics["reward"].item() / output.num_loss_tokens)
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_rollout_scores_samples_with_the_starting_policy(tiny_llama_dir, method):
+    """After the policy moves, the rollout's reference log-probs are still the STARTING model's on the new
+    samples: a frozen copy for full fine-tuning, the base with adapters disabled for LoRA."""
+    from tunesmith.methods import METHODS
+
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    tokenizer = load_tokenizer(model_config)
+    examples = [tokenize_preference_record({"prompt": [{"role": "user", "content": "Count to 3"}], "answer": None},
+                                           "grpo", tokenizer, 64)[0]]
+    batch = collate_prompts(examples, tokenizer.pad_token_id)
+    settings = GRPOSettings(rewards=["test_digits"], group_size=2, max_new_tokens=6, beta=0.1)
+    torch.manual_seed(0)
+    starting = load_model(model_config, "grpo").eval()
+    model = load_model(model_config, "grpo")
+    if method == "lora":
+        lora = METHODS.get("lora")
+        model = lora.apply(model, lora.settings(r=4, dropout=0.0), "grpo")
+    model.train()
+    reference = ReferenceModel(model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and (method == "full" or "lora_B" in name):
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    experience = rollout(model, reference, batch, settings)
+    assert model.training  # sampling and the reference pass put it back in training mode
+    with torch.no_grad():
+        expected = completion_logps(starting, experience["samples"])
+        moved = completion_logps(model.eval(), experience["samples"])
+    torch.testing.assert_close(experience["reference_logps"], expected, rtol=1e-5, atol=1e-5)
+    assert (moved - expected).abs().max() > 1e-2  # the policy itself did move
+    assert rollout(model, reference, batch, settings.model_copy(update={"beta": 0.0}))["reference_logps"] is None
 
 
 def test_grpo_trains_through_the_loop_with_a_lora_reference(tiny_llama_dir, tmp_path):

@@ -22,8 +22,10 @@ from tunesmith.objectives.rl import (
     ppo_loss,
     ppo_token_losses,
     register_reward,
+    rollout,
     whiten,
 )
+from tunesmith.training.reference import ReferenceModel
 
 
 @register_reward("test_ppo_digits")
@@ -107,7 +109,7 @@ def test_ppo_raises_the_reward_and_trains_the_value_head(tiny_llama_dir):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     rewards = []
     for _ in range(12):
-        output = ppo_loss(model, batch, settings)
+        output = ppo_loss(model, rollout(model, None, batch, settings), settings)
         (output.loss_sum / output.num_loss_tokens).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -129,14 +131,14 @@ def test_ppo_with_a_lora_reference_logs_kl_and_value_loss(tiny_llama_dir):
     add_value_head(model, settings)
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert {"value_head.weight", "value_head.bias"} <= trainable
-    batch = {**batch, "reference_model": model}  # what the loop's `reference_handle` hands over for peft
-    first = ppo_loss(model, batch, settings)
+    reference = ReferenceModel(model)  # peft: the policy with its adapters disabled, as the loop builds it
+    first = ppo_loss(model, rollout(model, reference, batch, settings), settings)
     assert first.metrics["kl"].abs().item() < 1e-5
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.5)
-    moved = ppo_loss(model, batch, settings)
+    moved = ppo_loss(model, rollout(model, reference, batch, settings), settings)
     assert moved.metrics["kl"].abs().item() > 1e-3
     moved.loss_sum.backward()
     assert model.value_head.weight.grad is not None and model.value_head.weight.grad.abs().sum() > 0

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from tunesmith.registry import Registry
+
+if TYPE_CHECKING:
+    from tunesmith.training.reference import ReferenceModel
 
 
 @dataclass
@@ -62,6 +65,17 @@ class ObjectiveSpec:
     prepare_model: Callable[[torch.nn.Module, Any], None] | None = None
     """prepare_model(model, settings): add the objective's own trainable modules (a value head) after
     the method is applied and before the optimiser is built."""
+    rollout: Callable[[torch.nn.Module, ReferenceModel | None, dict, Any], dict] | None = None
+    """For online objectives (grpo, ppo), instead of `reference`: rollout(model, reference, batch,
+    settings) -> the batch `loss` learns from. The loop runs it on each training micro-batch before
+    `loss`: it samples from the current policy, scores the samples, and runs the reference on them
+    (`with reference.active(model) as reference_model`). The reference is handed over whole because
+    what it must score exists only after sampling. Evaluation batches do not go through it."""
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether the loop keeps a reference model (starting policy or teacher) for this objective."""
+        return self.reference is not None or self.rollout is not None
 
 
 OBJECTIVES: Registry[ObjectiveSpec] = Registry("task")

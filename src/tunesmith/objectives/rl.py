@@ -1,8 +1,9 @@
 """Online RL inside the one loop: grpo (Shao et al. 2024, "DeepSeekMath", sec. 4.1) and ppo with a value
 head (Schulman et al. 2017; the RL stage of Ouyang et al. 2022, "InstructGPT").
 
-Each micro-batch holds prompts. `loss` samples completions from the CURRENT policy (batched, with the
-KV cache) and scores them with registered reward functions and/or a reward model (a `reward` run).
+Each micro-batch holds prompts. The objectives' `rollout`, which the loop runs before `loss`, samples
+completions from the CURRENT policy (batched, with the KV cache), scores them with registered reward
+functions and/or a reward model (a `reward` run), and has the reference score them for the KL term.
 grpo samples a group of G completions per prompt, normalises the rewards within each group into
 advantages, and returns the clipped-ratio objective with a KL penalty to the reference (eq. 3, with
 the k3 KL estimator of eq. 4). ppo puts a per-token KL penalty into the reward, estimates advantages
@@ -33,6 +34,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, register
 from tunesmith.objectives.causal_lm import _can_skip_unused_logits, _language_model
 from tunesmith.registry import Registry, closest
+from tunesmith.training.reference import ReferenceModel
 
 # --- reward functions ----------------------------------------------------------------------------------------
 
@@ -299,34 +301,28 @@ def grpo_token_losses(
     return -(surrogate - settings.beta * kl), kl
 
 
-def reference_handle(reference_model, batch: dict, settings) -> dict:
-    """The loop gives the reference before `loss`, but GRPO needs it on completions sampled INSIDE `loss`:
-    this hands the reference module itself to `loss` (see the report: a loop change would pass it directly)."""
-    return {"reference_model": reference_model}
-
-
-def _reference_logps(model, batch: dict, samples: dict) -> torch.Tensor:
-    reference = batch["reference_model"]
-    with torch.no_grad():
-        if reference is model:  # peft: the same model with its adapters disabled
-            was_training = model.training
-            model.eval()
-            try:
-                with model.disable_adapter():
-                    return completion_logps(model, samples)
-            finally:
-                model.train(was_training)
-        return completion_logps(reference, samples)
+@torch.no_grad()
+def rollout(model: torch.nn.Module, reference: ReferenceModel | None, batch: dict, settings: SamplingSettings) -> dict:
+    """The experience one update learns from (the objectives' `rollout`): G completions per prompt sampled
+    from the current policy, their rewards (BG,) and each reward function's values, and the reference's
+    log-probs of the completion tokens (BG, C) when there is a KL term (beta > 0), else None."""
+    samples = sample_groups(model, batch, settings)
+    rewards, parts = score_completions(batch, samples, settings)  # (BG,)
+    reference_logps = None
+    if reference is not None and settings.beta > 0:
+        with reference.active(model) as reference_model:  # peft: the policy with its adapters disabled
+            reference_logps = completion_logps(reference_model, samples)  # (BG, C)
+    return {**batch, "samples": samples, "rewards": rewards.to(samples["sequences"].device), "reward_parts": parts,
+            "reference_logps": reference_logps}
 
 
 def grpo_loss(model: torch.nn.Module, batch: dict, settings: GRPOSettings) -> LossOutput:
-    samples = sample_groups(model, batch, settings)
-    rewards, parts = score_completions(batch, samples, settings)  # (BG,)
-    device = samples["sequences"].device
-    advantages = group_advantages(rewards, samples["group"], settings.scale_rewards).to(device)  # (BG,)
+    """GRPO's objective on a `rollout` batch. One update per generation (mu = 1): pi_old is this forward's
+    detached log-probs, so the ratio is 1 where the gradient is taken; the clip is written out as in eq. 3."""
+    samples, rewards, parts = batch["samples"], batch["rewards"], batch["reward_parts"]
+    advantages = group_advantages(rewards, samples["group"], settings.scale_rewards)  # (BG,)
     logps = completion_logps(model, samples)  # (BG, C)
-    reference = _reference_logps(model, batch, samples) if settings.beta > 0 and "reference_model" in batch else None
-    token_losses, kl = grpo_token_losses(logps, logps.detach(), reference, advantages, settings)
+    token_losses, kl = grpo_token_losses(logps, logps.detach(), batch["reference_logps"], advantages, settings)
     mask = samples["completion_mask"].float()  # (BG, C)
     lengths = mask.sum(-1).clamp(min=1)  # (BG,)
     completion_losses = (token_losses * mask).sum(-1) / lengths  # (BG,) eq. 3: mean over tokens ...
@@ -363,7 +359,7 @@ def evaluate_rewards(model: torch.nn.Module, batches: Iterable[dict], settings: 
 
 register(ObjectiveSpec(
     name="grpo", model_kind="causal_lm", collate=collate_prompts, loss=grpo_loss, evaluate=evaluate_rewards,
-    settings=GRPOSettings, reference=reference_handle,
+    settings=GRPOSettings, rollout=rollout,
 ))
 
 
@@ -470,19 +466,18 @@ def ppo_token_losses(
 
 
 def ppo_loss(model: torch.nn.Module, batch: dict, settings: PPOSettings) -> LossOutput:
-    """One PPO update on completions sampled now (InstructGPT's RL stage, Ouyang et al. 2022, sec. 3.5).
+    """One PPO update on a `rollout` batch (InstructGPT's RL stage, Ouyang et al. 2022, sec. 3.5).
 
     Like grpo, one update per generation (mu = 1): pi_old and V_old are this forward's detached values,
     so the ratio is 1 and both clips are inactive where the gradient is taken; they are written out so
     the formulas read as in the papers.
     """
-    samples = sample_groups(model, batch, settings)
-    rewards, parts = score_completions(batch, samples, settings)  # (BG,)
+    samples, rewards, parts = batch["samples"], batch["rewards"], batch["reward_parts"]
     mask = samples["completion_mask"].float()  # (BG, C)
     logps, values = policy_logps_and_values(model, samples)  # (BG, C), (BG, C)
     old_logps, old_values = logps.detach(), values.detach()
-    reference = _reference_logps(model, batch, samples) if settings.beta > 0 and "reference_model" in batch else None
-    token_rewards, kl = kl_penalised_rewards(rewards, old_logps, reference, mask, settings.beta)  # (BG, C)
+    token_rewards, kl = kl_penalised_rewards(rewards, old_logps, batch["reference_logps"], mask,
+                                             settings.beta)  # (BG, C)
     advantages, returns = generalised_advantages(token_rewards, old_values, mask, settings.gamma, settings.lam)
     if settings.whiten_advantages:
         advantages = whiten(advantages, mask)
@@ -511,5 +506,5 @@ def ppo_loss(model: torch.nn.Module, batch: dict, settings: PPOSettings) -> Loss
 
 register(ObjectiveSpec(
     name="ppo", model_kind="causal_lm", collate=collate_prompts, loss=ppo_loss, evaluate=evaluate_rewards,
-    settings=PPOSettings, reference=reference_handle, prepare_model=add_value_head,
+    settings=PPOSettings, rollout=rollout, prepare_model=add_value_head,
 ))

@@ -47,7 +47,7 @@ from tunesmith.training.memory import return_large_buffers_to_the_os
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import packed_attention
-from tunesmith.training.reference import ReferenceModel, add_reference_outputs
+from tunesmith.training.reference import ReferenceModel, add_reference_outputs, training_batch
 
 EXIT_INTERRUPTED = 130
 
@@ -225,7 +225,7 @@ def accumulate_gradients(
     step_metrics: dict[str, torch.Tensor] = {}
     task_losses: dict[str, tuple[torch.Tensor, int]] = {}
     for batch in micro_batches:
-        batch = add_reference_outputs(objective, reference, model, to_device(batch, accelerator.device), settings)
+        batch = training_batch(objective, reference, model, to_device(batch, accelerator.device), settings)
         with accelerator.autocast():
             output = objective.loss(model, batch, settings)
         loss = output.loss_sum / step_loss_tokens
@@ -245,7 +245,7 @@ def starting_reference(objective: ObjectiveSpec, model, examples: list[dict], co
     """The reference of an objective that has one, taken from the model as it starts (before any step
     or resume changes it); None when it has none, or when `train.cache_reference` stored its outputs
     on the examples in one pass (then no frozen copy is held and no reference forward runs per step)."""
-    if objective.reference is None:
+    if not objective.has_reference:
         if config.train.cache_reference:
             raise ConfigError(f"train.cache_reference: task {config.task} has no reference model to cache")
         return None

@@ -154,7 +154,7 @@ def outer_step_size(meta: MetaConfig, step: int) -> float:
 
 def check_objective(objective: ObjectiveSpec) -> None:
     """Reptile needs a loss computed from the trained model and the batch alone."""
-    if objective.reference is not None or objective.prepare_model is not None:
+    if objective.has_reference or objective.prepare_model is not None:
         raise ConfigError(
             f"task: meta-train supports objectives whose loss needs only the model and the batch (sft, pretrain, "
             f"classify); {objective.name} needs a reference model or its own modules"

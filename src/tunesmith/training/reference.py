@@ -44,6 +44,14 @@ class ReferenceModel:
             model.train(was_training)
 
 
+def training_batch(objective, reference: ReferenceModel | None, model, batch: dict, settings) -> dict:
+    """The batch a training micro-step's `loss` sees: an online objective's rollout (samples, rewards and
+    the reference's view of them), or the batch with the reference's outputs added."""
+    if objective.rollout is not None:
+        return objective.rollout(model, reference, batch, settings)
+    return add_reference_outputs(objective, reference, model, batch, settings)
+
+
 def add_reference_outputs(objective, reference: ReferenceModel | None, model, batch: dict, settings) -> dict:
     """Run the objective's reference computation (if it has one) and add its tensors to the batch."""
     if objective.reference is None or reference is None:
