@@ -51,6 +51,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--release-memory", type=int, choices=(0, 1), default=0,
                         help="1: tunesmith runs with train.release_memory (lower peak RSS on CPU, fewer tokens/s)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: every tool loads the model in bfloat16 and trains under bf16 autocast (LoRA "
+                        "weights stay float32), the usual recipe on GPUs and on CPUs with AMX / AVX512-BF16")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every tool this many times, interleaved, and report each tool's median run")
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--loss-tolerance", type=float, default=0.15)
     parser.add_argument("--json", type=Path, help="also write the figures here, one object per tool")
@@ -82,15 +87,17 @@ def write_job_data(path: Path, count: int, seed: int = 0) -> Path:
 def job_config(args: argparse.Namespace, output_dir: Path, packing: bool):
     from tunesmith.config import build_config
 
+    bf16 = args.precision == "bf16"
     return build_config({
-        "model": {"name": args.model},
+        "model": {"name": args.model, "dtype": "bfloat16" if bf16 else "float32"},
         "data": {"train": str(args.data), "eval_split": 0.0, "max_length": args.max_length, "packing": packing,
                  "on_error": "skip"},
         "task": "sft",
         "method": {"name": "lora", "r": args.rank, "dropout": 0.0},
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "lr": args.lr, "warmup": 1, "scheduler": "cosine", "seed": 0, "eval_before": False,
-                  "log_every": 1, "release_memory": bool(args.release_memory)},
+                  "log_every": 1, "release_memory": bool(args.release_memory),
+                  "mixed_precision": "bf16" if bf16 else "no"},
         "output_dir": str(output_dir),
     })
 
@@ -140,7 +147,7 @@ def peer_lora_model(args: argparse.Namespace):
     from tunesmith.config import ModelConfig
     from tunesmith.models import load_model
 
-    model = load_model(ModelConfig(name=args.model), "sft")
+    model = load_model(ModelConfig(name=args.model, dtype="bfloat16" if args.precision == "bf16" else "float32"), "sft")
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
@@ -158,10 +165,8 @@ def timed_train(trainer, collator: CountingCollator) -> dict:
 def peer_arguments(args: argparse.Namespace, output_dir: str, arguments_class, **extra):
     import torch
 
-    # bf16 autocast on GPUs, float32 on CPU: the same precision tunesmith's `mixed_precision: auto` picks.
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return arguments_class(
-        bf16=bf16, use_cpu=not torch.cuda.is_available(),
+        bf16=args.precision == "bf16", use_cpu=not torch.cuda.is_available(),
         output_dir=output_dir, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1, save_strategy="no", report_to=[],
@@ -223,11 +228,18 @@ def worker_main(args: argparse.Namespace) -> None:
 def run_tool(tool: str, args: argparse.Namespace, data: Path) -> dict:
     options = {"worker": tool, "data": data}
     options |= {name: getattr(args, name) for name in
-                ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "rank", "threads", "release_memory")}
+                ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "rank", "threads", "release_memory",
+                 "precision")}
     figures = run_worker(__file__, options, args.threads)
     if figures is None:
         raise SystemExit(f"{tool} failed (its stderr is above)")
     return figures
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle one for an even count), with every run's figure."""
+    ordered = sorted(runs, key=lambda run: run["tokens_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "tokens_per_s_runs": [run["tokens_per_s"] for run in runs]}
 
 
 def main() -> None:
@@ -238,11 +250,15 @@ def main() -> None:
     tools = [tool for tool in args.tools.split(",") if tool]
     with tempfile.TemporaryDirectory() as folder:
         data = write_job_data(Path(folder) / "job.jsonl", args.records)
-        figures = {tool: run_tool(tool, args, data) for tool in tools}
+        runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every tool
+            for tool in tools:
+                runs[tool].append(run_tool(tool, args, data))
+    figures = {tool: median_run(tool_runs) for tool, tool_runs in runs.items()}
 
     print(f"\njob: {args.model}, LoRA r={args.rank} all-linear, {args.records} real chat records, max length "
           f"{args.max_length}, batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, "
-          f"{args.threads} threads\n")
+          f"{args.threads} threads, {args.precision}, median of {args.repeats} run(s) per tool\n")
     print(f"{'tool':<10} {'tokens/s':>10} {'padding':>8} {'peak MB':>9} {'final loss':>11}")
     for tool, row in figures.items():
         print(f"{tool:<10} {row['tokens_per_s']:>10.1f} {row['padding_fraction']:>8.3f} "

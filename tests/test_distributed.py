@@ -1,4 +1,5 @@
-"""Two processes (gloo on CPU) reach the same weights as one process with the same global batch."""
+"""Two processes (gloo on CPU) reach the same weights as one process with the same global batch, and a
+two-process checkpoint resumes on one process with that global batch to the same weights."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from helpers import chat_records, write_jsonl
 from safetensors.torch import load_file
 
 
-def write_config(tmp_path, model_dir, data, name: str, batch_size: int):
+def write_config(tmp_path, model_dir, data, name: str, batch_size: int, output: str | None = None):
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"model: {{name: {model_dir}}}\n"
         f"data: {{train: {data}, eval_split: 0.0, max_length: 128, group_by_length: true}}\n"
         "method: {name: full}\n"
-        f"train: {{max_steps: 3, batch_size: {batch_size}, lr: 1e-3, warmup: 0, eval_before: false, seed: 3}}\n"
-        f"output_dir: {tmp_path / name}\n"
+        f"train: {{max_steps: 3, batch_size: {batch_size}, lr: 1e-3, warmup: 0, eval_before: false, seed: 3, "
+        "save_every: 2}\n"
+        f"output_dir: {tmp_path / (output or name)}\n"
     )
     return path
 
@@ -48,3 +50,18 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama_dir, tmp_
     actual = load_file(tmp_path / "double" / "model" / "model.safetensors")
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-6)
+
+    # Resume the two-process run from its step-2 checkpoint on ONE process with the same global batch
+    # (batch 4 x 1): step 3 replays the same data and ends at the single run's weights.
+    resumed = write_config(tmp_path, tiny_llama_dir, data, "resumed", batch_size=4, output="double")
+    one_more = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(resumed), "--resume"],
+                              capture_output=True, text=True)
+    assert one_more.returncode == 0, one_more.stderr[-2000:]
+    actual = load_file(tmp_path / "double" / "model" / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-6)
+    # Another global batch would continue a different data order: refused before any step.
+    wrong = write_config(tmp_path, tiny_llama_dir, data, "wrong", batch_size=2, output="double")
+    refused = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(wrong), "--resume"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "set train.batch_size to 4" in refused.stderr + refused.stdout

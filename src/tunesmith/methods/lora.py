@@ -33,6 +33,7 @@ from tunesmith.methods.base import (
     peft_task_type,
     register,
 )
+from tunesmith.methods.lora_forward import use_fast_lora_forward
 
 INITIAL_STATE = "tunesmith_initial_lora_state"
 """Attribute of a PiSSA/OLoRA PeftModel holding A0, B0 (keys as in the saved adapter) for `save_lora`."""
@@ -94,6 +95,7 @@ def apply_lora(model, settings: LoraSettings, task: str):
         modules_to_save=modules_to_save or None,
     )
     model = get_peft_model(model, peft_config)
+    use_fast_lora_forward(model)
     if settings.init in ("pissa", "olora"):
         initial = get_peft_model_state_dict(model)
         setattr(model, INITIAL_STATE, {key: value.detach().clone() for key, value in initial.items() if "lora_" in key})

@@ -130,6 +130,20 @@ def micro_batch_stream(
         epoch, offset = epoch + 1, 0
 
 
+def check_resume_batch(state: dict, batch_size: int, processes: int) -> None:
+    """Resuming on another number of processes continues the same data order as long as the global
+    micro-batch (train.batch_size x processes) is the one the checkpoint was written with."""
+    saved = state.get("global_batch")
+    if saved is None or saved == batch_size * processes:
+        return
+    hint = (f"set train.batch_size to {saved // processes} for {processes} process(es)" if saved % processes == 0
+            else f"launch a number of processes that divides {saved}")
+    raise ConfigError(
+        f"train.batch_size: the checkpoint was written with a global micro-batch of {saved}; {batch_size} x "
+        f"{processes} process(es) gives {batch_size * processes}; {hint} to resume it"
+    )
+
+
 def training_items(examples: list[dict], config: RunConfig) -> tuple[list, list[str] | None]:
     """What one micro-batch index points at (an example, or a packed row of examples), and each
     item's task for a data mixture (None without one). Packing never puts two tasks in one row."""
@@ -351,6 +365,8 @@ def train(
         "evals_without_improvement": 0,
         "eval_before": None,
         "last_eval": None,
+        # The data position counts global micro-batches of this size, whatever the process count.
+        "global_batch": train_config.batch_size * group.world,
     }
     if resume:
         newest = complete_checkpoints(checkpoints_dir)[-1]
@@ -358,6 +374,7 @@ def train(
             state = load_checkpoint(newest, model, optimizer, scheduler)
         except (ValueError, KeyError) as error:
             raise ConfigError(f"--resume: {newest} does not fit this config ({error})") from None
+        check_resume_batch(state, train_config.batch_size, group.world)
         console.print(f"resumed from {newest.name} (step {state['step']})")
     elif train_config.eval_before and data.eval:
         state["eval_before"] = evaluate(
