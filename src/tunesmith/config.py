@@ -182,6 +182,11 @@ class TrainConfig(Section):
     )
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer: ~16% faster LoRA steps on CPU after a first step that "
+        "compiles (~1 min); worth it for runs of hundreds of steps (training/compile.py).",
+    )
     release_memory: bool = Field(
         False,
         description="CPU (glibc): give large tensor buffers back to the system as soon as they are freed; about "

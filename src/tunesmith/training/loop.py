@@ -42,6 +42,7 @@ from tunesmith.training.checkpoint import (
     save_best,
     save_checkpoint,
 )
+from tunesmith.training.compile import check_compiler, compile_layers
 from tunesmith.training.distributed import ProcessGroup
 from tunesmith.training.memory import return_large_buffers_to_the_os
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
@@ -302,6 +303,8 @@ def train(
     console = console or Console(stderr=True, quiet=not group.is_main)
     if train_config.release_memory and accelerator.device.type == "cpu":
         return_large_buffers_to_the_os()  # resident memory tracks the live tensors, step after step
+    if train_config.compile:
+        check_compiler(accelerator.device)
 
     # --- setup: everything that can fail on bad input happens before the first step ---
     run_dir = prepare_run_dir(config, resume, overwrite, group)
@@ -430,6 +433,8 @@ def train(
         TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console,
     )
+    if train_config.compile:  # last, so the reference copy and continual anchors hold plain modules
+        compile_layers(model)
     model.train()
     with StopSignal() as stop_signal, progress:
         bar = progress.add_task("train", total=total_steps, completed=state["step"], loss="-", lr="-", tps="-")

@@ -96,6 +96,7 @@ def record_attention(
     )
 
 
+@torch.compiler.disable  # record lengths change per batch: `train.compile` leaves attention eager
 def packed_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,  # (B, H, T, D)
