@@ -28,11 +28,22 @@ def write_config(tmp_path, model_dir, data, name: str, batch_size: int, output: 
     return path
 
 
+def train_one_process(config: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(config), *options],
+                          capture_output=True, text=True)
+
+
+def assert_weights(run_dir: Path, expected: dict[str, torch.Tensor]) -> None:
+    actual = load_file(run_dir / "model" / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-6)
+
+
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
     single = write_config(tmp_path, tiny_llama_dir, data, "single", batch_size=4)
     double = write_config(tmp_path, tiny_llama_dir, data, "double", batch_size=2)
-    one = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(single)], capture_output=True, text=True)
+    one = train_one_process(single)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     two = subprocess.run(
@@ -47,21 +58,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama_dir, tmp_
     losses_two = [json.loads(line)["loss"] for line in (tmp_path / "double" / "metrics.jsonl").read_text().splitlines()]
     assert losses_two == pytest.approx(losses, rel=1e-5)
     expected = load_file(tmp_path / "single" / "model" / "model.safetensors")
-    actual = load_file(tmp_path / "double" / "model" / "model.safetensors")
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-6)
+    assert_weights(tmp_path / "double", expected)
 
     # Resume the two-process run from its step-2 checkpoint on ONE process with the same global batch
     # (batch 4 x 1): step 3 replays the same data and ends at the single run's weights.
     resumed = write_config(tmp_path, tiny_llama_dir, data, "resumed", batch_size=4, output="double")
-    one_more = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(resumed), "--resume"],
-                              capture_output=True, text=True)
+    one_more = train_one_process(resumed, "--resume")
     assert one_more.returncode == 0, one_more.stderr[-2000:]
-    actual = load_file(tmp_path / "double" / "model" / "model.safetensors")
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-6)
+    assert_weights(tmp_path / "double", expected)
     # Another global batch would continue a different data order: refused before any step.
     wrong = write_config(tmp_path, tiny_llama_dir, data, "wrong", batch_size=2, output="double")
-    refused = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(wrong), "--resume"],
-                             capture_output=True, text=True)
+    refused = train_one_process(wrong, "--resume")
     assert refused.returncode == 2 and "set train.batch_size to 4" in refused.stderr + refused.stdout
