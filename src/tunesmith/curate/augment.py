@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -72,11 +73,12 @@ class Augment:
         self.generator = torch.Generator().manual_seed(settings.seed)
 
     def chosen(self, record: Record) -> bool:
-        """Whether `record` is augmented: a hash of seed and source, so the choice does not depend on
-        chunking or order."""
+        """Whether `record` is augmented: a hash of the seed and the record's file name and line, so the
+        choice depends neither on chunking or order nor on the folder the data sits in."""
         if self.settings.fraction >= 1:
             return True
-        digest = hashlib.blake2b(f"{self.settings.seed}:{record.source}".encode(), digest_size=8).digest()
+        where = os.path.basename(record.source)  # "data/train.jsonl:12" -> "train.jsonl:12"
+        digest = hashlib.blake2b(f"{self.settings.seed}:{where}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2**64 < self.settings.fraction
 
     def rewrite(self, texts: list[str]) -> list[str]:
