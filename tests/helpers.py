@@ -52,6 +52,30 @@ def run_config(model_dir: Path, train_file: Path, output_dir: Path, **sections: 
     return build_config(merge(base, sections))
 
 
+def train_online_rl(model_dir: Path, tmp_path: Path, task: str, rewards: list[str]):
+    """Two LoRA steps of an online RL task (grpo, ppo) through the loop on four GSM8K-style prompts,
+    evaluated on the same prompts; returns the TrainResult."""
+    from tunesmith.training import train
+
+    data = write_jsonl(tmp_path / "prompts.jsonl",
+                       [{"question": f"What is {index} plus {index}?", "answer": f"#### {2 * index}"}
+                        for index in range(4)])
+    return train(run_config(
+        model_dir, data, tmp_path / "run", task=task, method={"name": "lora", "r": 4}, data={"eval": str(data)},
+        objective={"rewards": rewards, "group_size": 2, "max_new_tokens": 6}, train={"max_steps": 2, "batch_size": 2},
+    ))
+
+
+def assert_same_weights(expected_file: Path, actual_file: Path, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Every tensor of the safetensors file `expected_file` is in `actual_file`, equal to tolerance."""
+    import torch
+    from safetensors.torch import load_file
+
+    expected, actual = load_file(expected_file), load_file(actual_file)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=rtol, atol=atol, msg=name)
+
+
 def run_cli(capsys, *args) -> tuple[int, str, str]:
     """Run the real `tunesmith` entry point in-process (seconds instead of a subprocess): (code, out, err)."""
     import sys

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import classification_records, run_cli, run_config, write_jsonl
+from helpers import assert_same_weights, classification_records, run_cli, run_config, write_jsonl
 from safetensors.torch import load_file
 
 from tunesmith.config import ModelConfig
@@ -351,10 +351,8 @@ def test_a_guarded_run_resumes_to_the_same_weights(full_run_a, task_files, tmp_p
     assert train(config, should_stop=lambda step: step == 2).exit_code == EXIT_INTERRUPTED
     resumed = train(config, resume=True)
     assert resumed.exit_code == 0 and resumed.summary["steps"] == 4
-    expected = load_file(straight.run_dir / "model" / "model.safetensors")
-    actual = load_file(resumed.run_dir / "model" / "model.safetensors")
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, rtol=1e-5, atol=1e-6)
+    assert_same_weights(straight.run_dir / "model" / "model.safetensors",
+                        resumed.run_dir / "model" / "model.safetensors")
 
 
 # --- LoRA: an adapter per task, O-LoRA --------------------------------------------------------------

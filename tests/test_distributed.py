@@ -10,9 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import chat_records, write_jsonl
-from safetensors.torch import load_file
+from helpers import assert_same_weights, chat_records, write_jsonl
 
 
 def write_config(tmp_path, model_dir, data, name: str, batch_size: int, output: str | None = None):
@@ -33,12 +31,6 @@ def train_one_process(config: Path, *options: str) -> subprocess.CompletedProces
                           capture_output=True, text=True)
 
 
-def assert_weights(run_dir: Path, expected: dict[str, torch.Tensor]) -> None:
-    actual = load_file(run_dir / "model" / "model.safetensors")
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-6)
-
-
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
     single = write_config(tmp_path, tiny_llama_dir, data, "single", batch_size=4)
@@ -57,15 +49,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama_dir, tmp_
     losses = [json.loads(line)["loss"] for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     losses_two = [json.loads(line)["loss"] for line in (tmp_path / "double" / "metrics.jsonl").read_text().splitlines()]
     assert losses_two == pytest.approx(losses, rel=1e-5)
-    expected = load_file(tmp_path / "single" / "model" / "model.safetensors")
-    assert_weights(tmp_path / "double", expected)
+    expected = tmp_path / "single" / "model" / "model.safetensors"
+    assert_same_weights(expected, tmp_path / "double" / "model" / "model.safetensors", rtol=1e-4)
 
     # Resume the two-process run from its step-2 checkpoint on ONE process with the same global batch
     # (batch 4 x 1): step 3 replays the same data and ends at the single run's weights.
     resumed = write_config(tmp_path, tiny_llama_dir, data, "resumed", batch_size=4, output="double")
     one_more = train_one_process(resumed, "--resume")
     assert one_more.returncode == 0, one_more.stderr[-2000:]
-    assert_weights(tmp_path / "double", expected)
+    assert_same_weights(expected, tmp_path / "double" / "model" / "model.safetensors", rtol=1e-4)
     # Another global batch would continue a different data order: refused before any step.
     wrong = write_config(tmp_path, tiny_llama_dir, data, "wrong", batch_size=2, output="double")
     refused = train_one_process(wrong, "--resume")

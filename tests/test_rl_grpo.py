@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_config, write_jsonl
+from helpers import run_config, train_online_rl, write_jsonl
 
 from tunesmith.config import ModelConfig
 from tunesmith.data.preference import tokenize_preference_record
@@ -23,7 +23,6 @@ from tunesmith.objectives.rl import (
     register_reward,
     rollout,
 )
-from tunesmith.training import train
 from tunesmith.training.reference import ReferenceModel
 
 
@@ -122,16 +121,7 @@ def test_rollout_scores_samples_with_the_starting_policy(tiny_llama_dir, method)
 
 
 def test_grpo_trains_through_the_loop_with_a_lora_reference(tiny_llama_dir, tmp_path):
-    data = write_jsonl(tmp_path / "prompts.jsonl",
-                       [{"question": f"What is {index} plus {index}?", "answer": f"#### {2 * index}"}
-                        for index in range(4)])
-    config = run_config(
-        tiny_llama_dir, data, tmp_path / "run", task="grpo", method={"name": "lora", "r": 4},
-        data={"eval": str(data)},
-        objective={"rewards": ["test_digits", "gsm8k_correctness"], "group_size": 2, "max_new_tokens": 6},
-        train={"max_steps": 2, "batch_size": 2},
-    )
-    result = train(config)
+    result = train_online_rl(tiny_llama_dir, tmp_path, "grpo", ["test_digits", "gsm8k_correctness"])
     assert result.exit_code == 0 and (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert {"eval_loss", "reward", "reward_test_digits", "reward_gsm8k_correctness"} <= set(result.summary["eval"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_config, write_jsonl
+from helpers import run_config, train_online_rl, write_jsonl
 
 from tunesmith.config import ModelConfig
 from tunesmith.data.preference import tokenize_preference_record
@@ -153,18 +153,7 @@ def test_ppo_refuses_a_prompt_learning_method(tiny_llama_dir):
 
 
 def test_ppo_trains_through_the_loop(tiny_llama_dir, tmp_path):
-    data = write_jsonl(tmp_path / "prompts.jsonl",
-                       [{"question": f"What is {index} plus {index}?", "answer": f"#### {2 * index}"}
-                        for index in range(4)])
-    config = run_config(
-        tiny_llama_dir, data, tmp_path / "run", task="ppo", method={"name": "lora", "r": 4},
-        data={"eval": str(data)},
-        objective={"rewards": ["test_ppo_digits", "gsm8k_correctness"], "group_size": 2, "max_new_tokens": 6},
-        train={"max_steps": 2, "batch_size": 2},
-    )
-    from tunesmith.training import train
-
-    result = train(config)
+    result = train_online_rl(tiny_llama_dir, tmp_path, "ppo", ["test_ppo_digits", "gsm8k_correctness"])
     assert result.exit_code == 0 and (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert {"eval_loss", "reward", "reward_test_ppo_digits"} <= set(result.summary["eval"])
 

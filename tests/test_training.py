@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import chat_records, classification_records, run_config, write_jsonl
+from helpers import assert_same_weights, chat_records, classification_records, run_config, write_jsonl
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -158,10 +158,8 @@ def test_resume_gives_the_same_weights(tiny_llama_dir, chat_file, tmp_path):
     assert resumed.exit_code == 0 and resumed.summary["steps"] == 6
 
     assert losses(resumed.run_dir) == pytest.approx(losses(straight.run_dir), rel=1e-5)
-    expected = load_file(straight.run_dir / "adapter" / "adapter_model.safetensors")
-    actual = load_file(resumed.run_dir / "adapter" / "adapter_model.safetensors")
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, rtol=1e-5, atol=1e-6)
+    assert_same_weights(straight.run_dir / "adapter" / "adapter_model.safetensors",
+                        resumed.run_dir / "adapter" / "adapter_model.safetensors")
 
 
 def test_early_stopping_exports_the_best_checkpoint(tiny_llama_dir, chat_file, tmp_path):
