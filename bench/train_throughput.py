@@ -51,6 +51,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--release-memory", type=int, choices=(0, 1), default=0,
                         help="1: tunesmith runs with train.release_memory (lower peak RSS on CPU, fewer tokens/s)")
+    parser.add_argument("--compile", type=int, choices=(0, 1), default=0,
+                        help="1: tunesmith runs with train.compile (each decoder layer compiled; its first step "
+                        "compiles, so use enough --steps); the peers run eager")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: every tool loads the model in bfloat16 and trains under bf16 autocast (LoRA "
                         "weights stay float32), the usual recipe on GPUs and on CPUs with AMX / AVX512-BF16")
@@ -96,7 +99,7 @@ def job_config(args: argparse.Namespace, output_dir: Path, packing: bool):
         "method": {"name": "lora", "r": args.rank, "dropout": 0.0},
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "lr": args.lr, "warmup": 1, "scheduler": "cosine", "seed": 0, "eval_before": False,
-                  "log_every": 1, "release_memory": bool(args.release_memory),
+                  "log_every": 1, "release_memory": bool(args.release_memory), "compile": bool(args.compile),
                   "mixed_precision": "bf16" if bf16 else "no"},
         "output_dir": str(output_dir),
     })
@@ -120,10 +123,13 @@ def run_tunesmith(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         result = train(job_config(args, Path(folder) / "run", packing=True))
-        losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = result.summary
+    later = [step for step in steps if step["step"] > 1]  # without the first step (where compiling happens)
+    later_seconds = sum(step["tokens"] / step["tokens_per_s"] for step in later)
     return {"tokens_per_s": summary["tokens_per_s"], "padding_fraction": summary["padding_fraction"],
-            "train_seconds": summary["train_seconds"], "losses": losses}
+            "train_seconds": summary["train_seconds"], "losses": [step["loss"] for step in steps],
+            "tokens_per_s_after_first_step": sum(step["tokens"] for step in later) / later_seconds if later else None}
 
 
 class CountingCollator:
@@ -229,7 +235,7 @@ def run_tool(tool: str, args: argparse.Namespace, data: Path) -> dict:
     options = {"worker": tool, "data": data}
     options |= {name: getattr(args, name) for name in
                 ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "rank", "threads", "release_memory",
-                 "precision")}
+                 "precision", "compile")}
     figures = run_worker(__file__, options, args.threads)
     if figures is None:
         raise SystemExit(f"{tool} failed (its stderr is above)")
@@ -264,6 +270,8 @@ def main() -> None:
         print(f"{tool:<10} {row['tokens_per_s']:>10.1f} {row['padding_fraction']:>8.3f} "
               f"{row['peak_memory_mb']:>9.0f} {row['final_loss']:>11.4f}")
     ours = figures.get("tunesmith")
+    if ours and ours.get("tokens_per_s_after_first_step"):
+        print(f"tunesmith without its first step: {ours['tokens_per_s_after_first_step']:.1f} tokens/s")
     agree = True
     if ours:
         for peer in (tool for tool in figures if tool != "tunesmith"):
