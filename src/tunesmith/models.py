@@ -92,6 +92,12 @@ BUILTINS: dict[str, BuiltinModel] = {
 }
 
 
+def unwrapped_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under any peft wrapper (LoRA layers are injected in place, so its
+    forward includes them); a plain model is returned as it is."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def cache_dir() -> Path:
     """Where converted models live: `$TUNESMITH_CACHE` or `~/.cache/tunesmith`, read on every call."""
     return Path(os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith").expanduser()

@@ -51,10 +51,9 @@ def lora_linear_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> 
     return update.view(result.shape)
 
 
-def use_fast_lora_forward(model: torch.nn.Module) -> int:
+def use_fast_lora_forward(model: torch.nn.Module) -> None:
     """Give every peft LoRA linear of `model` the fused forward (per instance: other models that share
-    peft's class are untouched); returns how many layers got it."""
-    layers = [module for module in model.modules() if type(module) is LoraLinear]
-    for layer in layers:
-        layer.forward = types.MethodType(lora_linear_forward, layer)
-    return len(layers)
+    peft's class are untouched)."""
+    for layer in model.modules():
+        if type(layer) is LoraLinear:
+            layer.forward = types.MethodType(lora_linear_forward, layer)

@@ -15,12 +15,11 @@ from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.collate import IGNORE_INDEX, collate_padded
+from tunesmith.models import unwrapped_model
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, model_inputs, register
 
-
-def _language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers *ForCausalLM under any peft wrapper (LoRA layers are injected in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+_language_model = unwrapped_model
+"""The transformers *ForCausalLM under any peft wrapper."""
 
 
 def _can_skip_unused_logits(model: torch.nn.Module) -> bool:

@@ -19,6 +19,7 @@ import shutil
 import torch
 
 from tunesmith.errors import ConfigError
+from tunesmith.models import unwrapped_model
 
 
 def check_compiler(device: torch.device) -> None:
@@ -28,10 +29,10 @@ def check_compiler(device: torch.device) -> None:
                           "install one or set train.compile: false")
 
 
-def compile_layers(model: torch.nn.Module) -> int:
+def compile_layers(model: torch.nn.Module) -> None:
     """Compile, in place, every module of `model` whose class is one of its decoder-layer classes
-    (transformers lists them in `_no_split_modules`); returns how many. State-dict keys do not change."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    (transformers lists them in `_no_split_modules`). State-dict keys do not change."""
+    base = unwrapped_model(model)
     layer_classes = set(getattr(base, "_no_split_modules", None) or ())
     layers = [module for module in base.modules() if type(module).__name__ in layer_classes]
     if not layers:
@@ -39,4 +40,3 @@ def compile_layers(model: torch.nn.Module) -> int:
                           "set train.compile: false")
     for layer in layers:
         layer.compile()
-    return len(layers)

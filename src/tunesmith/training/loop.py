@@ -32,7 +32,7 @@ from tunesmith.data.cache import prepare_data_cached
 from tunesmith.data.collate import batch_order, collate_packed, eval_batches, pack_examples, task_batch_order
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.methods import METHODS, count_parameters
-from tunesmith.models import load_model, load_tokenizer
+from tunesmith.models import load_model, load_tokenizer, unwrapped_model
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.objectives.base import ObjectiveSpec
 from tunesmith.training.checkpoint import (
@@ -337,7 +337,7 @@ def train(
         f"({100 * trainable_params / total_params:.2f}%) on {len(data.train):,} records"
     )
     if train_config.gradient_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrapped_model(model)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad_id = tokenizer.pad_token_id
 

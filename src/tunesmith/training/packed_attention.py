@@ -27,6 +27,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from tunesmith.models import unwrapped_model
+
 NAME = "tunesmith_packed_sdpa"
 
 
@@ -140,7 +142,7 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
 def packed_attention(model: torch.nn.Module):
     """Use the per-record attention inside the block (training on packed rows), SDPA again after it
     (so exported configs and later evaluation or generation are untouched)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped_model(model)
     previous = base.config._attn_implementation
     if previous != "sdpa":  # eager / flash kernels chosen by the user are left alone
         yield
