@@ -9,7 +9,7 @@ import pytest
 from helpers import chat_records, run_config, write_jsonl
 
 from tunesmith.methods import METHODS, count_parameters
-from tunesmith.models import load_model
+from tunesmith.models import decoder_layers, load_model
 from tunesmith.plan import GIB, plan_memory
 
 
@@ -52,3 +52,22 @@ def test_too_small_budget_gives_advice_by_config_key(tiny_llama_dir, chat_file, 
         capture_output=True, text=True,
     )
     assert result.returncode == 1 and "does NOT fit" in result.stdout
+
+
+def test_fsdp_divides_the_layers_state_by_the_processes(tiny_llama_dir, chat_file, tmp_path):
+    replicated = run_config(tiny_llama_dir, chat_file, tmp_path / "a", method={"name": "full"},
+                            data={"max_length": 16}, train={"batch_size": 1})  # the model state dominates
+    sharded = run_config(tiny_llama_dir, chat_file, tmp_path / "b", method={"name": "full"},
+                         train={"sharding": "fsdp"})
+    model = load_model(sharded.model, "sft")
+    layers = [sum(parameter.numel() for parameter in layer.parameters()) for layer in decoder_layers(model)]
+    total = sum(parameter.numel() for parameter in model.parameters())
+    plan = plan_memory(sharded, on_gpu=False, processes=4)
+    held = total - sum(layers) * 3 / 4  # embeddings and final norm stay whole on every process
+    assert plan.parts_gib["weights"] == pytest.approx(held * 4 / GIB)
+    assert plan.parts_gib["optimizer (AdamW)"] == pytest.approx(held * 8 / GIB)
+    assert plan.parts_gib["fsdp: one layer gathered"] == pytest.approx(max(layers) * 4 / GIB)
+    # Without sharding, or on one process, every process holds it all; the advice then names the key.
+    assert plan_memory(sharded, on_gpu=False, processes=1).parts_gib["weights"] == pytest.approx(total * 4 / GIB)
+    tight = plan_memory(replicated, budget_gib=1e-4, on_gpu=False, processes=4)
+    assert any(line.startswith("train.sharding: fsdp") for line in tight.advice)

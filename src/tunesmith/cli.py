@@ -50,8 +50,14 @@ def train(
     """Fine-tune: config -> run directory (model or adapter, metrics, summary)."""
     from tunesmith.config import load_config
     from tunesmith.pipeline import run
+    from tunesmith.training.launch import inside_launch, launch_with_accelerate
 
     run_config = load_config(config, overrides)
+    accelerate_config = run_config.train.accelerate_config
+    if accelerate_config is not None and not inside_launch():
+        arguments = [str(config), *(part for pair in overrides or [] for part in ("--set", pair))]
+        arguments += ["--resume"] * resume + ["--overwrite"] * overwrite
+        raise typer.Exit(launch_with_accelerate(accelerate_config, arguments))
     result = run(run_config, resume=resume, overwrite=overwrite)
     summary = result.summary
     table = Table(title=f"run {result.run_dir}")
@@ -83,6 +89,8 @@ def plan(
         float | None, typer.Option(help="Memory per device in GiB; default: this GPU's, else system RAM.")
     ] = None,
     gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="Plan for a GPU (bf16) or the CPU.")] = None,
+    processes: Annotated[int, typer.Option(min=1, help="Processes (devices) the run will use; with train.sharding: "
+                                                       "fsdp each holds 1/N of the layers.")] = 1,
 ) -> None:
     """Estimate memory per device for a run config, and what to change when it will not fit."""
     import torch
@@ -94,8 +102,9 @@ def plan(
     on_gpu = torch.cuda.is_available() if gpu is None else gpu
     if budget_gb is None:
         budget_gb = _device_memory_gib(on_gpu)
-    estimate = plan_memory(run_config, budget_gb, on_gpu)
-    table = Table(title=f"memory per device: {run_config.model.name}, {run_config.method.name}, "
+    estimate = plan_memory(run_config, budget_gb, on_gpu, processes)
+    sharding = f", fsdp over {processes}" if run_config.train.sharding == "fsdp" and processes > 1 else ""
+    table = Table(title=f"memory per device: {run_config.model.name}, {run_config.method.name}{sharding}, "
                         f"batch {run_config.train.batch_size} x {run_config.data.max_length} tokens")
     table.add_column("part")
     table.add_column("GiB", justify="right")

@@ -200,6 +200,22 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, none on CPU."
     )
+    sharding: Literal["auto", "none", "fsdp"] = Field(
+        "auto",
+        description="Across processes: fsdp shards each decoder layer's weights, gradients and optimizer state "
+        "(FSDP2); none keeps a full replica per process; auto is fsdp when `accelerate launch` runs with an FSDP "
+        "config, else none.",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="fsdp: free each layer's gathered weights after its forward and gather them again for the "
+        "backward (least memory, ZeRO-3); false keeps them until the backward (less communication).",
+    )
+    accelerate_config: Path | None = Field(
+        None,
+        description="An accelerate config file (from `accelerate config`): `tunesmith train` launches itself "
+        "through `accelerate launch --config_file` with it (processes, machines, FSDP).",
+    )
     log_every: int = Field(1, ge=1, description="Write metrics.jsonl every N steps.")
     report_to: Literal["none", "tensorboard"] = Field("none", description="Extra metrics sink.")
 
@@ -211,6 +227,15 @@ class TrainConfig(Section):
         if value is False:
             return None
         return value
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _launchable(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            from tunesmith.training.launch import check_accelerate_config
+
+            check_accelerate_config(path)
+        return path
 
     @field_validator("warmup")
     @classmethod

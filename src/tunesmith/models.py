@@ -98,6 +98,16 @@ def unwrapped_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of `model` whose class is one of its decoder-layer classes (transformers lists them
+    in `_no_split_modules`), in order; empty for a model that names none. FSDP's subclass of a layer
+    class (`FSDPLlamaDecoderLayer`) still counts."""
+    base = unwrapped_model(model)
+    layer_classes = set(getattr(base, "_no_split_modules", None) or ())
+    return [module for module in base.modules()
+            if any(cls.__name__ in layer_classes for cls in type(module).__mro__)]
+
+
 def cache_dir() -> Path:
     """Where converted models live: `$TUNESMITH_CACHE` or `~/.cache/tunesmith`, read on every call."""
     return Path(os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith").expanduser()

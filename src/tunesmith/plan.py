@@ -18,6 +18,7 @@ import torch
 from tunesmith.config import RunConfig
 from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import creates_head
+from tunesmith.models import decoder_layers
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
@@ -45,8 +46,17 @@ class MemoryPlan:
         return self.budget_gib is None or self.total_gib <= self.budget_gib
 
 
-def parameter_counts(config: RunConfig) -> tuple[int, int, object]:
-    """(trainable, total, model config): the method applied to the model built on the meta device."""
+@dataclass
+class ParameterCounts:
+    trainable: int
+    total: int
+    trainable_in_layers: int  # what FSDP shards (training/sharding.py): the decoder layers' parameters
+    total_in_layers: int
+    largest_layer: int  # parameters of one decoder layer: gathered whole while it runs
+
+
+def parameter_counts(config: RunConfig) -> tuple[ParameterCounts, object]:
+    """Parameter counts of the method applied to the model built on the meta device, and the model config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from tunesmith.models import resolve_model
@@ -58,7 +68,15 @@ def parameter_counts(config: RunConfig) -> tuple[int, int, object]:
         model = model_class.from_config(model_config)
         model = METHODS.get(config.method.name).apply(model, config.method, config.task)
     trainable, total = count_parameters(model)
-    return trainable, total, model_config
+    layers = decoder_layers(model)
+    in_layers = [parameter for layer in layers for parameter in layer.parameters()]
+    counts = ParameterCounts(
+        trainable, total,
+        trainable_in_layers=sum(parameter.numel() for parameter in in_layers if parameter.requires_grad),
+        total_in_layers=sum(parameter.numel() for parameter in in_layers),
+        largest_layer=max((sum(parameter.numel() for parameter in layer.parameters()) for layer in layers), default=0),
+    )
+    return counts, model_config
 
 
 def weights_dtype(config: RunConfig, on_gpu: bool) -> str:
@@ -67,10 +85,15 @@ def weights_dtype(config: RunConfig, on_gpu: bool) -> str:
     return "bfloat16" if on_gpu else "float32"
 
 
-def plan_memory(config: RunConfig, budget_gib: float | None = None, on_gpu: bool | None = None) -> MemoryPlan:
-    """Estimated peak memory per device (data parallel: every process holds a full replica)."""
+def plan_memory(
+    config: RunConfig, budget_gib: float | None = None, on_gpu: bool | None = None, processes: int = 1
+) -> MemoryPlan:
+    """Estimated peak memory per device. Data parallel: every process holds a full replica; with
+    `train.sharding: fsdp` and several processes, each holds 1/processes of the decoder layers' weights,
+    gradients and optimizer state, plus one layer gathered whole while it runs."""
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    trainable, total, model_config = parameter_counts(config)
+    counts, model_config = parameter_counts(config)
+    trainable, total = counts.trainable, counts.total
     dtype = weights_dtype(config, on_gpu)
     weight_bytes = BYTES[dtype]
     train = config.train
@@ -92,24 +115,35 @@ def plan_memory(config: RunConfig, budget_gib: float | None = None, on_gpu: bool
         chunk = getattr(config.objective, "loss_chunk_tokens", None) or tokens
         logits = min(chunk, tokens) * vocab * 4 * 2
 
+    held, held_trainable, gathered = total, trainable, 0
+    if config.train.sharding == "fsdp" and processes > 1:
+        held = total - counts.total_in_layers * (1 - 1 / processes)
+        held_trainable = trainable - counts.trainable_in_layers * (1 - 1 / processes)
+        gathered = counts.largest_layer * weight_bytes
     parts = {
-        "weights": total * weight_bytes,
-        "gradients": trainable * weight_bytes,
+        "weights": held * weight_bytes,
+        "gradients": held_trainable * weight_bytes,
         # AdamW: two moments per trainable parameter, in the parameter's dtype (torch's zeros_like).
-        "optimizer (AdamW)": trainable * 2 * weight_bytes,
+        "optimizer (AdamW)": held_trainable * 2 * weight_bytes,
         "activations": activations,
         "logits + loss": logits,
     }
+    if gathered:
+        parts["fsdp: one layer gathered"] = gathered
     plan = MemoryPlan(total, trainable, {name: value / GIB for name, value in parts.items()}, budget_gib)
     if not plan.fits:
-        plan.advice = advice_for(config, plan)
+        plan.advice = advice_for(config, plan, processes)
     return plan
 
 
-def advice_for(config: RunConfig, plan: MemoryPlan) -> list[str]:
+def advice_for(config: RunConfig, plan: MemoryPlan, processes: int = 1) -> list[str]:
     """What to change, largest saving first, named by config key."""
     parts = plan.parts_gib
     advice = []
+    model_state = parts["weights"] + parts["gradients"] + parts["optimizer (AdamW)"]
+    if config.train.sharding != "fsdp" and model_state > 0.3 * plan.total_gib:
+        devices = f"the {processes} processes" if processes > 1 else "several devices (accelerate launch)"
+        advice.append(f"train.sharding: fsdp (weights, gradients and optimizer state split across {devices})")
     if not config.train.gradient_checkpointing and parts["activations"] > 0.2 * plan.total_gib:
         advice.append("train.gradient_checkpointing: true (recompute activations; ~30% slower, far less memory)")
     if config.train.batch_size > 1 and parts["activations"] > 0.2 * plan.total_gib:

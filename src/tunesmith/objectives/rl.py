@@ -357,6 +357,23 @@ def evaluate_rewards(model: torch.nn.Module, batches: Iterable[dict], settings: 
     return {"eval_loss": -metrics.get("reward", 0.0), **metrics, "eval_prompts": count}
 
 
+@torch.no_grad()
+def pass_rates(model: torch.nn.Module, batches: Iterable[dict], settings: SamplingSettings) -> list[float]:
+    """The mean total reward of G sampled completions of each prompt, in batch order; with a 0/1 reward such as
+    gsm8k_correctness, the prompt's pass rate at `settings.temperature`.
+
+    Screening prompts by it finds where GRPO can learn: a group whose completions all score the same has zero
+    advantages (eq. 3's group normalisation), so only prompts with 0 < rate < 1 give a gradient (the
+    observation behind DAPO's dynamic sampling, Yu et al. 2025, sec. 3.2).
+    """
+    rates: list[float] = []
+    for batch in batches:
+        samples = sample_groups(model, batch, settings)
+        rewards, _ = score_completions(batch, samples, settings)  # (BG,)
+        rates += rewards.view(-1, samples["group"]).mean(-1).tolist()
+    return rates
+
+
 register(ObjectiveSpec(
     name="grpo", model_kind="causal_lm", collate=collate_prompts, loss=grpo_loss, evaluate=evaluate_rewards,
     settings=GRPOSettings, rollout=rollout,

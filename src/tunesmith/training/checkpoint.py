@@ -18,15 +18,21 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunesmith.training.sharding import full_tensor, shard_like
+
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        name: parameter.detach().to("cpu").contiguous().clone()
-        for name, parameter in model.named_parameters()
-        if parameter.requires_grad
-    }
+def trainable_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable parameters as whole host tensors. Under sharding every process must call it (each
+    sharded tensor is gathered in turn); `keep=False` joins the gathers and keeps nothing."""
+    state = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            tensor = full_tensor(parameter.detach())
+            if keep:
+                state[name] = tensor.to("cpu").contiguous().clone()
+    return state
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -38,27 +44,35 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
         raise ValueError(f"checkpoint does not match the trainable parameters (missing {missing}, extra {extra})")
     with torch.no_grad():
         for name, tensor in state.items():
-            parameters[name].copy_(tensor.to(parameters[name].device, parameters[name].dtype))
+            parameters[name].copy_(shard_like(tensor.to(parameters[name].dtype), parameters[name]))
 
 
-def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state_dict into tensors (safetensors) and the rest (JSON)."""
+def optimizer_to_files(
+    optimizer: torch.optim.Optimizer, keep: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into whole tensors (safetensors) and the rest (JSON); under sharding
+    every process must call it, as for `trainable_state`."""
     state_dict = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for index, per_parameter in state_dict["state"].items():
         for key, value in per_parameter.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+                value = full_tensor(value.detach())
+                if keep:
+                    tensors[f"{index}.{key}"] = value.to("cpu").contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         index, name = key.split(".", 1)
+        if isinstance(value, torch.Tensor) and value.shape == parameters[int(index)].shape:
+            value = shard_like(value, parameters[int(index)])  # moments of a sharded parameter
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
@@ -98,10 +112,16 @@ def save_checkpoint(
     scheduler,
     loop_state: dict[str, Any],
     keep: int,
-) -> Path:
+    is_main: bool = True,
+) -> Path | None:
+    """Write a checkpoint (the main process); under sharding every process calls it to join the gathers."""
+    trainable = trainable_state(model, keep=is_main)
+    tensors, meta = optimizer_to_files(optimizer, keep=is_main)
+    if not is_main:
+        return None
+
     def write(folder: Path) -> None:
-        save_file(trainable_state(model), folder / "trainable.safetensors")
-        tensors, meta = optimizer_to_files(optimizer)
+        save_file(trainable, folder / "trainable.safetensors")
         save_file(tensors, folder / "optimizer.safetensors")
         (folder / "optimizer.json").write_text(json.dumps(meta))
         (folder / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
@@ -133,9 +153,13 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict[str, Any]
     return json.loads((folder / "state.json").read_text())
 
 
-def save_best(checkpoints_dir: Path, model: torch.nn.Module, record: dict[str, Any]) -> None:
+def save_best(checkpoints_dir: Path, model: torch.nn.Module, record: dict[str, Any], is_main: bool = True) -> None:
+    trainable = trainable_state(model, keep=is_main)
+    if not is_main:
+        return
+
     def write(folder: Path) -> None:
-        save_file(trainable_state(model), folder / "trainable.safetensors")
+        save_file(trainable, folder / "trainable.safetensors")
         (folder / "best.json").write_text(json.dumps(record, indent=1))
 
     write_atomically(checkpoints_dir / "best", write)

@@ -19,7 +19,7 @@ import shutil
 import torch
 
 from tunesmith.errors import ConfigError
-from tunesmith.models import unwrapped_model
+from tunesmith.models import decoder_layers, unwrapped_model
 
 
 def check_compiler(device: torch.device) -> None:
@@ -32,11 +32,9 @@ def check_compiler(device: torch.device) -> None:
 def compile_layers(model: torch.nn.Module) -> None:
     """Compile, in place, every module of `model` whose class is one of its decoder-layer classes
     (transformers lists them in `_no_split_modules`). State-dict keys do not change."""
-    base = unwrapped_model(model)
-    layer_classes = set(getattr(base, "_no_split_modules", None) or ())
-    layers = [module for module in base.modules() if type(module).__name__ in layer_classes]
+    layers = decoder_layers(model)
     if not layers:
-        raise ConfigError(f"train.compile: no decoder layers found in {type(base).__name__} to compile; "
-                          "set train.compile: false")
+        name = type(unwrapped_model(model)).__name__
+        raise ConfigError(f"train.compile: no decoder layers found in {name} to compile; set train.compile: false")
     for layer in layers:
         layer.compile()

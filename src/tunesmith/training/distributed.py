@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 class ProcessGroup:
@@ -42,7 +43,11 @@ class ProcessGroup:
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
         if not self.distributed:
             return
-        grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+        # Sharded (FSDP) gradients were already summed by their reduce-scatter.
+        grads = [parameter.grad for parameter in parameters
+                 if parameter.grad is not None and not isinstance(parameter.grad, DTensor)]
+        if not grads:
+            return
         flat = torch.cat([grad.flatten() for grad in grads])
         dist.all_reduce(flat)
         offset = 0

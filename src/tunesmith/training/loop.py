@@ -49,6 +49,13 @@ from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import packed_attention
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs, training_batch
+from tunesmith.training.sharding import (
+    check_shardable,
+    clip_gradients,
+    gather_for_export,
+    shard_layers,
+    sharding_choice,
+)
 
 EXIT_INTERRUPTED = 130
 
@@ -305,6 +312,10 @@ def train(
         return_large_buffers_to_the_os()  # resident memory tracks the live tensors, step after step
     if train_config.compile:
         check_compiler(accelerator.device)
+    reshard_after_forward = sharding_choice(train_config, group.world)
+    sharded = reshard_after_forward is not None
+    if sharded:
+        check_shardable(config, objective)
 
     # --- setup: everything that can fail on bad input happens before the first step ---
     run_dir = prepare_run_dir(config, resume, overwrite, group)
@@ -349,6 +360,10 @@ def train(
     total_steps = train_config.max_steps or max(1, math.ceil(train_config.epochs * per_epoch))
 
     reference = starting_reference(objective, model, data.train + data.eval, config)
+    if sharded:  # after the reference copy and before the optimizer, which must hold the sharded parameters
+        shard_layers(model, reshard_after_forward)
+        console.print(f"fsdp: decoder layers sharded across {group.world} processes "
+                      f"(reshard after forward: {reshard_after_forward})")
     optimizer = accelerator.prepare_optimizer(build_optimizer(model, train_config, method, config.method))
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     scheduler = build_scheduler(optimizer, train_config, total_steps)
@@ -393,10 +408,10 @@ def train(
 
     def checkpoint() -> None:
         # Written once, by the main process; with several processes the RNG saved is the main one's.
-        if group.is_main:
-            save_checkpoint(
-                checkpoints_dir, state["step"], model, optimizer, scheduler, state, train_config.keep_checkpoints
-            )
+        # Sharded weights are gathered for it: every process takes part.
+        if group.is_main or sharded:
+            save_checkpoint(checkpoints_dir, state["step"], model, optimizer, scheduler, state,
+                            train_config.keep_checkpoints, is_main=group.is_main)
         group.barrier()
 
     def evaluate_and_track() -> bool:
@@ -419,8 +434,8 @@ def train(
         if improvement > min_delta:
             state["best"] = {"step": state["step"], "metrics": metrics}
             state["evals_without_improvement"] = 0
-            if group.is_main:
-                save_best(checkpoints_dir, model, state["best"])
+            if group.is_main or sharded:
+                save_best(checkpoints_dir, model, state["best"], is_main=group.is_main)
             group.barrier()
         else:
             state["evals_without_improvement"] += 1
@@ -467,7 +482,9 @@ def train(
                 accelerator.backward(penalty / group.world)
                 step_metrics["continual_penalty"] = penalty.detach() / group.world
             group.sum_gradients(trainable)
-            if train_config.max_grad_norm is not None:
+            if train_config.max_grad_norm is not None and sharded:
+                clip_gradients(trainable, train_config.max_grad_norm)
+            elif train_config.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -534,11 +551,15 @@ def train(
         "method": config.method.name,
         "task": config.task,
         "processes": group.world,
+        "sharding": "fsdp" if sharded else "none",
     }
-    if exit_code == 0 and group.is_main:
+    if exit_code == 0 and (group.is_main or sharded):
         exported = load_best(checkpoints_dir, model) if state["best"] else None
         summary["exported_step"] = exported["step"] if exported else state["step"]
-        export_weights(model, method, tokenizer, run_dir)
+        if sharded:
+            gather_for_export(model, group.is_main)
+        if group.is_main:
+            export_weights(model, method, tokenizer, run_dir)
     if group.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     group.barrier()

@@ -1,0 +1,71 @@
+"""`train.accelerate_config`: a run config that names an accelerate config file launches itself with it.
+
+`tunesmith train run.yaml` with `train.accelerate_config: fsdp.yaml` runs
+`accelerate launch --config_file fsdp.yaml -m tunesmith.cli train run.yaml ...` (the same options), so
+the processes, machines and FSDP settings of a team's accelerate config apply without a second
+command line. Inside a launched process (accelerate or torchrun set WORLD_SIZE) nothing is relaunched.
+The file is read and checked when the run config is loaded, before any process starts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+# accelerate's distributed types this loop runs: one process, data parallel, and FSDP (training/sharding.py).
+SUPPORTED_TYPES = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
+                   "MULTI_HPU", "FSDP"}
+
+
+def check_accelerate_config(path: Path) -> None:
+    """Raise ValueError (reported against the config key) unless `path` is an accelerate config this loop runs."""
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: not valid YAML/JSON ({getattr(error, 'problem', error)})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a mapping of accelerate settings (written by `accelerate config`)")
+    kind = str(settings.get("distributed_type", "NO")).upper()
+    if kind == "DEEPSPEED":
+        raise ValueError(f"{path}: distributed_type DEEPSPEED is not supported; shard with FSDP instead "
+                         "(distributed_type: FSDP), which tunesmith runs on each decoder layer")
+    if kind not in SUPPORTED_TYPES:
+        raise ValueError(f"{path}: distributed_type {kind} is not supported; use one of {sorted(SUPPORTED_TYPES)}")
+    strategy = str((settings.get("fsdp_config") or {}).get("fsdp_sharding_strategy", "")).upper()
+    if strategy in {"HYBRID_SHARD", "HYBRID_SHARD_ZERO2", "4", "5"}:
+        raise ValueError(f"{path}: fsdp_sharding_strategy {strategy} is not supported; use FULL_SHARD or SHARD_GRAD_OP")
+
+
+def inside_launch() -> bool:
+    """True in a process started by `accelerate launch` or `torchrun`."""
+    return "WORLD_SIZE" in os.environ
+
+
+def launch_with_accelerate(accelerate_config: Path, train_arguments: list[str]) -> int:
+    """Run `tunesmith train` through `accelerate launch --config_file`; returns its exit code."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+               "-m", "tunesmith.cli", "train", *train_arguments]
+    return subprocess.run(command).returncode
+
+
+def fsdp_from_launcher() -> tuple[bool, bool | None]:
+    """(whether `accelerate launch` asked for FSDP, its reshard-after-forward choice or None if unsaid).
+    FSDP1 strategies map onto FSDP2's: FULL_SHARD reshards, SHARD_GRAD_OP keeps, NO_SHARD does not shard."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False, None
+    choice = (os.environ.get("FSDP_RESHARD_AFTER_FORWARD") or os.environ.get("FSDP_SHARDING_STRATEGY") or "").upper()
+    if choice in {"NO_SHARD", "3"}:
+        return False, None
+    if choice in {"TRUE", "FULL_SHARD", "1"}:
+        return True, True
+    if choice in {"FALSE", "SHARD_GRAD_OP", "2"}:
+        return True, False
+    return True, None

@@ -1,0 +1,117 @@
+"""FSDP: each decoder layer's parameters, gradients and optimizer state sharded across processes.
+
+`train.sharding: fsdp` (or `auto` under `accelerate launch` with an FSDP config) applies PyTorch's
+FSDP2 `fully_shard` to every decoder layer, not to the whole model: our LM loss calls the backbone
+directly (logits only at loss positions), which would bypass a root unit's hooks, while the layers
+are always called through their own forward. Each layer's weights are all-gathered just before its
+forward (and again for its backward when `train.reshard_after_forward`, ZeRO-3 style) and its
+gradients reduce-scattered after its backward. The embeddings, final norm and head stay replicated;
+their gradients are summed like those of unsharded runs (training/distributed.py).
+
+The maths does not change: gradients are SUMMED across processes (divide factor 1), because each
+process already divides its loss by the global number of loss tokens of the step, so a sharded run
+reaches the weights of one process with the same global batch (tests/test_sharding.py).
+
+Checkpoints and the exported model hold full tensors: each sharded tensor is gathered one at a time
+(`full_tensor`, a collective every process joins) and written by the main process, so a sharded run
+resumes on any number of processes, sharded or not, and exports the usual files. The main process
+needs host memory for the trainable state (checkpoints) and for the whole model (export) once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from tunesmith.errors import ConfigError
+from tunesmith.models import decoder_layers, unwrapped_model
+from tunesmith.training.launch import fsdp_from_launcher
+
+
+def shard_layers(model: torch.nn.Module, reshard_after_forward: bool) -> None:
+    """fully_shard each decoder layer of `model` in place over all processes; gradients are summed."""
+    layers = decoder_layers(model)
+    if not layers:
+        name = type(unwrapped_model(model)).__name__
+        raise ConfigError(f"train.sharding: no decoder layers found in {name} to shard; set train.sharding: none")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+        layer.set_gradient_divide_factor(1.0)
+        layer.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (a collective: every process must call it, in the same order);
+    a plain tensor is returned as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` cut into `like`'s shard layout (every process holds `full`; no communication),
+    or `full` itself when `like` is a plain tensor."""
+    if not isinstance(like, DTensor):
+        return full
+    full = full.detach().to(like.device, like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients so their global L2 norm is at most `max_norm`; returns the norm before.
+
+    Sharded gradients hold one slice per process (their squares are summed across processes);
+    replicated ones are whole and already summed (counted once)."""
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    sharded = [grad.to_local() for grad in grads if isinstance(grad, DTensor)]
+    whole = [grad for grad in grads if not isinstance(grad, DTensor)]
+    device = (sharded or whole)[0].device
+    sharded_squares = sum((grad.float().pow(2).sum() for grad in sharded), torch.zeros((), device=device))
+    if dist.is_initialized():
+        dist.all_reduce(sharded_squares)
+    whole_squares = sum((grad.float().pow(2).sum() for grad in whole), torch.zeros((), device=device))
+    norm = (sharded_squares + whole_squares).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+    return norm
+
+
+@torch.no_grad()
+def gather_for_export(model: torch.nn.Module, is_main: bool) -> None:
+    """Make every parameter a plain tensor again, the whole tensor on the main process (on the host)
+    and an empty one elsewhere, so the usual save code runs on the main process. The model can only
+    be saved afterwards, not trained."""
+    for module in model.modules():
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            if isinstance(parameter, DTensor):
+                full = parameter.full_tensor()  # every process joins the gather
+                full = full.to("cpu") if is_main else torch.empty(0, dtype=parameter.dtype)
+                setattr(module, name, torch.nn.Parameter(full, requires_grad=parameter.requires_grad))
+
+
+def sharding_choice(train, processes: int) -> bool | None:
+    """None to keep a full replica per process, else FSDP's reshard-after-forward setting: from
+    `train.sharding` (`auto` follows `accelerate launch`'s FSDP config, whose own reshard choice wins)."""
+    launched_fsdp, launched_reshard = fsdp_from_launcher()
+    if processes < 2 or train.sharding == "none" or (train.sharding == "auto" and not launched_fsdp):
+        return None
+    if train.sharding == "auto" and launched_reshard is not None:
+        return launched_reshard
+    return train.reshard_after_forward
+
+
+def check_shardable(config, objective) -> None:
+    """Refuse, before any step, what has not been made to work on sharded layers."""
+    if config.train.compile:
+        raise ConfigError("train.compile: not supported together with FSDP sharding yet; set train.compile: false "
+                          "or train.sharding: none")
+    if config.continual is not None:
+        raise ConfigError("continual: its penalties hold unsharded copies of the weights; set train.sharding: none")
+    if objective.rollout is not None:
+        raise ConfigError(f"train.sharding: task {config.task} samples completions during training, which FSDP would "
+                          "have to synchronise token by token across processes; set train.sharding: none")

@@ -1,0 +1,95 @@
+"""FSDP: two processes with sharded decoder layers (gloo on CPU), launched by `tunesmith train` through the
+accelerate config file the run config names, reach the weights of one unsharded process with the same global
+batch; their checkpoint resumes on one process; bad accelerate configs are refused before any work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import assert_same_weights, chat_records, run_cli, write_jsonl
+
+ACCELERATE_FSDP = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_reshard_after_forward: true
+main_process_port: {port}
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: true
+"""
+
+
+def write_config(tmp_path, model_dir, data, name: str, batch_size: int, method: str, extra: str = "",
+                 output: str | None = None):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"model: {{name: {model_dir}}}\n"
+        f"data: {{train: {data}, eval_split: 0.0, max_length: 128, group_by_length: true}}\n"
+        f"method: {{name: {method}}}\n"
+        f"train: {{max_steps: 3, batch_size: {batch_size}, lr: 1e-3, warmup: 0, eval_before: false, seed: 3, "
+        f"save_every: 2, max_grad_norm: 0.5{extra}}}\n"
+        f"output_dir: {tmp_path / (output or name)}\n"
+    )
+    return path
+
+
+def train(config, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(config), *options],
+                          capture_output=True, text=True, timeout=600)
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, weights", [("full", "model/model.safetensors"),
+                                             ("lora", "adapter/adapter_model.safetensors")])
+def test_two_sharded_processes_equal_one_process(tiny_llama_dir, tmp_path, method, weights):
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
+    single = write_config(tmp_path, tiny_llama_dir, data, "single", 4, method)
+    assert train(single).returncode == 0
+    port = 29540 + (method == "lora")
+    launcher = tmp_path / "fsdp.yaml"
+    launcher.write_text(ACCELERATE_FSDP.format(port=port))
+    sharded = write_config(tmp_path, tiny_llama_dir, data, "sharded", 2, method, f", accelerate_config: {launcher}")
+    two = train(sharded)
+    assert two.returncode == 0, [line for line in two.stderr.splitlines() if "rror" in line][:5]
+
+    summary = json.loads((tmp_path / "sharded" / "summary.json").read_text())
+    assert (summary["processes"], summary["sharding"]) == (2, "fsdp")
+    # Same losses (gradients summed, not averaged, across the shards; clipping on the global norm) and weights.
+    assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert_same_weights(tmp_path / "single" / weights, tmp_path / "sharded" / weights, rtol=1e-4)
+
+    # The sharded step-2 checkpoint holds whole tensors: one unsharded process (full) or two sharded ones
+    # again (lora: the whole tensors are cut back into shards) resume it to the same end.
+    if method == "full":
+        resumed = write_config(tmp_path, tiny_llama_dir, data, "resumed", 4, method, output="sharded")
+    else:
+        resumed = write_config(tmp_path, tiny_llama_dir, data, "resumed", 2, method, f", accelerate_config: {launcher}",
+                               output="sharded")
+    one_more = train(resumed, "--resume")
+    assert one_more.returncode == 0, one_more.stderr[-2000:]
+    assert_same_weights(tmp_path / "single" / weights, tmp_path / "sharded" / weights, rtol=1e-4)
+
+
+@pytest.mark.parametrize("contents, message", [
+    ("distributed_type: DEEPSPEED\nnum_processes: 2\n", "DEEPSPEED is not supported"),
+    ("distributed_type: FSDP\nfsdp_config: {fsdp_version: [2}\n", "not valid YAML"),
+    ("distributed_type: TPU\n", "TPU is not supported"),
+])
+def test_unsupported_accelerate_config_is_refused(capsys, tiny_llama_dir, tmp_path, contents, message):
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(4))
+    launcher = tmp_path / "launcher.yaml"
+    launcher.write_text(contents)
+    config = write_config(tmp_path, tiny_llama_dir, data, "run", 2, "lora", f", accelerate_config: {launcher}")
+    code, _, err = run_cli(capsys, "train", str(config))
+    assert code == 2
+    assert "train.accelerate_config" in err and message in err
+    assert not (tmp_path / "run").exists()
