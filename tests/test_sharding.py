@@ -93,3 +93,32 @@ def test_unsupported_accelerate_config_is_refused(capsys, tiny_llama_dir, tmp_pa
     assert code == 2
     assert "train.accelerate_config" in err and message in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29549", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_layers_give_back_their_gathered_weights_after_forward(one_process_group, tiny_llama_dir):
+    """With reshard_after_forward, no layer keeps its whole weights between forward and backward (FSDP2
+    registers the gathered ones as plain tensors while a layer is unsharded): the memory FSDP saves."""
+    import torch
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models import decoder_layers
+    from tunesmith.training.sharding import shard_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    shard_layers(model, reshard_after_forward=True)
+    model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()  # the first step initialises FSDP
+    model.model(input_ids=torch.tensor([[1, 2, 3, 4]]))  # a forward, as the LM loss calls it
+    weights = [layer.mlp.up_proj.weight for layer in decoder_layers(model)]
+    assert all(isinstance(weight, DTensor) for weight in weights)
+    assert not isinstance(model.model.embed_tokens.weight, DTensor)  # replicated, still tied to the head
+    assert model.lm_head.weight is model.model.embed_tokens.weight

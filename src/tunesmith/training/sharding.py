@@ -31,19 +31,23 @@ from tunesmith.training.launch import fsdp_from_launcher
 
 
 def shard_layers(model: torch.nn.Module, reshard_after_forward: bool) -> None:
-    """fully_shard each decoder layer of `model` in place over all processes; gradients are summed."""
+    """fully_shard each decoder layer of `model` in place over all processes, under the backbone as the
+    root unit; gradients are summed."""
     layers = decoder_layers(model)
     if not layers:
         name = type(unwrapped_model(model)).__name__
         raise ConfigError(f"train.sharding: no decoder layers found in {name} to shard; set train.sharding: none")
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
-        layer.set_gradient_divide_factor(1.0)
-        layer.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+    # The backbone becomes the root unit, managing none of its own parameters (embeddings and final norm
+    # stay whole). FSDP never reshards a root after its forward; without a common root each layer would
+    # be one and keep its gathered weights until the backward (measured: +430 MB for SmolLM2-135M).
+    backbone = unwrapped_model(model).base_model
+    in_layers = {id(parameter) for layer in layers for parameter in layer.parameters()}
+    fully_shard(backbone, ignored_params={p for p in backbone.parameters() if id(p) not in in_layers})
+    for unit in [*layers, backbone]:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
