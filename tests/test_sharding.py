@@ -122,3 +122,60 @@ def test_layers_give_back_their_gathered_weights_after_forward(one_process_group
     assert all(isinstance(weight, DTensor) for weight in weights)
     assert not isinstance(model.model.embed_tokens.weight, DTensor)  # replicated, still tied to the head
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+SAMPLE_ON_SHARDS = """
+import sys, torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from tunesmith.objectives.rl import SamplingSettings, sample_groups
+from tunesmith.training.sharding import shard_layers
+
+dist.init_process_group("gloo")
+torch.manual_seed(dist.get_rank())
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+shard_layers(model, reshard_after_forward=True)
+# Process 1 decodes 3 times as long as process 0: every forward gathers the layers from both.
+settings = SamplingSettings(group_size=2, max_new_tokens=4 + 8 * dist.get_rank())
+batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+samples = sample_groups(model, batch, settings)
+print("sampled", dist.get_rank(), samples["completion_mask"].shape[1], flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_processes_decoding_to_different_lengths_stay_in_step(tiny_llama_dir, tmp_path):
+    """Sampling on sharded layers: a process whose completions end first keeps joining the others'
+    forwards (generate's synced_gpus) until all are done; without that it would wait forever."""
+    script = tmp_path / "sample.py"
+    script.write_text(SAMPLE_ON_SHARDS)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29548"]
+    completed = subprocess.run([*torchrun, str(script), str(tiny_llama_dir)], capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    decoded = sorted(line for line in completed.stdout.splitlines() if line.startswith("sampled"))
+    assert decoded == ["sampled 0 4", "sampled 1 12"]  # completion columns each process decoded
+
+
+def test_grpo_trains_on_sharded_layers(tiny_llama_dir, tmp_path):
+    """The whole online-RL path on sharded layers: sampling, the reference (the LoRA base), the loss,
+    the greedy evaluation."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"question": f"What is {index} plus {index}?",
+                                                     "answer": f"#### {2 * index}"} for index in range(8)])
+    config = tmp_path / "grpo.yaml"
+    config.write_text(
+        f"model: {{name: {tiny_llama_dir}}}\n"
+        f"data: {{train: {data}, eval: {data}, max_length: 64}}\n"
+        "task: grpo\n"
+        "objective: {rewards: [gsm8k_correctness, length_penalty], group_size: 2, max_new_tokens: 8, beta: 0.1}\n"
+        "method: {name: lora, r: 4}\n"
+        "train: {max_steps: 2, batch_size: 2, sharding: fsdp, eval_before: false}\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+    completed = subprocess.run([*torchrun, "-m", "tunesmith.cli", "train", str(config)],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, [line for line in completed.stderr.splitlines() if "rror" in line][:5]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["sharding"] == "fsdp" and "reward" in summary["eval"]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl" in step and "reward" in step for step in steps if "loss" in step)

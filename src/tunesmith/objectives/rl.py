@@ -35,6 +35,7 @@ from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSp
 from tunesmith.objectives.causal_lm import _can_skip_unused_logits, _language_model
 from tunesmith.registry import Registry, closest
 from tunesmith.training.reference import ReferenceModel
+from tunesmith.training.sharding import sharded_across_processes
 
 # --- reward functions ----------------------------------------------------------------------------------------
 
@@ -207,6 +208,8 @@ def sample_groups(model, batch: dict, settings: SamplingSettings, greedy: bool =
             do_sample=not greedy, temperature=None if greedy else settings.temperature,
             top_p=None if greedy else settings.top_p, top_k=None, use_cache=True,
             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+            # Sharded layers gather their weights in every forward: all processes decode until the last is done.
+            synced_gpus=sharded_across_processes(model),
         )  # (BG, P + C)
     finally:
         model.train(was_training)

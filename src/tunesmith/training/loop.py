@@ -315,7 +315,7 @@ def train(
     reshard_after_forward = sharding_choice(train_config, group.world)
     sharded = reshard_after_forward is not None
     if sharded:
-        check_shardable(config, objective)
+        check_shardable(config)
 
     # --- setup: everything that can fail on bad input happens before the first step ---
     run_dir = prepare_run_dir(config, resume, overwrite, group)

@@ -50,6 +50,10 @@ def shard_layers(model: torch.nn.Module, reshard_after_forward: bool) -> None:
         unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
 
 
+def sharded_across_processes(model: torch.nn.Module) -> bool:
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a shard (a collective: every process must call it, in the same order);
     a plain tensor is returned as it is."""
@@ -109,13 +113,10 @@ def sharding_choice(train, processes: int) -> bool | None:
     return train.reshard_after_forward
 
 
-def check_shardable(config, objective) -> None:
+def check_shardable(config) -> None:
     """Refuse, before any step, what has not been made to work on sharded layers."""
     if config.train.compile:
         raise ConfigError("train.compile: not supported together with FSDP sharding yet; set train.compile: false "
                           "or train.sharding: none")
     if config.continual is not None:
         raise ConfigError("continual: its penalties hold unsharded copies of the weights; set train.sharding: none")
-    if objective.rollout is not None:
-        raise ConfigError(f"train.sharding: task {config.task} samples completions during training, which FSDP would "
-                          "have to synchronise token by token across processes; set train.sharding: none")
