@@ -71,3 +71,9 @@ def test_fsdp_divides_the_layers_state_by_the_processes(tiny_llama_dir, chat_fil
     assert plan_memory(sharded, on_gpu=False, processes=1).parts_gib["weights"] == pytest.approx(total * 4 / GIB)
     tight = plan_memory(replicated, budget_gib=1e-4, on_gpu=False, processes=4)
     assert any(line.startswith("train.sharding: fsdp") for line in tight.advice)
+    # The launch an accelerate config names gives the processes, and its FSDP the sharding (sharding: auto).
+    launcher = tmp_path / "fsdp.yaml"
+    launcher.write_text("distributed_type: FSDP\nnum_processes: 4\n")
+    launched = run_config(tiny_llama_dir, chat_file, tmp_path / "c", method={"name": "full"},
+                          train={"accelerate_config": str(launcher)})
+    assert plan_memory(launched, on_gpu=False).parts_gib == pytest.approx(plan.parts_gib)

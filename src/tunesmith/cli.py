@@ -89,21 +89,23 @@ def plan(
         float | None, typer.Option(help="Memory per device in GiB; default: this GPU's, else system RAM.")
     ] = None,
     gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="Plan for a GPU (bf16) or the CPU.")] = None,
-    processes: Annotated[int, typer.Option(min=1, help="Processes (devices) the run will use; with train.sharding: "
-                                                       "fsdp each holds 1/N of the layers.")] = 1,
+    processes: Annotated[int | None, typer.Option(
+        min=1, help="Processes (devices) the run will use; default: train.accelerate_config's, else 1. Sharded "
+                    "(train.sharding: fsdp), each holds 1/N of the layers.")] = None,
 ) -> None:
     """Estimate memory per device for a run config, and what to change when it will not fit."""
     import torch
 
     from tunesmith.config import load_config
-    from tunesmith.plan import plan_memory
+    from tunesmith.plan import launch_plan, plan_memory
 
     run_config = load_config(config, overrides)
     on_gpu = torch.cuda.is_available() if gpu is None else gpu
     if budget_gb is None:
         budget_gb = _device_memory_gib(on_gpu)
     estimate = plan_memory(run_config, budget_gb, on_gpu, processes)
-    sharding = f", fsdp over {processes}" if run_config.train.sharding == "fsdp" and processes > 1 else ""
+    processes, sharded = launch_plan(run_config, processes)
+    sharding = f", fsdp over {processes}" if sharded else f", {processes} replicas" if processes > 1 else ""
     table = Table(title=f"memory per device: {run_config.model.name}, {run_config.method.name}{sharding}, "
                         f"batch {run_config.train.batch_size} x {run_config.data.max_length} tokens")
     table.add_column("part")

@@ -19,6 +19,7 @@ from tunesmith.config import RunConfig
 from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import creates_head
 from tunesmith.models import decoder_layers
+from tunesmith.training.launch import launched_shape
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
@@ -85,13 +86,25 @@ def weights_dtype(config: RunConfig, on_gpu: bool) -> str:
     return "bfloat16" if on_gpu else "float32"
 
 
+def launch_plan(config: RunConfig, processes: int | None) -> tuple[int, bool]:
+    """(processes, sharded): `processes` if given, else what `train.accelerate_config` launches (else 1);
+    sharded for `train.sharding: fsdp`, or `auto` with an FSDP accelerate config."""
+    launched, launched_fsdp = 1, False
+    if config.train.accelerate_config is not None:
+        launched, launched_fsdp = launched_shape(config.train.accelerate_config)
+    processes = processes or launched
+    sharding = config.train.sharding
+    return processes, processes > 1 and (sharding == "fsdp" or (sharding == "auto" and launched_fsdp))
+
+
 def plan_memory(
-    config: RunConfig, budget_gib: float | None = None, on_gpu: bool | None = None, processes: int = 1
+    config: RunConfig, budget_gib: float | None = None, on_gpu: bool | None = None, processes: int | None = None
 ) -> MemoryPlan:
-    """Estimated peak memory per device. Data parallel: every process holds a full replica; with
-    `train.sharding: fsdp` and several processes, each holds 1/processes of the decoder layers' weights,
-    gradients and optimizer state, plus one layer gathered whole while it runs."""
+    """Estimated peak memory per device. Data parallel: every process holds a full replica; sharded
+    (FSDP, see `launch_plan`), each holds 1/processes of the decoder layers' weights, gradients and
+    optimizer state, plus one layer gathered whole while it runs."""
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    processes, sharded = launch_plan(config, processes)
     counts, model_config = parameter_counts(config)
     trainable, total = counts.trainable, counts.total
     dtype = weights_dtype(config, on_gpu)
@@ -116,7 +129,7 @@ def plan_memory(
         logits = min(chunk, tokens) * vocab * 4 * 2
 
     held, held_trainable, gathered = total, trainable, 0
-    if config.train.sharding == "fsdp" and processes > 1:
+    if sharded:
         held = total - counts.total_in_layers * (1 - 1 / processes)
         held_trainable = trainable - counts.trainable_in_layers * (1 - 1 / processes)
         gathered = counts.largest_layer * weight_bytes
@@ -132,16 +145,16 @@ def plan_memory(
         parts["fsdp: one layer gathered"] = gathered
     plan = MemoryPlan(total, trainable, {name: value / GIB for name, value in parts.items()}, budget_gib)
     if not plan.fits:
-        plan.advice = advice_for(config, plan, processes)
+        plan.advice = advice_for(config, plan, processes, sharded)
     return plan
 
 
-def advice_for(config: RunConfig, plan: MemoryPlan, processes: int = 1) -> list[str]:
+def advice_for(config: RunConfig, plan: MemoryPlan, processes: int = 1, sharded: bool = False) -> list[str]:
     """What to change, largest saving first, named by config key."""
     parts = plan.parts_gib
     advice = []
     model_state = parts["weights"] + parts["gradients"] + parts["optimizer (AdamW)"]
-    if config.train.sharding != "fsdp" and model_state > 0.3 * plan.total_gib:
+    if not sharded and model_state > 0.3 * plan.total_gib:
         devices = f"the {processes} processes" if processes > 1 else "several devices (accelerate launch)"
         advice.append(f"train.sharding: fsdp (weights, gradients and optimizer state split across {devices})")
     if not config.train.gradient_checkpointing and parts["activations"] > 0.2 * plan.total_gib:

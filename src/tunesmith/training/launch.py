@@ -21,8 +21,9 @@ SUPPORTED_TYPES = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MU
                    "MULTI_HPU", "FSDP"}
 
 
-def check_accelerate_config(path: Path) -> None:
-    """Raise ValueError (reported against the config key) unless `path` is an accelerate config this loop runs."""
+def read_accelerate_config(path: Path) -> dict:
+    """The settings of an accelerate config file; ValueError (reported against the config key) for an
+    unreadable one."""
     if not path.is_file():
         raise ValueError(f"file not found: {path}")
     try:
@@ -33,6 +34,12 @@ def check_accelerate_config(path: Path) -> None:
         raise ValueError(f"{path}{where}: not valid YAML/JSON ({getattr(error, 'problem', error)})") from None
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: expected a mapping of accelerate settings (written by `accelerate config`)")
+    return settings
+
+
+def check_accelerate_config(path: Path) -> None:
+    """Raise ValueError (reported against the config key) unless `path` is an accelerate config this loop runs."""
+    settings = read_accelerate_config(path)
     kind = str(settings.get("distributed_type", "NO")).upper()
     if kind == "DEEPSPEED":
         raise ValueError(f"{path}: distributed_type DEEPSPEED is not supported; shard with FSDP instead "
@@ -42,6 +49,15 @@ def check_accelerate_config(path: Path) -> None:
     strategy = str((settings.get("fsdp_config") or {}).get("fsdp_sharding_strategy", "")).upper()
     if strategy in {"HYBRID_SHARD", "HYBRID_SHARD_ZERO2", "4", "5"}:
         raise ValueError(f"{path}: fsdp_sharding_strategy {strategy} is not supported; use FULL_SHARD or SHARD_GRAD_OP")
+
+
+def launched_shape(path: Path) -> tuple[int, bool]:
+    """(processes in all, whether FSDP) of the launch an accelerate config file describes."""
+    settings = read_accelerate_config(path)
+    processes = int(settings.get("num_processes") or 1)
+    fsdp = str(settings.get("distributed_type", "NO")).upper() == "FSDP"
+    strategy = str((settings.get("fsdp_config") or {}).get("fsdp_sharding_strategy", "")).upper()
+    return processes, fsdp and strategy not in {"NO_SHARD", "3"}
 
 
 def inside_launch() -> bool:
