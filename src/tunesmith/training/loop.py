@@ -364,6 +364,8 @@ def train(
         shard_layers(model, reshard_after_forward)
         console.print(f"fsdp: decoder layers sharded across {group.world} processes "
                       f"(reshard after forward: {reshard_after_forward})")
+    elif train_config.sharding == "fsdp":
+        console.print("train.sharding: fsdp on one process: nothing to shard across; training unsharded")
     optimizer = accelerator.prepare_optimizer(build_optimizer(model, train_config, method, config.method))
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     scheduler = build_scheduler(optimizer, train_config, total_steps)
