@@ -75,6 +75,8 @@ def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> tor
     Sharded gradients hold one slice per process (their squares are summed across processes);
     replicated ones are whole and already summed (counted once)."""
     grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    if not grads:
+        return torch.zeros(())
     sharded = [grad.to_local() for grad in grads if isinstance(grad, DTensor)]
     whole = [grad for grad in grads if not isinstance(grad, DTensor)]
     device = (sharded or whole)[0].device
