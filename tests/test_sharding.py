@@ -183,3 +183,25 @@ def test_grpo_trains_on_sharded_layers(tiny_llama_dir, tmp_path):
     assert summary["sharding"] == "fsdp" and "reward" in summary["eval"]
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("kl" in step and "reward" in step for step in steps if "loss" in step)
+
+
+@pytest.mark.parametrize("environment, setting, expected", [
+    ({}, "auto", None),  # not launched with FSDP: replicas
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"}, "auto", False),  # FSDP2 config
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, "auto", False),  # FSDP1 names
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}, "auto", True),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, "auto", None),
+    ({"ACCELERATE_USE_FSDP": "true"}, "none", None),  # the run config's explicit choice wins
+    ({}, "fsdp", True),  # train.reshard_after_forward's default
+])
+def test_sharding_follows_the_launcher_unless_the_config_says(monkeypatch, environment, setting, expected):
+    from tunesmith.config import TrainConfig
+    from tunesmith.training.sharding import sharding_choice
+
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_RESHARD_AFTER_FORWARD", "FSDP_SHARDING_STRATEGY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    train = TrainConfig(sharding=setting)
+    assert sharding_choice(train, processes=2) == expected
+    assert sharding_choice(train, processes=1) is None  # nothing to shard across
