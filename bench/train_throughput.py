@@ -61,6 +61,8 @@ def parse_args() -> argparse.Namespace:
                         help="run every tool this many times, interleaved, and report each tool's median run")
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--loss-tolerance", type=float, default=0.15)
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's peak dense TFLOP/s at this precision, for MFU; default: known GPUs in bf16")
     parser.add_argument("--json", type=Path, help="also write the figures here, one object per tool")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -242,6 +244,29 @@ def run_tool(tool: str, args: argparse.Namespace, data: Path) -> dict:
     return figures
 
 
+# Dense bf16 tensor-core peaks (vendor data sheets), by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def peak_tflops(args: argparse.Namespace) -> float | None:
+    import torch
+
+    if args.peak_tflops or not torch.cuda.is_available() or args.precision != "bf16":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def job_flops_per_token(args: argparse.Namespace, data: Path) -> float:
+    """Model FLOPs of one trained token of this job (tunesmith.plan's accounting), at its mean record length."""
+    from tunesmith.plan import model_flops_per_token
+
+    args.data = data
+    examples, _ = tokenised_examples(args)
+    mean_length = statistics.mean(len(example["input_ids"]) for example in examples)
+    return model_flops_per_token(job_config(args, Path(tempfile.mkdtemp()), packing=True), mean_length)
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median tokens/s (the lower middle one for an even count), with every run's figure."""
     ordered = sorted(runs, key=lambda run: run["tokens_per_s"])
@@ -260,15 +285,23 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every tool
             for tool in tools:
                 runs[tool].append(run_tool(tool, args, data))
+        flops_per_token = job_flops_per_token(args, data)
     figures = {tool: median_run(tool_runs) for tool, tool_runs in runs.items()}
+    peak = peak_tflops(args)
+    for row in figures.values():  # every tool trains the same tokens: the same model FLOPs per token
+        row["model_tflops_per_s"] = row["tokens_per_s"] * flops_per_token / 1e12
+        row["mfu"] = row["model_tflops_per_s"] / peak if peak else None
 
     print(f"\njob: {args.model}, LoRA r={args.rank} all-linear, {args.records} real chat records, max length "
           f"{args.max_length}, batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, "
           f"{args.threads} threads, {args.precision}, median of {args.repeats} run(s) per tool\n")
-    print(f"{'tool':<10} {'tokens/s':>10} {'padding':>8} {'peak MB':>9} {'final loss':>11}")
+    print(f"{'tool':<10} {'tokens/s':>10} {'padding':>8} {'peak MB':>9} {'final loss':>11} {'TFLOP/s':>8} {'MFU':>6}")
     for tool, row in figures.items():
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
         print(f"{tool:<10} {row['tokens_per_s']:>10.1f} {row['padding_fraction']:>8.3f} "
-              f"{row['peak_memory_mb']:>9.0f} {row['final_loss']:>11.4f}")
+              f"{row['peak_memory_mb']:>9.0f} {row['final_loss']:>11.4f} {row['model_tflops_per_s']:>8.3f} {mfu:>6}")
+    print(f"model FLOPs per trained token: {flops_per_token / 1e9:.3f} GFLOP (tunesmith.plan.model_flops_per_token); "
+          f"MFU needs the device's peak: known GPUs in bf16, or --peak-tflops")
     ours = figures.get("tunesmith")
     if ours and ours.get("tokens_per_s_after_first_step"):
         print(f"tunesmith without its first step: {ours['tokens_per_s_after_first_step']:.1f} tokens/s")

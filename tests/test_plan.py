@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import chat_records, run_config, write_jsonl
 
 from tunesmith.methods import METHODS, count_parameters
 from tunesmith.models import decoder_layers, load_model
-from tunesmith.plan import GIB, plan_memory
+from tunesmith.plan import GIB, model_flops_per_token, plan_memory
 
 
 @pytest.fixture
@@ -77,3 +78,17 @@ def test_fsdp_divides_the_layers_state_by_the_processes(tiny_llama_dir, chat_fil
     launched = run_config(tiny_llama_dir, chat_file, tmp_path / "c", method={"name": "full"},
                           train={"accelerate_config": str(launcher)})
     assert plan_memory(launched, on_gpu=False).parts_gib == pytest.approx(plan.parts_gib)
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}])
+def test_model_flops_per_token_count_every_matmul_weight(method, tiny_llama_dir, chat_file, tmp_path):
+    config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method=method)
+    model = METHODS.get(config.method.name).apply(load_model(config.model, "sft"), config.method, "sft")
+    matmuls = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    weights = sum(module.weight.numel() for module in matmuls)  # the tied head is one of them
+    trainable = sum(module.weight.numel() for module in matmuls if module.weight.requires_grad)
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    expected = 4 * weights + 2 * trainable + 12 * layers * hidden * 100
+    assert model_flops_per_token(config, record_length=100) == pytest.approx(expected)
+    if method["name"] == "full":
+        assert trainable == weights  # 6N

@@ -54,6 +54,8 @@ class ParameterCounts:
     trainable_in_layers: int  # what FSDP shards (training/sharding.py): the decoder layers' parameters
     total_in_layers: int
     largest_layer: int  # parameters of one decoder layer: gathered whole while it runs
+    in_matrices: int  # parameters of 2-D weights (what matmuls use; not norms or biases)
+    trainable_in_matrices: int
 
 
 def parameter_counts(config: RunConfig) -> tuple[ParameterCounts, object]:
@@ -71,13 +73,33 @@ def parameter_counts(config: RunConfig) -> tuple[ParameterCounts, object]:
     trainable, total = count_parameters(model)
     layers = decoder_layers(model)
     in_layers = [parameter for layer in layers for parameter in layer.parameters()]
+    matrices = [parameter for parameter in model.parameters() if parameter.ndim == 2]
     counts = ParameterCounts(
         trainable, total,
         trainable_in_layers=sum(parameter.numel() for parameter in in_layers if parameter.requires_grad),
         total_in_layers=sum(parameter.numel() for parameter in in_layers),
         largest_layer=max((sum(parameter.numel() for parameter in layer.parameters()) for layer in layers), default=0),
+        in_matrices=sum(parameter.numel() for parameter in matrices),
+        trainable_in_matrices=sum(parameter.numel() for parameter in matrices if parameter.requires_grad),
     )
     return counts, model_config
+
+
+def model_flops_per_token(config: RunConfig, record_length: float) -> float:
+    """Model FLOPs of one trained token, PaLM's accounting (Chowdhery et al. 2022, appendix B): 2 per matmul
+    weight in the forward and 2 in the backward for the input gradients, 2 more per trainable weight for its
+    gradient (full fine-tuning: 6N; LoRA: 4N plus the adapters'), plus attention's 12 x layers x hidden x
+    record length (not halved for causality). Embedding lookups count nothing; the head counts as a matmul.
+    Model FLOPs per second over the device's peak is MFU."""
+    counts, model_config = parameter_counts(config)
+    hidden = getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0)
+    layers = getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "n_layer", 0)
+    vocab = getattr(model_config, "vocab_size", 0)
+    tied = getattr(model_config, "tie_word_embeddings", False)
+    # The input embedding table is a lookup; tied, it is also the head's matmul weight.
+    matmul_weights = counts.in_matrices - (0 if tied else vocab * hidden)
+    trainable_matmul_weights = min(counts.trainable_in_matrices, matmul_weights)
+    return 4 * matmul_weights + 2 * trainable_matmul_weights + 12 * layers * hidden * record_length
 
 
 def weights_dtype(config: RunConfig, on_gpu: bool) -> str:
