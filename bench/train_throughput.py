@@ -47,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--method", choices=("lora", "full"), default="lora",
+                        help="lora (r --rank, all-linear) or full fine-tuning, the same for every tool")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--release-memory", type=int, choices=(0, 1), default=0,
@@ -98,7 +100,7 @@ def job_config(args: argparse.Namespace, output_dir: Path, packing: bool):
         "data": {"train": str(args.data), "eval_split": 0.0, "max_length": args.max_length, "packing": packing,
                  "on_error": "skip"},
         "task": "sft",
-        "method": {"name": "lora", "r": args.rank, "dropout": 0.0},
+        "method": {"name": "lora", "r": args.rank, "dropout": 0.0} if args.method == "lora" else {"name": "full"},
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "lr": args.lr, "warmup": 1, "scheduler": "cosine", "seed": 0, "eval_before": False,
                   "log_every": 1, "release_memory": bool(args.release_memory), "compile": bool(args.compile),
@@ -149,13 +151,16 @@ class CountingCollator:
         return batch
 
 
-def peer_lora_model(args: argparse.Namespace):
+def peer_model(args: argparse.Namespace):
+    """The model the peers train: the same weights, with peft's LoRA for --method lora."""
     from peft import LoraConfig, get_peft_model
 
     from tunesmith.config import ModelConfig
     from tunesmith.models import load_model
 
     model = load_model(ModelConfig(name=args.model, dtype="bfloat16" if args.precision == "bf16" else "float32"), "sft")
+    if args.method == "full":
+        return model
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
@@ -192,7 +197,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
     dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
     collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     with tempfile.TemporaryDirectory() as folder:
-        trainer = Trainer(model=peer_lora_model(args), args=peer_arguments(args, folder, TrainingArguments),
+        trainer = Trainer(model=peer_model(args), args=peer_arguments(args, folder, TrainingArguments),
                           train_dataset=dataset, data_collator=collator)
         return timed_train(trainer, collator)
 
@@ -207,7 +212,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         config = peer_arguments(args, folder, SFTConfig, packing=True, packing_strategy="bfd", padding_free=True,
                                 max_length=args.max_length)
-        trainer = SFTTrainer(model=peer_lora_model(args), args=config, train_dataset=dataset,
+        trainer = SFTTrainer(model=peer_model(args), args=config, train_dataset=dataset,
                              processing_class=tokenizer)
         # trl refuses a custom collator with padding-free batches; wrap the one it built instead.
         collator = CountingCollator(trainer.data_collator)
@@ -236,8 +241,8 @@ def worker_main(args: argparse.Namespace) -> None:
 def run_tool(tool: str, args: argparse.Namespace, data: Path) -> dict:
     options = {"worker": tool, "data": data}
     options |= {name: getattr(args, name) for name in
-                ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "rank", "threads", "release_memory",
-                 "precision", "compile")}
+                ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "method", "rank", "threads",
+                 "release_memory", "precision", "compile")}
     figures = run_worker(__file__, options, args.threads)
     if figures is None:
         raise SystemExit(f"{tool} failed (its stderr is above)")
@@ -292,7 +297,8 @@ def main() -> None:
         row["model_tflops_per_s"] = row["tokens_per_s"] * flops_per_token / 1e12
         row["mfu"] = row["model_tflops_per_s"] / peak if peak else None
 
-    print(f"\njob: {args.model}, LoRA r={args.rank} all-linear, {args.records} real chat records, max length "
+    method = f"LoRA r={args.rank} all-linear" if args.method == "lora" else "full fine-tuning"
+    print(f"\njob: {args.model}, {method}, {args.records} real chat records, max length "
           f"{args.max_length}, batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, "
           f"{args.threads} threads, {args.precision}, median of {args.repeats} run(s) per tool\n")
     print(f"{'tool':<10} {'tokens/s':>10} {'padding':>8} {'peak MB':>9} {'final loss':>11} {'TFLOP/s':>8} {'MFU':>6}")
