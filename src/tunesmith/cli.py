@@ -97,15 +97,15 @@ def plan(
     import torch
 
     from tunesmith.config import load_config
-    from tunesmith.plan import launch_plan, plan_memory
+    from tunesmith.plan import plan_memory
 
     run_config = load_config(config, overrides)
     on_gpu = torch.cuda.is_available() if gpu is None else gpu
     if budget_gb is None:
         budget_gb = _device_memory_gib(on_gpu)
     estimate = plan_memory(run_config, budget_gb, on_gpu, processes)
-    processes, sharded = launch_plan(run_config, processes)
-    sharding = f", fsdp over {processes}" if sharded else f", {processes} replicas" if processes > 1 else ""
+    processes = estimate.processes
+    sharding = f", fsdp over {processes}" if estimate.sharded else f", {processes} replicas" if processes > 1 else ""
     table = Table(title=f"memory per device: {run_config.model.name}, {run_config.method.name}{sharding}, "
                         f"batch {run_config.train.batch_size} x {run_config.data.max_length} tokens")
     table.add_column("part")

@@ -37,6 +37,8 @@ class MemoryPlan:
     parts_gib: dict[str, float] = field(default_factory=dict)
     budget_gib: float | None = None
     advice: list[str] = field(default_factory=list)
+    processes: int = 1
+    sharded: bool = False  # FSDP across the processes
 
     @property
     def total_gib(self) -> float:
@@ -165,7 +167,8 @@ def plan_memory(
     }
     if gathered:
         parts["fsdp: one layer gathered"] = gathered
-    plan = MemoryPlan(total, trainable, {name: value / GIB for name, value in parts.items()}, budget_gib)
+    plan = MemoryPlan(total, trainable, {name: value / GIB for name, value in parts.items()}, budget_gib,
+                      processes=processes, sharded=sharded)
     if not plan.fits:
         plan.advice = advice_for(config, plan, processes, sharded)
     return plan
