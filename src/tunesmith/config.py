@@ -342,7 +342,7 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, expected: str = "a mapping of sections (model, data, task, method, train)") -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -354,7 +354,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model, data, task, method, train)")
+        raise ConfigError(f"{path}: expected {expected}")
     return loaded
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from tunesmith.errors import ConfigError
 
 # accelerate's distributed types this loop runs: one process, data parallel, and FSDP (training/sharding.py).
 SUPPORTED_TYPES = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
@@ -24,17 +24,12 @@ SUPPORTED_TYPES = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MU
 def read_accelerate_config(path: Path) -> dict:
     """The settings of an accelerate config file; ValueError (reported against the config key) for an
     unreadable one."""
-    if not path.is_file():
-        raise ValueError(f"file not found: {path}")
+    from tunesmith.config import read_yaml
+
     try:
-        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"{path}{where}: not valid YAML/JSON ({getattr(error, 'problem', error)})") from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path}: expected a mapping of accelerate settings (written by `accelerate config`)")
-    return settings
+        return read_yaml(path, expected="a mapping of accelerate settings (written by `accelerate config`)")
+    except ConfigError as error:
+        raise ValueError(str(error)) from None
 
 
 def check_accelerate_config(path: Path) -> None:
