@@ -9,6 +9,17 @@ from typing import Any
 from tunesmith.config import build_config, merge
 
 
+def prompt_examples(tokenizer, questions: list[str], answers: list[str | None] | None = None,
+                    task: str = "grpo") -> list[dict]:
+    """One tokenised prompt example (online RL: a user turn, no response) per question, with its reference answer."""
+    from tunesmith.data.preference import tokenize_preference_record
+
+    answers = answers or [None] * len(questions)
+    return [tokenize_preference_record({"prompt": [{"role": "user", "content": question}], "answer": answer},
+                                       task, tokenizer, 64)[0]
+            for question, answer in zip(questions, answers, strict=True)]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
     return path

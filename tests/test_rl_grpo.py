@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from helpers import run_config, train_online_rl, write_jsonl
+from helpers import prompt_examples, run_config, train_online_rl, write_jsonl
 
 from tunesmith.config import ModelConfig
-from tunesmith.data.preference import tokenize_preference_record
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.objectives.rl import (
     REWARD_FUNCTIONS,
@@ -66,11 +65,7 @@ def test_grpo_raises_the_reward_on_the_tiny_model(tiny_llama_dir):
     """Ten GRPO steps with a learnable reward raise the sampled reward well above where it started."""
     model_config = ModelConfig(name=str(tiny_llama_dir))
     tokenizer = load_tokenizer(model_config)
-    examples = [
-        tokenize_preference_record({"prompt": [{"role": "user", "content": f"Count to {index}"}], "answer": None},
-                                   "grpo", tokenizer, 64)[0]
-        for index in range(4)
-    ]
+    examples = prompt_examples(tokenizer, [f"Count to {index}" for index in range(4)])
     batch = collate_prompts(examples, tokenizer.pad_token_id)
     settings = GRPOSettings(rewards=["test_digits"], group_size=8, max_new_tokens=8, beta=0.0)
     torch.manual_seed(0)
@@ -94,8 +89,7 @@ def test_rollout_scores_samples_with_the_starting_policy(tiny_llama_dir, method)
 
     model_config = ModelConfig(name=str(tiny_llama_dir))
     tokenizer = load_tokenizer(model_config)
-    examples = [tokenize_preference_record({"prompt": [{"role": "user", "content": "Count to 3"}], "answer": None},
-                                           "grpo", tokenizer, 64)[0]]
+    examples = prompt_examples(tokenizer, ["Count to 3"])
     batch = collate_prompts(examples, tokenizer.pad_token_id)
     settings = GRPOSettings(rewards=["test_digits"], group_size=2, max_new_tokens=6, beta=0.1)
     torch.manual_seed(0)

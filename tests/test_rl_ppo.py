@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_config, train_online_rl, write_jsonl
+from helpers import prompt_examples, run_config, train_online_rl, write_jsonl
 
 from tunesmith.config import ModelConfig
-from tunesmith.data.preference import tokenize_preference_record
 from tunesmith.errors import ConfigError
 from tunesmith.methods import METHODS
 from tunesmith.models import load_model, load_tokenizer
@@ -88,11 +87,7 @@ def test_clipped_policy_and_value_losses_by_hand():
 
 
 def prompt_batch(tokenizer, count: int = 4) -> dict:
-    examples = [
-        tokenize_preference_record({"prompt": [{"role": "user", "content": f"Count to {index}"}], "answer": None},
-                                   "ppo", tokenizer, 64)[0]
-        for index in range(count)
-    ]
+    examples = prompt_examples(tokenizer, [f"Count to {index}" for index in range(count)], task="ppo")
     return collate_prompts(examples, tokenizer.pad_token_id)
 
 

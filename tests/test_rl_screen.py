@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from helpers import write_jsonl
+from helpers import prompt_examples, write_jsonl
 
 from tunesmith.config import ModelConfig
-from tunesmith.data.preference import tokenize_preference_record
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.objectives.rl import GRPOSettings, collate_prompts, pass_rates, register_reward
 
@@ -29,11 +28,8 @@ def pass_by_answer(prompts, completions, answers) -> list[float]:
 def test_pass_rates_are_each_prompts_mean_over_its_group(tiny_llama_dir):
     model_config = ModelConfig(name=str(tiny_llama_dir))
     tokenizer = load_tokenizer(model_config)
-    examples = [
-        tokenize_preference_record({"prompt": [{"role": "user", "content": f"Question {index}"}], "answer": answer},
-                                   "grpo", tokenizer, 64)[0]
-        for index, answer in enumerate(["#### all", "#### half", "#### none"])
-    ]
+    examples = prompt_examples(tokenizer, [f"Question {index}" for index in range(3)],
+                               ["#### all", "#### half", "#### none"])
     batches = [collate_prompts(part, tokenizer.pad_token_id) for part in (examples[:2], examples[2:])]
     model = load_model(model_config, "grpo").train()
     settings = GRPOSettings(rewards=["test_pass_by_answer"], group_size=4, max_new_tokens=4)
