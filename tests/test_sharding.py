@@ -83,7 +83,8 @@ def test_two_sharded_processes_equal_one_process(tiny_llama_dir, tmp_path, metho
 
 
 @pytest.mark.parametrize("contents, message", [
-    ("distributed_type: DEEPSPEED\nnum_processes: 2\n", "DEEPSPEED is not supported"),
+    ("distributed_type: MEGATRON_LM\nnum_processes: 2\n", "MEGATRON_LM is not supported"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 3, offload_param_device: nvme}\n", "device nvme"),
     ("distributed_type: FSDP\nfsdp_config: {fsdp_version: [2}\n", "not valid YAML"),
     ("distributed_type: TPU\n", "TPU is not supported"),
 ])

@@ -211,10 +211,24 @@ class TrainConfig(Section):
         description="fsdp: free each layer's gathered weights after its forward and gather them again for the "
         "backward (least memory, ZeRO-3); false keeps them until the backward (less communication).",
     )
+    cpu_offload: bool = Field(
+        False,
+        description="fsdp: keep the sharded layers' weights, gradients and AdamW state in host memory and step the "
+        "optimizer there (FSDP2 CPUOffloadPolicy); each layer is copied to the device for its forward and backward. "
+        "Least device memory, slower.",
+    )
     accelerate_config: Path | None = Field(
         None,
         description="An accelerate config file (from `accelerate config`): `tunesmith train` launches itself "
-        "through `accelerate launch --config_file` with it (processes, machines, FSDP).",
+        "through `accelerate launch --config_file` with it (processes, machines, FSDP; a DEEPSPEED one runs its "
+        "ZeRO settings on FSDP, see deepspeed_config).",
+    )
+    deepspeed_config: Path | None = Field(
+        None,
+        description="A DeepSpeed config (JSON): its ZeRO stage, offload and precision are run on FSDP2 (stage 3: "
+        "fsdp resharding after forward; 1-2: fsdp keeping gathered weights to the backward; 0: replicas; offload "
+        "cpu: cpu_offload). Its batch, accumulation, clipping and AdamW values must be \"auto\" or agree with "
+        "this section (training/deepspeed_config.py).",
     )
     log_every: int = Field(1, ge=1, description="Write metrics.jsonl every N steps.")
     report_to: Literal["none", "tensorboard"] = Field("none", description="Extra metrics sink.")
@@ -227,6 +241,20 @@ class TrainConfig(Section):
         if value is False:
             return None
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deepspeed_settings(cls, raw: Any) -> Any:
+        """Fill sharding, offload and precision from a named DeepSpeed config (before the fields are
+        validated, so a key the run config leaves out can take the file's value and one it gives must agree)."""
+        if not isinstance(raw, dict) or (raw.get("deepspeed_config") is None and raw.get("accelerate_config") is None):
+            return raw
+        from tunesmith.training.deepspeed_config import apply_zero_plan, zero_plan
+
+        plan = zero_plan(raw)
+        if plan is None:
+            return raw
+        return apply_zero_plan(raw, plan, {name: info.default for name, info in cls.model_fields.items()})
 
     @field_validator("accelerate_config")
     @classmethod

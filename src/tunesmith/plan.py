@@ -154,8 +154,10 @@ def plan_memory(
 
     held, held_trainable, gathered = total, trainable, 0
     if sharded:
-        held = total - counts.total_in_layers * (1 - 1 / processes)
-        held_trainable = trainable - counts.trainable_in_layers * (1 - 1 / processes)
+        # Each process holds 1/processes of the layers; with cpu_offload none of them (host memory).
+        kept = 0 if train.cpu_offload else 1 / processes
+        held = total - counts.total_in_layers * (1 - kept)
+        held_trainable = trainable - counts.trainable_in_layers * (1 - kept)
         gathered = counts.largest_layer * weight_bytes
     parts = {
         "weights": held * weight_bytes,
@@ -182,6 +184,9 @@ def advice_for(config: RunConfig, plan: MemoryPlan, processes: int = 1, sharded:
     if not sharded and model_state > 0.3 * plan.total_gib:
         devices = f"the {processes} processes" if processes > 1 else "several devices (accelerate launch)"
         advice.append(f"train.sharding: fsdp (weights, gradients and optimizer state split across {devices})")
+    if sharded and not config.train.cpu_offload and model_state > 0.3 * plan.total_gib:
+        advice.append("train.cpu_offload: true (the sharded layers' weights, gradients and optimizer state in host "
+                      "memory; slower)")
     if not config.train.gradient_checkpointing and parts["activations"] > 0.2 * plan.total_gib:
         advice.append("train.gradient_checkpointing: true (recompute activations; ~30% slower, far less memory)")
     if config.train.batch_size > 1 and parts["activations"] > 0.2 * plan.total_gib:

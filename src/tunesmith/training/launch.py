@@ -4,7 +4,9 @@
 `accelerate launch --config_file fsdp.yaml -m tunesmith.cli train run.yaml ...` (the same options), so
 the processes, machines and FSDP settings of a team's accelerate config apply without a second
 command line. Inside a launched process (accelerate or torchrun set WORLD_SIZE) nothing is relaunched.
-The file is read and checked when the run config is loaded, before any process starts.
+The file is read and checked when the run config is loaded, before any process starts. A config with
+`distributed_type: DEEPSPEED` launches as plain data parallel (same processes and machines) and its ZeRO
+settings run on FSDP (training/deepspeed_config.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import yaml
 
 from tunesmith.errors import ConfigError
 
@@ -36,10 +41,7 @@ def check_accelerate_config(path: Path) -> None:
     """Raise ValueError (reported against the config key) unless `path` is an accelerate config this loop runs."""
     settings = read_accelerate_config(path)
     kind = str(settings.get("distributed_type", "NO")).upper()
-    if kind == "DEEPSPEED":
-        raise ValueError(f"{path}: distributed_type DEEPSPEED is not supported; shard with FSDP instead "
-                         "(distributed_type: FSDP), which tunesmith runs on each decoder layer")
-    if kind not in SUPPORTED_TYPES:
+    if kind not in SUPPORTED_TYPES | {"DEEPSPEED"}:  # DEEPSPEED: read by training/deepspeed_config.py
         raise ValueError(f"{path}: distributed_type {kind} is not supported; use one of {sorted(SUPPORTED_TYPES)}")
     strategy = str((settings.get("fsdp_config") or {}).get("fsdp_sharding_strategy", "")).upper()
     if strategy in {"HYBRID_SHARD", "HYBRID_SHARD_ZERO2", "4", "5"}:
@@ -52,19 +54,43 @@ def launched_shape(path: Path) -> tuple[int, bool]:
     processes = int(settings.get("num_processes") or 1)
     fsdp = str(settings.get("distributed_type", "NO")).upper() == "FSDP"
     strategy = str((settings.get("fsdp_config") or {}).get("fsdp_sharding_strategy", "")).upper()
+    # A DEEPSPEED config's sharding is already in train.sharding (training/deepspeed_config.py).
     return processes, fsdp and strategy not in {"NO_SHARD", "3"}
 
 
+def without_deepspeed(settings: dict) -> dict:
+    """An accelerate config with `distributed_type: DEEPSPEED` as the plain data-parallel launch it becomes:
+    the processes and machines stay, the ZeRO settings are applied by tunesmith itself (deepspeed_config.py),
+    so neither accelerate nor the processes need DeepSpeed installed."""
+    plain = {key: value for key, value in settings.items() if key != "deepspeed_config"}
+    processes = int(settings.get("num_processes") or 1)
+    if processes <= 1 and int(settings.get("num_machines") or 1) <= 1:
+        plain["distributed_type"] = "NO"
+    else:
+        # accelerate's torchrun-based launcher, also on CPU (its MULTI_CPU type launches through MPI).
+        plain["distributed_type"] = "MULTI_GPU"
+    return plain
+
+
+LAUNCHED_BY_US = "TUNESMITH_LAUNCHED"
+
+
 def inside_launch() -> bool:
-    """True in a process started by `accelerate launch` or `torchrun`."""
-    return "WORLD_SIZE" in os.environ
+    """True in a process started by `accelerate launch` or `torchrun` (or by our own launch, even when the
+    launcher ran it as a plain single process: it must never launch itself again)."""
+    return "WORLD_SIZE" in os.environ or LAUNCHED_BY_US in os.environ
 
 
 def launch_with_accelerate(accelerate_config: Path, train_arguments: list[str]) -> int:
     """Run `tunesmith train` through `accelerate launch --config_file`; returns its exit code."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-               "-m", "tunesmith.cli", "train", *train_arguments]
-    return subprocess.run(command).returncode
+    settings = read_accelerate_config(accelerate_config)
+    with tempfile.TemporaryDirectory(prefix="tunesmith-launch-") as folder:
+        if str(settings.get("distributed_type", "")).upper() == "DEEPSPEED":
+            accelerate_config = Path(folder) / "accelerate.yaml"
+            accelerate_config.write_text(yaml.safe_dump(without_deepspeed(settings)), encoding="utf-8")
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+                   "-m", "tunesmith.cli", "train", *train_arguments]
+        return subprocess.run(command, env={**os.environ, LAUNCHED_BY_US: "1"}).returncode
 
 
 def fsdp_from_launcher() -> tuple[bool, bool | None]:

@@ -43,6 +43,7 @@ from tunesmith.training.checkpoint import (
     save_checkpoint,
 )
 from tunesmith.training.compile import check_compiler, compile_layers
+from tunesmith.training.deepspeed_config import check_global_batch, zero_plan
 from tunesmith.training.distributed import ProcessGroup
 from tunesmith.training.memory import return_large_buffers_to_the_os
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
@@ -312,6 +313,10 @@ def train(
         return_large_buffers_to_the_os()  # resident memory tracks the live tensors, step after step
     if train_config.compile:
         check_compiler(accelerator.device)
+    deepspeed = zero_plan(train_config.model_dump())
+    if deepspeed is not None:
+        check_global_batch(deepspeed, train_config.batch_size, train_config.grad_accum, group.world)
+        console.print(deepspeed.describe())
     reshard_after_forward = sharding_choice(train_config, group.world)
     sharded = reshard_after_forward is not None
     if sharded:
@@ -361,11 +366,13 @@ def train(
 
     reference = starting_reference(objective, model, data.train + data.eval, config)
     if sharded:  # after the reference copy and before the optimizer, which must hold the sharded parameters
-        shard_layers(model, reshard_after_forward)
+        shard_layers(model, reshard_after_forward, train_config.cpu_offload)
         console.print(f"fsdp: decoder layers sharded across {group.world} processes "
-                      f"(reshard after forward: {reshard_after_forward})")
+                      f"(reshard after forward: {reshard_after_forward}, cpu offload: {train_config.cpu_offload})")
     elif train_config.sharding == "fsdp":
         console.print("train.sharding: fsdp on one process: nothing to shard across; training unsharded")
+    if train_config.cpu_offload and not sharded:
+        console.print("train.cpu_offload: only sharded layers are offloaded; this run is not sharded")
     optimizer = accelerator.prepare_optimizer(build_optimizer(model, train_config, method, config.method))
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     scheduler = build_scheduler(optimizer, train_config, total_steps)
@@ -554,6 +561,7 @@ def train(
         "task": config.task,
         "processes": group.world,
         "sharding": "fsdp" if sharded else "none",
+        "cpu_offload": sharded and train_config.cpu_offload,
     }
     if exit_code == 0 and (group.is_main or sharded):
         exported = load_best(checkpoints_dir, model) if state["best"] else None
