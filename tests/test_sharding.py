@@ -70,8 +70,8 @@ def test_two_sharded_processes_equal_one_process(tiny_llama_dir, tmp_path, metho
     assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
     assert_same_weights(tmp_path / "single" / weights, tmp_path / "sharded" / weights, rtol=1e-4)
 
-    # The sharded step-2 checkpoint holds whole tensors: one unsharded process (full) or two sharded ones
-    # again (lora: the whole tensors are cut back into shards) resume it to the same end.
+    # The sharded step-2 checkpoint (each process's own rows, tests/test_sharded_checkpoint.py): one unsharded
+    # process (full) or two sharded ones again (lora: each reads its own rows) resume it to the same end.
     if method == "full":
         resumed = write_config(tmp_path, tiny_llama_dir, data, "resumed", 4, method, output="sharded")
     else:

@@ -416,11 +416,11 @@ def train(
     stopped_early = False
 
     def checkpoint() -> None:
-        # Written once, by the main process; with several processes the RNG saved is the main one's.
-        # Sharded weights are gathered for it: every process takes part.
+        # Written by the main process (the RNG saved is its own); sharded weights and moments are written
+        # by every process, each its own shards.
         if group.is_main or sharded:
             save_checkpoint(checkpoints_dir, state["step"], model, optimizer, scheduler, state,
-                            train_config.keep_checkpoints, is_main=group.is_main)
+                            train_config.keep_checkpoints, group)
         group.barrier()
 
     def evaluate_and_track() -> bool:
@@ -444,7 +444,7 @@ def train(
             state["best"] = {"step": state["step"], "metrics": metrics}
             state["evals_without_improvement"] = 0
             if group.is_main or sharded:
-                save_best(checkpoints_dir, model, state["best"], is_main=group.is_main)
+                save_best(checkpoints_dir, model, state["best"], group)
             group.barrier()
         else:
             state["evals_without_improvement"] += 1

@@ -12,10 +12,12 @@ The maths does not change: gradients are SUMMED across processes (divide factor 
 process already divides its loss by the global number of loss tokens of the step, so a sharded run
 reaches the weights of one process with the same global batch (tests/test_sharding.py).
 
-Checkpoints and the exported model hold full tensors: each sharded tensor is gathered one at a time
-(`full_tensor`, a collective every process joins) and written by the main process, so a sharded run
-resumes on any number of processes, sharded or not, and exports the usual files. The main process
-needs host memory for the trainable state (checkpoints) and for the whole model (export) once.
+Checkpoints gather nothing: every process writes its own rows of the sharded weights and AdamW
+moments, the main process the replicated tensors and a JSON index (training/sharded_checkpoint.py),
+and each process of the resuming run reads only the rows it holds, so a sharded run resumes on any
+number of processes, sharded or not. The exported model holds full tensors: each sharded tensor is
+gathered one at a time (`full_tensor`, a collective every process joins) and written by the main
+process, which needs host memory for the whole model once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from tunesmith.errors import ConfigError
 from tunesmith.models import decoder_layers, unwrapped_model
@@ -65,17 +67,6 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.to_local().device.type != tensor.device_mesh.device_type:
         tensor = tensor.to(tensor.device_mesh.device_type)  # offloaded to the host: NCCL gathers device memory
     return tensor.full_tensor()
-
-
-def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`full` cut into `like`'s shard layout (every process holds `full`; no communication),
-    or `full` itself when `like` is a plain tensor."""
-    if not isinstance(like, DTensor):
-        return full
-    mesh = like.device_mesh
-    full = full.detach().to(mesh.device_type, like.dtype)
-    # Cut on the mesh's device, then moved to where the shard lives (host memory under cpu_offload).
-    return distribute_tensor(full, mesh, like.placements, src_data_rank=None).to(like.device)
 
 
 def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
