@@ -10,6 +10,15 @@ compiling first step (177.9 vs 179.7 tokens/s) with 17% lower peak memory (3,665
 single repeated step had looked 16% faster. The fusion is expected to matter on GPUs, where the
 elementwise passes are a larger share of a step: not measured yet. Generation-heavy objectives
 (grpo, ppo) gain little: decoding changes shapes every token.
+
+With `train.sharding: fsdp` the layers are compiled after `fully_shard` (compiling first traces the
+same graphs: measured, equal gradients). FSDP2's hooks, which gather a layer's weights before its
+forward and free them after, are excluded from tracing by PyTorch itself, so they run eagerly around
+the compiled layer body; Dynamo takes the weights of FSDP-managed modules as graph inputs, not
+constants, so each call reads the gathered tensors, and the compiled backward's gradients are
+reduce-scattered as in eager mode. Two sharded, compiled processes reach one eager process's losses
+(within 8e-8 relative) and LoRA weights (within 1e-7; compiling alone differs from eager as much):
+tests/test_compile.py.
 """
 
 from __future__ import annotations

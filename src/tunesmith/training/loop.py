@@ -457,7 +457,9 @@ def train(
         TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console,
     )
-    if train_config.compile:  # last, so the reference copy and continual anchors hold plain modules
+    # Last, so the reference copy and continual anchors hold plain modules; after fully_shard (FSDP's hooks
+    # stay outside the compiled graphs: training/compile.py).
+    if train_config.compile:
         compile_layers(model)
     model.train()
     with StopSignal() as stop_signal, progress:

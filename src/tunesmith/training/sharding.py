@@ -119,8 +119,5 @@ def sharding_choice(train, processes: int) -> bool | None:
 
 def check_shardable(config) -> None:
     """Refuse, before any step, what has not been made to work on sharded layers."""
-    if config.train.compile:
-        raise ConfigError("train.compile: not supported together with FSDP sharding yet; set train.compile: false "
-                          "or train.sharding: none")
     if config.continual is not None:
         raise ConfigError("continual: its penalties hold unsharded copies of the weights; set train.sharding: none")
