@@ -29,7 +29,7 @@ scheduler, pipeline parallelism) is refused before any work.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +154,7 @@ def plan_from_deepspeed(settings: dict, source: str, where: str = "train.deepspe
         if key in settings and not is_auto(settings[key]):
             agreements[key] = (train_field, int(settings[key]))
     if "gradient_clipping" in settings and not is_auto(settings["gradient_clipping"]):
-        clipping = float(settings["gradient_clipping"])
-        agreements["gradient_clipping"] = ("max_grad_norm", clipping if clipping > 0 else None)  # 0: no clipping
+        agreements["gradient_clipping"] = clipping_agreement(settings["gradient_clipping"])
     optimizer = settings.get("optimizer")
     if optimizer is not None:
         agreements.update(optimizer_agreements(optimizer, source, where))
@@ -165,6 +164,11 @@ def plan_from_deepspeed(settings: dict, source: str, where: str = "train.deepspe
     ignored = sorted(key for key in settings if key not in MAPPED_TOP_KEYS) + zero_ignored
     return ZeroPlan(source, stage, cpu_offload, precision, agreements,
                     None if global_batch is None or is_auto(global_batch) else int(global_batch), tuple(ignored))
+
+
+def clipping_agreement(value: Any) -> tuple[str, float | None]:
+    clipping = float(value)
+    return "max_grad_norm", clipping if clipping > 0 else None  # DeepSpeed's 0: no clipping
 
 
 def optimizer_agreements(optimizer: Any, source: str, where: str) -> dict[str, tuple[str, Any]]:
@@ -213,16 +217,14 @@ def plan_from_accelerate(settings: dict, accelerate_path: Path) -> ZeroPlan:
             agreements["deepspeed_config.gradient_accumulation_steps"] = (
                 "grad_accum", int(section["gradient_accumulation_steps"]))
         if section.get("gradient_clipping") is not None:
-            clipping = float(section["gradient_clipping"])
-            agreements["deepspeed_config.gradient_clipping"] = ("max_grad_norm", clipping if clipping > 0 else None)
+            agreements["deepspeed_config.gradient_clipping"] = clipping_agreement(section["gradient_clipping"])
         mapped = {"zero_stage", "offload_optimizer_device", "offload_param_device", "gradient_accumulation_steps",
                   "gradient_clipping"}
         ignored = tuple(sorted(f"deepspeed_config.{key}" for key in section if key not in mapped))
         plan = ZeroPlan(source, stage, cpu_offload, None, agreements, None, ignored)
     precision = str(settings.get("mixed_precision") or "no").lower()
     if plan.precision is None and precision in ("bf16", "fp16"):
-        plan = ZeroPlan(plan.source, plan.stage, plan.cpu_offload, precision, plan.agreements, plan.global_batch,
-                        plan.ignored)
+        plan = replace(plan, precision=precision)
     return plan
 
 
