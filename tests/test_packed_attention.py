@@ -102,3 +102,98 @@ def test_packed_bfloat16_training_forward_matches_the_masked_path(tiny_llama_dir
     with packed_attention(model):
         packed_logits, _ = forward_and_grads(model, batch)
     torch.testing.assert_close(packed_logits.float(), masked_logits.float(), atol=5e-2, rtol=5e-2)
+
+
+# --- the CUDA varlen path ------------------------------------------------------------------------------
+
+
+def sdpa_varlen(query, key, value, offsets, longest, scale, **options):
+    """The varlen kernel's contract, (N, H, D) with record offsets, computed record by record through SDPA."""
+    assert offsets.dtype == torch.int32 and int(offsets[-1]) == query.shape[0]
+    assert longest == int((offsets[1:] - offsets[:-1]).max())
+    outputs = []
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+        record = [tensor[start:end].transpose(0, 1).unsqueeze(0) for tensor in (query, key, value)]  # (1, h, L, D)
+        output = torch.nn.functional.scaled_dot_product_attention(
+            *record, is_causal=True, scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+        outputs.append(output[0].transpose(0, 1))  # (L, H, D)
+    return torch.cat(outputs)
+
+
+def test_varlen_layout_and_offsets_equal_the_block_diagonal_mask(tiny_llama_dir, monkeypatch):
+    """Our side of the varlen call (rows flattened end to end, int32 record offsets, the output's
+    (B, T, H, D) layout), with the kernel replaced by SDPA record by record, against the masked path."""
+    from tunesmith.training import packed_attention as module
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa").train()
+    batch = packed_batch(model.config.vocab_size)
+    masked_logits, masked_grads = forward_and_grads(model, batch)
+    calls = []
+    monkeypatch.setattr(module, "uses_varlen", lambda query, dropout: True)
+    monkeypatch.setattr(module, "varlen_kernel", lambda: lambda *arguments: calls.append(1) or sdpa_varlen(*arguments))
+    with packed_attention(model):
+        varlen_logits, varlen_grads = forward_and_grads(model, batch)
+    assert len(calls) == model.config.num_hidden_layers  # one call per layer for the whole batch
+    torch.testing.assert_close(varlen_logits, masked_logits, atol=1e-5, rtol=1e-4)
+    for ours, masked in zip(varlen_grads, masked_grads, strict=True):
+        torch.testing.assert_close(ours, masked, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("keywords", ["is_causal", "window_size+enable_gqa"])
+def test_varlen_kernel_speaks_each_torch_releases_keywords(keywords, monkeypatch):
+    """varlen_attn's causal keyword and GQA support differ between PyTorch releases: both spellings reach
+    the same causal, grouped attention (without enable_gqa, key heads are repeated in transformers' order)."""
+    import torch.nn.attention.varlen as varlen
+
+    from tunesmith.training.packed_attention import varlen_kernel
+
+    seen = {}
+    if keywords == "is_causal":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None):
+            seen.update(is_causal=is_causal, key_heads=key.shape[1])
+            return sdpa_varlen(query, key, value, cu_seq_q, max_q, scale)
+    else:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                 enable_gqa=False):
+            seen.update(window_size=window_size, key_heads=key.shape[1], enable_gqa=enable_gqa)
+            return sdpa_varlen(query, key, value, cu_seq_q, max_q, scale)
+    monkeypatch.setattr(varlen, "varlen_attn", fake)
+    varlen_kernel.cache_clear()
+    try:
+        kernel = varlen_kernel()
+        generator = torch.Generator().manual_seed(0)
+        query, key, value = (torch.randn(12, heads, 8, generator=generator) for heads in (6, 2, 2))
+        offsets = torch.tensor([0, 5, 12], dtype=torch.int32)
+        got = kernel(query, key, value, offsets, 7, 0.3)
+    finally:
+        varlen_kernel.cache_clear()
+    if keywords == "is_causal":
+        assert seen == {"is_causal": True, "key_heads": 6}
+    else:
+        assert seen == {"window_size": (-1, 0), "key_heads": 2, "enable_gqa": True}
+    torch.testing.assert_close(got, sdpa_varlen(query, key, value, offsets, 7, 0.3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's varlen flash kernel runs on CUDA only")
+def test_cuda_varlen_kernel_equals_per_record_sdpa():
+    """The real kernel on a GPU, in bfloat16: a packed batch of uneven records with grouped key heads,
+    outputs and gradients against SDPA record by record (float32 references of the same inputs)."""
+    from tunesmith.training.packed_attention import uses_varlen, varlen_kernel
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = [700, 13, 250, 1, 84, 1000]  # two rows of 1024 tokens
+    total = sum(lengths)
+    offsets = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
+    query, key, value = (torch.randn(total, heads, 64, generator=generator).cuda() for heads in (9, 3, 3))
+    grad = torch.randn(total, 9, 64, generator=generator).cuda()
+    assert uses_varlen(query.bfloat16().unsqueeze(0), 0.0)
+    results = []
+    for dtype, kernel in ((torch.bfloat16, varlen_kernel()), (torch.float32, sdpa_varlen)):
+        inputs = [tensor.to(dtype).requires_grad_(True) for tensor in (query, key, value)]
+        output = kernel(*inputs, offsets, max(lengths), 0.125)
+        output.backward(grad.to(dtype))
+        results.append([output.float(), *(tensor.grad.float() for tensor in inputs)])
+    for ours, reference in zip(*results, strict=True):
+        assert torch.isfinite(ours).all()
+        error = (ours - reference).norm() / reference.norm()
+        assert error < 1e-2, f"relative error {error:.2e}"

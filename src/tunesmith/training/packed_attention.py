@@ -10,6 +10,13 @@ project's CPU, for a 512-token row of three records, one layer's attention forwa
 falls from ~58 to ~35 ms, and to ~27 ms with the records cut by split instead of slicing (two rows,
 float32; bfloat16: ~46 -> ~31 ms with `causal_attention_by_matmul`; bench/README.md).
 
+On CUDA, in bfloat16 / float16, the whole batch goes through one call of PyTorch's variable-length
+flash kernel (`torch.nn.attention.varlen.varlen_attn`) instead: the rows are flattened into one
+sequence of records and the kernel is told where each record starts, so a layer's attention is one
+launch however many records the rows hold. That kernel has no CPU implementation; the CPU tests
+check our use of it (offsets, layout, key-head grouping) against a reference that runs the same
+calling contract through SDPA, and tests/test_packed_attention.py's CUDA test against the real one.
+
 It runs only where it applies: a training forward (module.training) over full-length queries whose
 position ids restart inside a row. Everything else (evaluation, generation with its cache, padded
 batches) goes to transformers' own SDPA function with the mask transformers built for it, since
@@ -18,7 +25,10 @@ the mask function registered under this name is SDPA's.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -48,17 +58,30 @@ def is_packed(position_ids: torch.Tensor | None, query: torch.Tensor, key: torch
 
 class _RecordLengths:
     """Each row's record lengths, worked out once per forward: every layer receives the same position_ids
-    tensor, so the host sync that reads the record starts happens once, not once per layer."""
+    tensor, so the host sync that reads the record starts happens once, not once per layer (and so does
+    the copy of the varlen kernel's offsets to the device)."""
 
     def __init__(self):
         self.position_ids: weakref.ref | None = None
         self.lengths: list[list[int]] = []
+        self.offsets: tuple[torch.Tensor, int] | None = None
 
     def of(self, position_ids: torch.Tensor) -> list[list[int]]:
         if self.position_ids is None or self.position_ids() is not position_ids:
             self.lengths = [[end - start for start, end in record_spans(row)] for row in position_ids]
             self.position_ids = weakref.ref(position_ids)
+            self.offsets = None
         return self.lengths
+
+    def offsets_of(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Where each record starts in the flattened batch, then its end: (records + 1,) int32 on the
+        ids' device; and the longest record."""
+        rows = self.of(position_ids)
+        if self.offsets is None:
+            lengths = [length for row in rows for length in row]
+            starts = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            self.offsets = starts.to(position_ids.device), max(lengths)
+        return self.offsets
 
 
 _record_lengths = _RecordLengths()
@@ -98,6 +121,71 @@ def record_attention(
     )
 
 
+VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float | None], torch.Tensor]
+
+
+@functools.cache
+def varlen_kernel() -> VarlenKernel | None:
+    """PyTorch's variable-length flash attention, made causal, as (query (N, H, D), key (N, Hkv, D),
+    value, offsets (records + 1,), longest record, scale) -> (N, H, D); None where this torch has none.
+
+    Its keywords moved between PyTorch releases (`is_causal=True` became `window_size=(-1, 0)`;
+    `enable_gqa` came later), so they are read off its signature. Without `enable_gqa` the key heads
+    are repeated for their query heads, in transformers' order (query head h reads key head h // group).
+    """
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    if "scale" not in parameters:
+        return None
+    if "window_size" in parameters:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in parameters:
+        causal = {"is_causal": True}
+    else:
+        return None
+    grouped = "enable_gqa" in parameters
+
+    def attend(query, key, value, offsets, longest, scale):
+        options = dict(causal)
+        if key.shape[1] != query.shape[1]:
+            if grouped:
+                options["enable_gqa"] = True
+            else:
+                group = query.shape[1] // key.shape[1]
+                key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        return varlen_attn(query, key, value, offsets, offsets, longest, longest, scale=scale, **options)
+
+    return attend
+
+
+def uses_varlen(query: torch.Tensor, dropout: float) -> bool:
+    """The varlen kernel is flash attention: CUDA, half precision, no attention dropout."""
+    return (query.device.type == "cuda" and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
+            and varlen_kernel() is not None)
+
+
+def varlen_packed_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor, scaling: float | None,
+    kernel: VarlenKernel,
+) -> torch.Tensor:
+    """The whole packed batch in one kernel call: (B, H, T, D) queries -> (B, T, H, D) outputs.
+
+    The rows are laid end to end as one (B*T, heads, D) sequence (a free view: transformers made the
+    (B, H, T, D) tensors by transposing (B, T, H, D) projections) and `offsets` marks every record's
+    start in it, so no record attends across a record or row boundary.
+    """
+    batch, heads, length, dim = query.shape
+    offsets, longest = _record_lengths.offsets_of(position_ids)
+
+    def flat(tensor: torch.Tensor) -> torch.Tensor:  # (B, h, T, D) -> (B*T, h, D)
+        return tensor.transpose(1, 2).reshape(batch * length, tensor.shape[1], dim)
+
+    return kernel(flat(query), flat(key), flat(value), offsets, longest, scaling).reshape(batch, length, heads, dim)
+
+
 @torch.compiler.disable  # record lengths change per batch: `train.compile` leaves attention eager
 def packed_sdpa_attention(
     module: torch.nn.Module,
@@ -118,6 +206,8 @@ def packed_sdpa_attention(
     if not (module.training and is_packed(position_ids, query, key)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
+    if uses_varlen(query, dropout):
+        return varlen_packed_attention(query, key, value, position_ids, scaling, varlen_kernel()), None
     rows = []
     for row_query, row_key, row_value, lengths in zip(
         query.unbind(0), key.unbind(0), value.unbind(0), _record_lengths.of(position_ids), strict=True
