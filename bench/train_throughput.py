@@ -307,7 +307,8 @@ def main() -> None:
         print(f"{tool:<10} {row['tokens_per_s']:>10.1f} {row['padding_fraction']:>8.3f} "
               f"{row['peak_memory_mb']:>9.0f} {row['final_loss']:>11.4f} {row['model_tflops_per_s']:>8.3f} {mfu:>6}")
     print(f"model FLOPs per trained token: {flops_per_token / 1e9:.3f} GFLOP (tunesmith.plan.model_flops_per_token); "
-          f"MFU needs the device's peak: known GPUs in bf16, or --peak-tflops")
+          + (f"MFU against a peak of {peak:.0f} TFLOP/s" if peak else
+             "MFU needs the device's peak: known GPUs in bf16, or --peak-tflops"))
     ours = figures.get("tunesmith")
     if ours and ours.get("tokens_per_s_after_first_step"):
         print(f"tunesmith without its first step: {ours['tokens_per_s_after_first_step']:.1f} tokens/s")

@@ -7,10 +7,17 @@ template, so tests exercise real chat formatting and masking without loading a r
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# The suite checks logic on the CPU, where float32 is the default and kernels are deterministic: on a
+# GPU machine `train.mixed_precision: auto` would train in bf16 and tolerances written for float32
+# would not hold. TUNESMITH_TEST_CUDA=1 keeps the GPU visible, for the CUDA tests (`-k cuda`).
+if os.environ.get("TUNESMITH_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CHATML_TEMPLATE = (

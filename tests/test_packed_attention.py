@@ -65,7 +65,8 @@ def test_packed_training_matches_the_masked_kernel_and_exports_plain_sdpa(tiny_l
     weights = {}
     for kernel in ("sdpa", "eager"):  # eager keeps the block-diagonal mask: the reference
         config = run_config(tiny_llama_dir, train_file, tmp_path / kernel, data={"packing": True},
-                            model={"attn_implementation": kernel}, train={"max_steps": 3, "batch_size": 2})
+                            model={"attn_implementation": kernel},
+                            train={"max_steps": 3, "batch_size": 2, "mixed_precision": "no"})
         result = train(config)
         assert NAME not in (result.run_dir / "model" / "config.json").read_text()
         weights[kernel] = load_file(result.run_dir / "model" / "model.safetensors")
@@ -174,7 +175,8 @@ def test_varlen_kernel_speaks_each_torch_releases_keywords(keywords, monkeypatch
     torch.testing.assert_close(got, sdpa_varlen(query, key, value, offsets, 7, 0.3))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's varlen flash kernel runs on CUDA only")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the varlen flash kernel runs on CUDA only (on a GPU: TUNESMITH_TEST_CUDA=1 pytest -k cuda)")
 def test_cuda_varlen_kernel_equals_per_record_sdpa():
     """The real kernel on a GPU, in bfloat16: a packed batch of uneven records with grouped key heads,
     outputs and gradients against SDPA record by record (float32 references of the same inputs)."""
