@@ -90,3 +90,33 @@ def test_compiled_sharded_layers_train_to_the_eager_weights(tiny_llama_dir, tmp_
     resumed = train(run_config(tiny_llama_dir, data, sharded_dir, **sections), resume=True)
     assert resumed.exit_code == 0
     assert_same_weights(eager.run_dir / adapter, sharded_dir / adapter, rtol=1e-4)
+
+
+@needs_compiler
+def test_compiled_packed_rows_keep_one_shape_for_the_whole_run(tiny_llama_dir, tmp_path):
+    """Packed rows of different natural lengths are padded to data.max_length under train.compile, so the
+    layers compiled at step 1 serve every later step: no graph is traced after the first step."""
+    from tunesmith.data.collate import pack_examples
+
+    records = [{"messages": [{"role": "user", "content": "word " * (3 + 7 * index)},
+                             {"role": "assistant", "content": f"answer {index}"}]} for index in range(6)]
+    data = write_jsonl(tmp_path / "uneven.jsonl", records)
+    graphs = {}
+    for steps in (1, 4):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        config = run_config(tiny_llama_dir, data, tmp_path / f"steps-{steps}", data={"packing": True, "max_length": 96},
+                            method={"name": "lora", "r": 4}, train={"max_steps": steps, "batch_size": 1,
+                                                                    "compile": True})
+        result = train(config)
+        assert result.exit_code == 0
+        graphs[steps] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs[1] > 0
+    assert graphs[4] == graphs[1]
+    # the rows really differ in length (else the test would pass without the padding)
+    from tunesmith.data import prepare_data
+    from tunesmith.models import load_tokenizer
+
+    examples = prepare_data(config, load_tokenizer(config.model)).train
+    row_lengths = {sum(len(example["input_ids"]) for example in row) for row in pack_examples(examples, 96)}
+    assert len(row_lengths) >= 3

@@ -53,8 +53,9 @@ def with_sample_weights(batch: dict, examples: list[dict], weights: torch.Tensor
     return batch
 
 
-def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Concatenate each row's records; position ids restart per record; no attention mask."""
+def collate_packed(rows: list[list[dict]], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+    """Concatenate each row's records; position ids restart per record; no attention mask. Rows are padded
+    to the longest row, or to `length` when given (compiled layers then see one shape for the whole run)."""
     flat_rows = []
     for row in rows:
         input_ids: list[int] = []
@@ -68,6 +69,9 @@ def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tenso
             row_weights += [example.get("weight", 1.0)] * len(example["input_ids"])
         flat_rows.append((input_ids, targets, positions, row_weights))
     longest = max(len(input_ids) for input_ids, _, _, _ in flat_rows)
+    if length is not None and length < longest:
+        raise ValueError(f"a packed row of {longest} tokens does not fit the row length {length}")
+    longest = length or longest
     batch_input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
     batch_targets = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     # The padding tail is its own "record" starting at position 0, so it attends to nothing real.

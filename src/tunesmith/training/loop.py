@@ -9,6 +9,7 @@ about training lives outside this file and its helpers in this package.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -359,7 +360,13 @@ def train(
 
     items, tasks = training_items(data.train + continual.replay_examples, config)
     task_names = [component.name for component in config.data.mixture] if config.data.mixture else []
-    collate = collate_packed if config.data.packing else objective.collate
+    if config.data.packing:
+        # Compiled layers get rows of one length for the whole run: a row length that changed from batch
+        # to batch would make the compiler trace them again mid-run (packed rows are nearly full anyway).
+        row_length = config.data.max_length if train_config.compile else None
+        collate = functools.partial(collate_packed, length=row_length)
+    else:
+        collate = objective.collate
     lengths = [item_length(item) for item in items]
     per_epoch = math.ceil(len(epoch_order(lengths, tasks, config, group, 0)) / train_config.grad_accum)
     total_steps = train_config.max_steps or max(1, math.ceil(train_config.epochs * per_epoch))

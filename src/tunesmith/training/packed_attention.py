@@ -17,10 +17,11 @@ launch however many records the rows hold. That kernel has no CPU implementation
 check our use of it (offsets, layout, key-head grouping) against a reference that runs the same
 calling contract through SDPA, and tests/test_packed_attention.py's CUDA test against the real one.
 
-It runs only where it applies: a training forward (module.training) over full-length queries whose
-position ids restart inside a row. Everything else (evaluation, generation with its cache, padded
-batches) goes to transformers' own SDPA function with the mask transformers built for it, since
-the mask function registered under this name is SDPA's.
+It runs only where it applies: a training forward (module.training) over full-length queries with
+position ids, i.e. the rows of a packed batch (a row that holds one record is one span). Everything
+else (evaluation, generation with its cache) goes to transformers' own SDPA function with the mask
+transformers built for it, since the mask function registered under this name is SDPA's. Deciding
+that reads shapes only: no layer waits for the device (the record starts are read once per forward).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def record_spans(positions: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def is_packed(position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> bool:
-    if position_ids is None or query.shape[2] != key.shape[2] or position_ids.shape[-1] != query.shape[2]:
-        return False
-    return bool((position_ids[:, 1:] == 0).any())
+    """Whole rows with their position ids: a packed batch's rows, attended record by record. A check of
+    shapes only; looking for restarts in the ids would make every layer wait for the device."""
+    return position_ids is not None and query.shape[2] == key.shape[2] == position_ids.shape[-1]
 
 
 class _RecordLengths:
@@ -224,8 +225,17 @@ def packed_sdpa_attention(
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
+def packed_rows_mask(*args, **kwargs) -> torch.Tensor | None:
+    """SDPA's mask, always as a materialised tensor: when no row of a batch restarts (one whole record per
+    row) transformers would pass None, or a broadcast view, and a compiled layer that saw one kind would
+    be traced again for the other. Packed training ignores the mask; the SDPA fallback (evaluation
+    inside the block) reads it."""
+    mask = sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+    return None if mask is None else mask.contiguous()
+
+
 AttentionInterface.register(NAME, packed_sdpa_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, packed_rows_mask)
 
 
 @contextmanager
