@@ -7,9 +7,16 @@ the compiler gains is fusing a layer's elementwise work (RMSNorm, RoPE, SiLU x u
 residual adds) into fewer passes over memory. On this project's 2-core CPU the benchmark job
 (SmolLM2-135M LoRA, 24 steps of packed 512-token rows) ran at the eager speed after a ~54 s
 compiling first step (177.9 vs 179.7 tokens/s) with 17% lower peak memory (3,665 vs 4,394 MB); a
-single repeated step had looked 16% faster. The fusion is expected to matter on GPUs, where the
-elementwise passes are a larger share of a step: not measured yet. Generation-heavy objectives
-(grpo, ppo) gain little: decoding changes shapes every token.
+single repeated step had looked 16% faster. The fusion is meant for GPUs, where the elementwise
+passes are most of a step (an H100 profile of full fine-tuning at 2048 tokens: matmuls 20% of the
+kernel time; bench/README.md). Generation-heavy objectives (grpo, ppo) gain little: decoding changes
+shapes every token.
+
+One shape per run: a layer is traced again whenever its inputs change shape, dtype, stride or kind,
+and each trace costs seconds. So under `train.compile` the loop pads packed rows to data.max_length
+and the packed block's attention mask is always a materialised tensor (training/packed_attention.py);
+tests/test_compile.py checks that no graph is traced after the first step. (Before that, an H100 run
+spent more time recompiling than it saved: bench/README.md.)
 
 With `train.sharding: fsdp` the layers are compiled after `fully_shard` (compiling first traces the
 same graphs: measured, equal gradients). FSDP2's hooks, which gather a layer's weights before its
