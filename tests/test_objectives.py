@@ -52,6 +52,21 @@ def test_packed_loss_equals_unpacked(tiny_lm):
     torch.testing.assert_close(packed_loss.loss_sum, padded_loss.loss_sum, rtol=1e-5, atol=1e-4)
 
 
+def test_packed_rows_padded_to_a_fixed_length_give_the_same_loss(tiny_lm):
+    """train.compile pads packed rows to data.max_length: the extra tail is padding with no targets,
+    and a record longer than the length keeps its own longer row."""
+    examples = make_examples(4, tiny_lm.config.vocab_size, seed=3)
+    rows = [examples[:2], examples[2:]]
+    natural = collate_packed(rows, pad_id=0)
+    fixed = collate_packed(rows, pad_id=0, length=natural["input_ids"].shape[1] + 7)
+    assert fixed["input_ids"].shape[1] == natural["input_ids"].shape[1] + 7
+    assert fixed["num_tokens"] == natural["num_tokens"] and fixed["num_loss_tokens"] == natural["num_loss_tokens"]
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm_loss(tiny_lm, fixed).loss_sum, causal_lm_loss(tiny_lm, natural).loss_sum,
+                                   rtol=1e-5, atol=1e-5)
+    assert collate_packed(rows, pad_id=0, length=3)["input_ids"].shape == natural["input_ids"].shape
+
+
 def test_packed_records_do_not_attend_to_each_other(tiny_lm):
     first, second = make_examples(2, tiny_lm.config.vocab_size, seed=1)
     packed = collate_packed([[first, second]], pad_id=0)

@@ -68,10 +68,8 @@ def collate_packed(rows: list[list[dict]], pad_id: int, length: int | None = Non
             positions += range(len(example["input_ids"]))
             row_weights += [example.get("weight", 1.0)] * len(example["input_ids"])
         flat_rows.append((input_ids, targets, positions, row_weights))
-    longest = max(len(input_ids) for input_ids, _, _, _ in flat_rows)
-    if length is not None and length < longest:
-        raise ValueError(f"a packed row of {longest} tokens does not fit the row length {length}")
-    longest = length or longest
+    # Never shorter than a row: a record longer than `length` keeps its own, longer row.
+    longest = max(length or 0, *(len(input_ids) for input_ids, _, _, _ in flat_rows))
     batch_input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
     batch_targets = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     # The padding tail is its own "record" starting at position 0, so it attends to nothing real.
