@@ -69,7 +69,8 @@ class _RecordLengths:
 
     def of(self, position_ids: torch.Tensor) -> list[list[int]]:
         if self.position_ids is None or self.position_ids() is not position_ids:
-            self.lengths = [[end - start for start, end in record_spans(row)] for row in position_ids]
+            on_host = position_ids.cpu()  # one copy for the batch, not one device sync per row
+            self.lengths = [[end - start for start, end in record_spans(row)] for row in on_host]
             self.position_ids = weakref.ref(position_ids)
             self.offsets = None
         return self.lengths
