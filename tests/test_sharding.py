@@ -206,3 +206,57 @@ def test_sharding_follows_the_launcher_unless_the_config_says(monkeypatch, envir
     train = TrainConfig(sharding=setting)
     assert sharding_choice(train, processes=2) == expected
     assert sharding_choice(train, processes=1) is None  # nothing to shard across
+
+
+def continued_run_config(tmp_path, model_dir, data, name: str, batch_size: int, method: str, continual: str,
+                         extra: str = "", from_run=None):
+    path = tmp_path / f"{name}.yaml"
+    from_run = f", from_run: {from_run}" if from_run else ""
+    lora = ", r: 4, target_modules: [q_proj, v_proj, up_proj]" if method == "lora" else ""
+    path.write_text(
+        f"model: {{name: {model_dir}{from_run}}}\n"
+        f"data: {{train: {data}, eval_split: 0.0, max_length: 128, group_by_length: true}}\n"
+        f"method: {{name: {method}{lora}}}\n"
+        f"continual: {continual}\n"
+        f"train: {{max_steps: 3, batch_size: {batch_size}, lr: 1e-3, warmup: 0, eval_before: false, seed: 3, "
+        f"max_grad_norm: 10.0{extra}}}\n"
+        f"output_dir: {tmp_path / name}\n"
+    )
+    return path
+
+
+def penalties(run_dir) -> list[float]:
+    return [json.loads(line)["continual_penalty"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, regularizer, port", [("full", "ewc", 29590), ("lora", "ewc", 29591),
+                                                       ("lora", "olora", 29592)])
+def test_continual_penalties_on_sharded_layers_equal_one_process(tiny_llama_dir, tmp_path, method, regularizer, port):
+    """EWC holds each sharded weight's start rows and Fisher rows where the weight's shard lives (full fine-tuning)
+    or the rows of B A this process holds (LoRA, A gathered); O-LoRA gathers the new A. Two sharded processes
+    reach the penalties, losses and weights of one unsharded process."""
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
+    old = write_jsonl(tmp_path / "old.jsonl", chat_records(20)[12:])
+    weights = {"full": "model/model.safetensors", "lora": "adapter/adapter_model.safetensors"}[method]
+    previous = None
+    if regularizer == "olora":  # O-LoRA keeps the new adapter away from a previous LoRA run's subspace
+        first = continued_run_config(tmp_path, tiny_llama_dir, old, "previous", 4, "lora", "null")
+        assert train(first).returncode == 0
+        previous = tmp_path / "previous"
+    weight = 1e3 if method == "full" else 1e5  # a penalty whose gradient weighs in the update
+    continual = (f"{{regularizer: {{name: ewc, weight: {weight}, fisher_examples: 6}}, old_data: {old}}}"
+                 if regularizer == "ewc" else "{regularizer: {name: olora, weight: 10.0}}")
+    single = continued_run_config(tmp_path, tiny_llama_dir, data, "single", 4, method, continual, from_run=previous)
+    assert train(single).returncode == 0
+    launcher = tmp_path / "fsdp.yaml"
+    launcher.write_text(ACCELERATE_FSDP.format(port=port))
+    sharded = continued_run_config(tmp_path, tiny_llama_dir, data, "sharded", 2, method, continual,
+                                   f", accelerate_config: {launcher}", from_run=previous)
+    two = train(sharded)
+    assert two.returncode == 0, [line for line in two.stderr.splitlines() if "rror" in line][:5]
+
+    assert json.loads((tmp_path / "sharded" / "summary.json").read_text())["sharding"] == "fsdp"
+    assert min(penalties(tmp_path / "single")[1:]) > 0  # the weights have moved from the anchor
+    assert penalties(tmp_path / "sharded") == pytest.approx(penalties(tmp_path / "single"), rel=1e-4)
+    assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert_same_weights(tmp_path / "single" / weights, tmp_path / "sharded" / weights, rtol=1e-4)

@@ -20,6 +20,14 @@ trainable parameter minus its starting value. Under LoRA the previous weights ar
 (the previous adapters merged, or kept beside it), and the new adapter moves layer W by
 delta W = scale * B A: that delta is penalised, and EWC's Fisher is taken with respect to W.
 This is how L2-SP and EWC read for a low-rank update; neither paper covers adapters.
+
+Across processes a penalty returns this process's SHARE: summed over the processes it is the penalty,
+and the gradients it leaves, once summed across processes (the loop sums replicated gradients; FSDP
+reduce-scatters sharded ones), are the penalty's. A term on whole tensors, which every process computes
+alike, counts 1/processes; a term on the rows of a sharded layer that this process holds (FSDP,
+`train.sharding`) counts in full, since no other process holds them. So on sharded layers the start
+values and Fisher of each weight are kept for the held rows only, and only O-LoRA's small A matrices
+and a LoRA update's A are gathered whole.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from tunesmith.errors import ConfigError
 from tunesmith.registry import Registry
@@ -39,6 +49,8 @@ if TYPE_CHECKING:
     from tunesmith.objectives.base import ObjectiveSettings, ObjectiveSpec
 
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
+"""penalty(model) -> this process's share of the penalty (0-dim, differentiable); a penalty may also have
+`after_sharding(model)`, which the loop calls once FSDP has sharded the decoder layers."""
 
 
 @dataclass
@@ -75,17 +87,29 @@ def register(spec: RegularizerSpec) -> RegularizerSpec:
 
 @dataclass
 class ParameterAnchor:
-    """A trainable parameter and its value when the run started."""
+    """A trainable parameter and its value when the run started (the held rows, once sharded)."""
 
     name: str
     parameter: torch.nn.Parameter
     start: torch.Tensor
 
     def drift(self) -> torch.Tensor:
-        return self.parameter - self.start
+        return held_part(self.parameter).to(self.start.device) - self.start
 
     @property
     def fisher_target(self) -> torch.Tensor:
+        return self.parameter
+
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.parameter, DTensor)
+
+    def bind_shards(self, model: torch.nn.Module) -> DTensor | None:
+        """Follow the parameter into FSDP's sharded one and keep the start rows it holds; returns it."""
+        self.parameter = model.get_parameter(self.name)
+        if not self.sharded:
+            return None
+        self.start = rows_held(self.start, self.parameter)
         return self.parameter
 
 
@@ -98,14 +122,67 @@ class LoraAnchor:
     adapter: str
 
     def drift(self) -> torch.Tensor:
-        return self.layer.get_delta_weight(self.adapter)  # (out, in), laid out like W
+        """delta W = scale * B A, (out, in) laid out like W; on a sharded layer the rows of W this process
+        holds: its rows of B times the whole A (A's gradient is then summed across the processes)."""
+        if not self.sharded:
+            return self.layer.get_delta_weight(self.adapter)
+        down, up = self.layer.lora_A[self.adapter].weight, self.layer.lora_B[self.adapter].weight
+        device = torch.device(up.device_mesh.device_type)
+        return (held_part(up).to(device) @ gathered(down)) * self.layer.scaling[self.adapter]
 
     @property
     def fisher_target(self) -> torch.Tensor:
         return self.layer.base_layer.weight  # (out, in)
 
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.layer.lora_B[self.adapter].weight, DTensor)
+
+    def bind_shards(self, model: torch.nn.Module) -> DTensor | None:
+        """The sharded W whose rows the drift holds (B and W are sharded alike, by output rows), or None."""
+        if not self.sharded:
+            return None
+        if getattr(self.layer, "fan_in_fan_out", False):
+            raise ConfigError(f"continual.regularizer: {self.name} stores its weight transposed (fan_in_fan_out), "
+                              "whose sharded rows are not W's; set train.sharding: none")
+        return self.layer.base_layer.weight
+
 
 Anchor = ParameterAnchor | LoraAnchor
+
+
+# --- sharded layers ----------------------------------------------------------------------------------
+
+
+def processes() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def held_part(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of a sharded tensor that this process holds (differentiable); a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded tensor on every process, on the mesh's device. Its gradient is summed across
+    the processes on the way back (Partial), since each process's share of a penalty adds its own part."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if tensor.to_local().device.type != tensor.device_mesh.device_type:
+        tensor = tensor.to(tensor.device_mesh.device_type)  # offloaded to the host
+    whole = tensor.redistribute(placements=[Replicate()] * tensor.device_mesh.ndim)
+    return whole.to_local(grad_placements=[Partial()] * tensor.device_mesh.ndim)
+
+
+def rows_held(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This process's rows of `whole`, a tensor shaped like the sharded `like` (FSDP splits dim 0 as
+    torch.chunk does), as a copy on the mesh's device, so the whole tensor can be freed."""
+    world, rank = like.device_mesh.size(), like.device_mesh.get_local_rank()
+    chunks = torch.chunk(whole, world, dim=0)
+    part = chunks[rank] if rank < len(chunks) else whole[:0]
+    if part.shape != like.to_local().shape:
+        raise RuntimeError(f"rows held {tuple(like.to_local().shape)} are not a torch.chunk of {tuple(whole.shape)}")
+    return part.to(like.device_mesh.device_type, copy=True)
 
 
 def trainable_lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
@@ -185,14 +262,22 @@ class AnchorPenalty:
         self.weight = weight
         self.importance = importance
 
+    def after_sharding(self, model: torch.nn.Module) -> None:
+        """Keep the start values and Fisher of the rows this process holds of each sharded weight."""
+        for index, anchor in enumerate(self.anchored):
+            held = anchor.bind_shards(model)
+            if held is not None and self.importance is not None:
+                self.importance[index] = rows_held(self.importance[index], held)
+
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
-        terms = []
+        whole_terms, held_terms = [], []
         for index, anchor in enumerate(self.anchored):
             squared = anchor.drift().float() ** 2
             if self.importance is not None:
                 squared = squared * self.importance[index]
-            terms.append(squared.sum())
-        return 0.5 * self.weight * torch.stack(terms).sum()
+            (held_terms if anchor.sharded else whole_terms).append(squared.sum())
+        share = sum(whole_terms, torch.zeros(())) / processes() + sum(held_terms, torch.zeros(()))
+        return 0.5 * self.weight * share
 
 
 def build_l2sp(setup: PenaltySetup) -> Penalty:
@@ -246,30 +331,37 @@ def previous_lora_subspaces(from_run: Path) -> dict[str, torch.Tensor]:
 class OrthogonalSubspacePenalty:
     """weight * sum over layers of |A_old A_new^T|, summed over entries (O-LoRA's L_orth)."""
 
-    def __init__(self, pairs: list[tuple[torch.Tensor, torch.nn.Parameter]], weight: float):
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.nn.Parameter]], weight: float,
+                 names: list[str] | None = None):
         self.pairs = pairs  # (A_old (R, in) frozen, A_new (r, in) trainable) per layer
         self.weight = weight
+        self.names = names  # each A_new's parameter name, to follow it into FSDP's sharded parameter
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
-        overlaps = [(old @ new.float().T).abs().sum() for old, new in self.pairs]  # each (R, r) before the sum
-        return self.weight * torch.stack(overlaps).sum()
+        # Each (R, r) before the sum, from the whole A on every process: each counts 1/processes.
+        overlaps = [(old @ gathered(new).float().T).abs().sum() for old, new in self.pairs]
+        return self.weight * torch.stack(overlaps).sum() / processes()
+
+    def after_sharding(self, model: torch.nn.Module) -> None:
+        self.pairs = [(old, model.get_parameter(name)) for (old, _), name in zip(self.pairs, self.names, strict=True)]
 
 
 def build_olora(setup: PenaltySetup) -> Penalty:
     if setup.from_run is None:
         raise ConfigError("continual.regularizer: olora needs model.from_run, a LoRA run whose subspace to avoid")
     old = previous_lora_subspaces(setup.from_run)
-    pairs = []
+    pairs, names = [], []
     for name, layer, adapter in trainable_lora_layers(setup.model):
         if name in old:
             new = layer.lora_A[adapter].weight  # (r, in)
             pairs.append((old[name].to(new.device), new))
+            names.append(f"{name}.lora_A.{adapter}.weight")
     if not pairs:
         raise ConfigError(
             f"continual.regularizer: olora found no layer with LoRA both in {setup.from_run}'s chain and in this "
             "run; use method.name: lora with the previous run's target_modules"
         )
-    return OrthogonalSubspacePenalty(pairs, setup.weight)
+    return OrthogonalSubspacePenalty(pairs, setup.weight, names)
 
 
 register(RegularizerSpec("l2sp", build_l2sp))

@@ -34,8 +34,15 @@ class Continual:
     regularizer: Penalty | None = None
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
-        """The regulariser's value (0-dim, differentiable), to add once per optimiser step; None without one."""
+        """This process's share of the regulariser's value (0-dim, differentiable; summed across processes it
+        is the penalty), to add once per optimiser step; None without one."""
         return None if self.regularizer is None else self.regularizer(model)
+
+    def after_sharding(self, model: torch.nn.Module) -> None:
+        """Follow the regulariser's weights into the sharded layers (FSDP replaced their parameters)."""
+        follow = getattr(self.regularizer, "after_sharding", None)
+        if follow is not None:
+            follow(model)
 
 
 def prepare_continual(

@@ -52,7 +52,6 @@ from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import packed_attention
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs, training_batch
 from tunesmith.training.sharding import (
-    check_shardable,
     clip_gradients,
     gather_for_export,
     shard_layers,
@@ -320,8 +319,6 @@ def train(
         console.print(deepspeed.describe())
     reshard_after_forward = sharding_choice(train_config, group.world)
     sharded = reshard_after_forward is not None
-    if sharded:
-        check_shardable(config)
 
     # --- setup: everything that can fail on bad input happens before the first step ---
     run_dir = prepare_run_dir(config, resume, overwrite, group)
@@ -374,6 +371,7 @@ def train(
     reference = starting_reference(objective, model, data.train + data.eval, config)
     if sharded:  # after the reference copy and before the optimizer, which must hold the sharded parameters
         shard_layers(model, reshard_after_forward, train_config.cpu_offload)
+        continual.after_sharding(model)
         console.print(f"fsdp: decoder layers sharded across {group.world} processes "
                       f"(reshard after forward: {reshard_after_forward}, cpu offload: {train_config.cpu_offload})")
     elif train_config.sharding == "fsdp":
@@ -495,10 +493,10 @@ def train(
                 )
             penalty = continual.penalty(model)
             if penalty is not None:
-                # Once per step, on top of the step's mean loss; each process adds 1/world of it, so the
-                # gradients summed across processes hold it once.
-                accelerator.backward(penalty / group.world)
-                step_metrics["continual_penalty"] = penalty.detach() / group.world
+                # Once per step, on top of the step's mean loss; each process adds its share, so the
+                # gradients summed across processes hold the penalty once.
+                accelerator.backward(penalty)
+                step_metrics["continual_penalty"] = penalty.detach()
             group.sum_gradients(trainable)
             if train_config.max_grad_norm is not None and sharded:
                 clip_gradients(trainable, train_config.max_grad_norm)

@@ -115,9 +115,3 @@ def sharding_choice(train, processes: int) -> bool | None:
     if train.sharding == "auto" and launched_reshard is not None:
         return launched_reshard
     return train.reshard_after_forward
-
-
-def check_shardable(config) -> None:
-    """Refuse, before any step, what has not been made to work on sharded layers."""
-    if config.continual is not None:
-        raise ConfigError("continual: its penalties hold unsharded copies of the weights; set train.sharding: none")
