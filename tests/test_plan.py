@@ -11,7 +11,7 @@ from helpers import chat_records, run_config, write_jsonl
 
 from tunesmith.methods import METHODS, count_parameters
 from tunesmith.models import decoder_layers, load_model
-from tunesmith.plan import GIB, model_flops_per_token, plan_memory
+from tunesmith.plan import GIB, MemoryPlan, advice_for, model_flops_per_token, plan_memory
 
 
 @pytest.fixture
@@ -78,6 +78,30 @@ def test_fsdp_divides_the_layers_state_by_the_processes(tiny_llama_dir, chat_fil
     launched = run_config(tiny_llama_dir, chat_file, tmp_path / "c", method={"name": "full"},
                           train={"accelerate_config": str(launcher)})
     assert plan_memory(launched, on_gpu=False).parts_gib == pytest.approx(plan.parts_gib)
+
+
+def test_fsdp_plan_counts_the_half_precision_gather_and_gradients_reduced_once_a_step(
+    tiny_llama_dir, chat_file, tmp_path
+):
+    model = load_model(run_config(tiny_llama_dir, chat_file, tmp_path / "m").model, "sft")
+    layers = [sum(parameter.numel() for parameter in layer.parameters()) for layer in decoder_layers(model)]
+    train = {"sharding": "fsdp", "mixed_precision": "bf16", "grad_accum": 4}
+    every = run_config(tiny_llama_dir, chat_file, tmp_path / "a", method={"name": "full"}, train=train)
+    once = run_config(tiny_llama_dir, chat_file, tmp_path / "b", method={"name": "full"},
+                      train={**train, "reduce_each_micro_batch": False})
+    float32_gather = run_config(tiny_llama_dir, chat_file, tmp_path / "c", method={"name": "full"},
+                                train={**train, "half_precision_gather": False})
+    plan = plan_memory(every, on_gpu=False, processes=4)
+    assert plan.parts_gib["fsdp: one layer gathered"] == pytest.approx(max(layers) * 2 / GIB)  # float32 in bf16
+    assert "fsdp: whole layer gradients" not in plan.parts_gib
+    assert plan_memory(float32_gather, on_gpu=False, processes=4).parts_gib["fsdp: one layer gathered"] == (
+        pytest.approx(max(layers) * 4 / GIB))
+    reduced_once = plan_memory(once, on_gpu=False, processes=4)
+    assert reduced_once.parts_gib["fsdp: whole layer gradients"] == pytest.approx(sum(layers) * 2 / GIB)
+    # A model whose layers outweigh its embeddings (unlike this tiny one): the advice names the key.
+    parts = {**reduced_once.parts_gib, "fsdp: whole layer gradients": 10 * reduced_once.total_gib}
+    advice = advice_for(once, MemoryPlan(1, 1, parts, budget_gib=1e-4, processes=4, sharded=True), 4, True)
+    assert advice[0].startswith("train.reduce_each_micro_batch: true")
 
 
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}])

@@ -212,6 +212,20 @@ class TrainConfig(Section):
         description="fsdp: free each layer's gathered weights after its forward and gather them again for the "
         "backward (least memory, ZeRO-3); false keeps them until the backward (less communication).",
     )
+    reduce_each_micro_batch: bool = Field(
+        True,
+        description="fsdp with grad_accum > 1: reduce-scatter each layer's gradients after every micro-batch (the "
+        "gradients stay sharded: least memory); false: only after the step's last micro-batch, each process "
+        "accumulating whole layer gradients until then (1/grad_accum of the gradient traffic for one model's worth "
+        "of layer gradients per process; `tunesmith plan` counts it).",
+    )
+    half_precision_gather: bool = Field(
+        True,
+        description="fsdp under mixed_precision bf16 / fp16 with float32 weights: cast each layer's shard to the half "
+        "dtype before gathering it (FSDP2 MixedPrecisionPolicy: half the all-gather traffic and gathered memory, no "
+        "autocast weight casts; gradients reduced in float32 into float32 shards). Norm weights then compute in the "
+        "half dtype too. false: gather float32 and let autocast cast.",
+    )
     cpu_offload: bool = Field(
         False,
         description="fsdp: keep the sharded layers' weights, gradients and AdamW state in host memory and step the "

@@ -110,6 +110,13 @@ def weights_dtype(config: RunConfig, on_gpu: bool) -> str:
     return "bfloat16" if on_gpu else "float32"
 
 
+def mixed_precision_of(setting: str, on_gpu: bool) -> str:
+    """train.mixed_precision as the loop resolves it (auto: bf16 on GPUs, none on the CPU)."""
+    if setting == "auto":
+        return "bf16" if on_gpu else "no"
+    return setting
+
+
 def launch_plan(config: RunConfig, processes: int | None) -> tuple[int, bool]:
     """(processes, sharded): `processes` if given, else what `train.accelerate_config` launches (else 1);
     sharded for `train.sharding: fsdp`, or `auto` with an FSDP accelerate config."""
@@ -152,13 +159,19 @@ def plan_memory(
         chunk = getattr(config.objective, "loss_chunk_tokens", None) or tokens
         logits = min(chunk, tokens) * vocab * 4 * 2
 
-    held, held_trainable, gathered = total, trainable, 0
+    held, held_trainable, gathered, whole_layer_gradients = total, trainable, 0, 0
     if sharded:
         # Each process holds 1/processes of the layers; with cpu_offload none of them (host memory).
         kept = 0 if train.cpu_offload else 1 / processes
         held = total - counts.total_in_layers * (1 - kept)
         held_trainable = trainable - counts.trainable_in_layers * (1 - kept)
-        gathered = counts.largest_layer * weight_bytes
+        # Float32 layers under half-precision autocast are gathered in the half dtype (train.half_precision_gather).
+        half = mixed_precision_of(train.mixed_precision, on_gpu) != "no" and train.half_precision_gather
+        gathered_bytes = 2 if half and dtype == "float32" else weight_bytes
+        gathered = counts.largest_layer * gathered_bytes
+        if not train.reduce_each_micro_batch and train.grad_accum > 1:
+            # Between reductions every process accumulates whole gradients of every layer it trains.
+            whole_layer_gradients = counts.trainable_in_layers * gathered_bytes
     parts = {
         "weights": held * weight_bytes,
         "gradients": held_trainable * weight_bytes,
@@ -169,6 +182,8 @@ def plan_memory(
     }
     if gathered:
         parts["fsdp: one layer gathered"] = gathered
+    if whole_layer_gradients:
+        parts["fsdp: whole layer gradients"] = whole_layer_gradients
     plan = MemoryPlan(total, trainable, {name: value / GIB for name, value in parts.items()}, budget_gib,
                       processes=processes, sharded=sharded)
     if not plan.fits:
@@ -187,6 +202,9 @@ def advice_for(config: RunConfig, plan: MemoryPlan, processes: int = 1, sharded:
     if sharded and not config.train.cpu_offload and model_state > 0.3 * plan.total_gib:
         advice.append("train.cpu_offload: true (the sharded layers' weights, gradients and optimizer state in host "
                       "memory; slower)")
+    if parts.get("fsdp: whole layer gradients", 0) > 0.2 * plan.total_gib:
+        advice.append("train.reduce_each_micro_batch: true (gradients reduce-scattered after every micro-batch, "
+                      "so they stay sharded)")
     if not config.train.gradient_checkpointing and parts["activations"] > 0.2 * plan.total_gib:
         advice.append("train.gradient_checkpointing: true (recompute activations; ~30% slower, far less memory)")
     if config.train.batch_size > 1 and parts["activations"] > 0.2 * plan.total_gib:

@@ -36,6 +36,7 @@ from tunesmith.methods import METHODS, count_parameters
 from tunesmith.models import load_model, load_tokenizer, unwrapped_model
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.objectives.base import ObjectiveSpec
+from tunesmith.plan import mixed_precision_of
 from tunesmith.training.checkpoint import (
     complete_checkpoints,
     load_best,
@@ -52,13 +53,16 @@ from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import packed_attention
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs, training_batch
 from tunesmith.training.sharding import (
+    adapter_parameters,
     clip_gradients,
     gather_for_export,
+    reduce_gradients,
     shard_layers,
     sharding_choice,
 )
 
 EXIT_INTERRUPTED = 130
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -232,6 +236,7 @@ def evaluate_examples(
 def accumulate_gradients(
     model, objective: ObjectiveSpec, settings, micro_batches: list[dict], accelerator,
     reference: ReferenceModel | None = None, step_loss_tokens: float | None = None,
+    before_backward: Callable[[bool], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
     """Backward over one optimiser step's micro-batches; returns the step's loss and metrics (detached),
     and for a data mixture each task's summed loss and loss-token count (micro-batches hold one task).
@@ -240,6 +245,7 @@ def accumulate_gradients(
     all processes when `step_loss_tokens` is given), so the accumulated gradient is the gradient
     of the mean over every loss token of the step, whatever the split into micro-batches and
     processes: batch 8 x accumulation 1 == batch 2 x accumulation 4 == 2 processes x batch 4.
+    `before_backward(last)` runs before each micro-batch's backward (last: the step's final one).
     """
     if step_loss_tokens is None:
         step_loss_tokens = sum(batch["num_loss_tokens"] for batch in micro_batches)
@@ -247,11 +253,13 @@ def accumulate_gradients(
     step_loss = torch.zeros((), device=accelerator.device)
     step_metrics: dict[str, torch.Tensor] = {}
     task_losses: dict[str, tuple[torch.Tensor, int]] = {}
-    for batch in micro_batches:
+    for index, batch in enumerate(micro_batches):
         batch = training_batch(objective, reference, model, to_device(batch, accelerator.device), settings)
         with accelerator.autocast():
             output = objective.loss(model, batch, settings)
         loss = output.loss_sum / step_loss_tokens
+        if before_backward is not None:
+            before_backward(index == len(micro_batches) - 1)
         accelerator.backward(loss)
         step_loss += loss.detach()
         # Objectives report summed metrics (reward accuracy, margins, KL); like the loss, they are
@@ -287,9 +295,7 @@ def starting_reference(objective: ObjectiveSpec, model, examples: list[dict], co
 
 
 def mixed_precision(setting: str) -> str:
-    if setting == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return setting
+    return mixed_precision_of(setting, on_gpu=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def train(
@@ -370,14 +376,20 @@ def train(
 
     reference = starting_reference(objective, model, data.train + data.eval, config)
     if sharded:  # after the reference copy and before the optimizer, which must hold the sharded parameters
-        shard_layers(model, reshard_after_forward, train_config.cpu_offload)
+        gather_dtype = HALF_DTYPES.get(accelerator.mixed_precision) if train_config.half_precision_gather else None
+        shard_layers(model, reshard_after_forward, train_config.cpu_offload, gather_dtype)
         continual.after_sharding(model)
         console.print(f"fsdp: decoder layers sharded across {group.world} processes "
-                      f"(reshard after forward: {reshard_after_forward}, cpu offload: {train_config.cpu_offload})")
+                      f"(reshard after forward: {reshard_after_forward}, cpu offload: {train_config.cpu_offload}, "
+                      f"gradients reduced {'every micro-batch' if train_config.reduce_each_micro_batch else 'once a step'}"
+                      f"{f', float32 layers gathered in {gather_dtype}' if gather_dtype else ''})")
     elif train_config.sharding == "fsdp":
         console.print("train.sharding: fsdp on one process: nothing to shard across; training unsharded")
     if train_config.cpu_offload and not sharded:
         console.print("train.cpu_offload: only sharded layers are offloaded; this run is not sharded")
+    before_backward = None
+    if sharded and not train_config.reduce_each_micro_batch:  # reduce-scatter in the step's last backward only
+        before_backward = functools.partial(reduce_gradients, model)
     optimizer = accelerator.prepare_optimizer(build_optimizer(model, train_config, method, config.method))
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     scheduler = build_scheduler(optimizer, train_config, total_steps)
@@ -489,7 +501,8 @@ def train(
             # Packed rows: each record attends within itself through causal kernels, no block mask.
             with packed_attention(model) if config.data.packing else nullcontext():
                 step_loss, step_metrics, task_losses = accumulate_gradients(
-                    model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens
+                    model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens,
+                    before_backward,
                 )
             penalty = continual.penalty(model)
             if penalty is not None:
@@ -574,7 +587,7 @@ def train(
         exported = load_best(checkpoints_dir, model) if state["best"] else None
         summary["exported_step"] = exported["step"] if exported else state["step"]
         if sharded:
-            gather_for_export(model, group.is_main)
+            gather_for_export(model, group.is_main, adapter_parameters(model) if method.saves == "adapter" else None)
         if group.is_main:
             export_weights(model, method, tokenizer, run_dir)
     if group.is_main:

@@ -17,14 +17,16 @@ moments, the main process the replicated tensors and a JSON index (training/shar
 and each process of the resuming run reads only the rows it holds, so a sharded run resumes on any
 number of processes, sharded or not. The exported model holds full tensors: each sharded tensor is
 gathered one at a time (`full_tensor`, a collective every process joins) and written by the main
-process, which needs host memory for the whole model once.
+process, which needs host memory for the whole model once; an adapter export gathers the adapters only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from tunesmith.errors import ConfigError
@@ -32,10 +34,19 @@ from tunesmith.models import decoder_layers, unwrapped_model
 from tunesmith.training.launch import fsdp_from_launcher
 
 
-def shard_layers(model: torch.nn.Module, reshard_after_forward: bool, cpu_offload: bool = False) -> None:
+def shard_layers(
+    model: torch.nn.Module, reshard_after_forward: bool, cpu_offload: bool = False,
+    gather_dtype: torch.dtype | None = None,
+) -> None:
     """fully_shard each decoder layer of `model` in place over all processes, under the backbone as the
     root unit; gradients are summed. `cpu_offload` keeps the shards (weights, gradients, and so the AdamW
-    state and step) in host memory; FSDP copies a layer to the device for its forward and backward."""
+    state and step) in host memory; FSDP copies a layer to the device for its forward and backward.
+
+    `gather_dtype` (a half dtype, for training under its autocast): float32 layers are cast to it before
+    their all-gather, so the traffic and the gathered copy are half the size and autocast has no weight
+    left to cast; their gradients are reduced in float32 into the float32 shards. The layers' inputs are
+    not cast (the residual stream stays float32), so the only change to the maths is that weights used
+    outside matmuls (the norms') are rounded to the half dtype, as every matmul weight already is."""
     layers = decoder_layers(model)
     if not layers:
         name = type(unwrapped_model(model)).__name__
@@ -43,7 +54,11 @@ def shard_layers(model: torch.nn.Module, reshard_after_forward: bool, cpu_offloa
     on_cuda = next(model.parameters()).device.type == "cuda"
     offload = CPUOffloadPolicy(pin_memory=on_cuda) if cpu_offload else OffloadPolicy()
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, offload_policy=offload)
+        float32 = all(parameter.dtype == torch.float32 for parameter in layer.parameters())
+        precision = (MixedPrecisionPolicy(param_dtype=gather_dtype, reduce_dtype=torch.float32,
+                                          cast_forward_inputs=False)
+                     if gather_dtype is not None and float32 else MixedPrecisionPolicy())
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, offload_policy=offload, mp_policy=precision)
     # The backbone becomes the root unit, managing none of its own parameters (embeddings and final norm
     # stay whole). FSDP never reshards a root after its forward; without a common root each layer would
     # be one and keep its gathered weights until the backward (measured: +430 MB for SmolLM2-135M).
@@ -53,6 +68,14 @@ def shard_layers(model: torch.nn.Module, reshard_after_forward: bool, cpu_offloa
     for unit in [*layers, backbone]:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
+
+
+def reduce_gradients(model: torch.nn.Module, now: bool) -> None:
+    """Whether the next backward reduce-scatters the sharded layers' gradients (FSDP's default) or leaves
+    each process accumulating whole layer gradients, to be reduced by a later backward that does."""
+    root = unwrapped_model(model).base_model
+    if isinstance(root, FSDPModule):
+        root.set_requires_gradient_sync(now, recurse=True)
 
 
 def sharded_across_processes(model: torch.nn.Module) -> bool:
@@ -93,14 +116,25 @@ def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> tor
     return norm
 
 
+def adapter_parameters(model: torch.nn.Module) -> Callable[[str, torch.nn.Parameter], bool]:
+    """Which parameters a peft adapter export writes: the trained ones and any adapter's (peft names them
+    `...lora_A.<adapter>.weight`, `...modules_to_save.<adapter>...`), not the frozen base weights."""
+    adapters = list(getattr(model, "peft_config", {}))
+    return lambda name, parameter: parameter.requires_grad or any(f".{adapter}." in f"{name}." for adapter in adapters)
+
+
 @torch.no_grad()
-def gather_for_export(model: torch.nn.Module, is_main: bool) -> None:
-    """Make every parameter a plain tensor again, the whole tensor on the main process (on the host)
-    and an empty one elsewhere, so the usual save code runs on the main process. The model can only
-    be saved afterwards, not trained."""
-    for module in model.modules():
+def gather_for_export(
+    model: torch.nn.Module, is_main: bool, exported: Callable[[str, torch.nn.Parameter], bool] | None = None
+) -> None:
+    """Make the parameters the export writes (all, or those `exported(name, parameter)` picks) plain tensors
+    again, the whole tensor on the main process (on the host) and an empty one elsewhere, so the usual save
+    code runs on the main process; an adapter export thus gathers the adapters, not the sharded base model.
+    The model can only be saved afterwards, not trained."""
+    for module_name, module in model.named_modules():
         for name, parameter in list(module.named_parameters(recurse=False)):
-            if isinstance(parameter, DTensor):
+            qualified = f"{module_name}.{name}" if module_name else name
+            if isinstance(parameter, DTensor) and (exported is None or exported(qualified, parameter)):
                 full = full_tensor(parameter)  # every process joins the gather
                 full = full.to("cpu") if is_main else torch.empty(0, dtype=parameter.dtype)
                 setattr(module, name, torch.nn.Parameter(full, requires_grad=parameter.requires_grad))
