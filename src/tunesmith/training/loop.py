@@ -379,9 +379,10 @@ def train(
         gather_dtype = HALF_DTYPES.get(accelerator.mixed_precision) if train_config.half_precision_gather else None
         shard_layers(model, reshard_after_forward, train_config.cpu_offload, gather_dtype)
         continual.after_sharding(model)
+        reduced = "every micro-batch" if train_config.reduce_each_micro_batch else "once a step"
         console.print(f"fsdp: decoder layers sharded across {group.world} processes "
                       f"(reshard after forward: {reshard_after_forward}, cpu offload: {train_config.cpu_offload}, "
-                      f"gradients reduced {'every micro-batch' if train_config.reduce_each_micro_batch else 'once a step'}"
+                      f"gradients reduced {reduced}"
                       f"{f', float32 layers gathered in {gather_dtype}' if gather_dtype else ''})")
     elif train_config.sharding == "fsdp":
         console.print("train.sharding: fsdp on one process: nothing to shard across; training unsharded")
