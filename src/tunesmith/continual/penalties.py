@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from tunesmith.errors import ConfigError
 from tunesmith.registry import Registry
+from tunesmith.training.sharded_checkpoint import held_rows
 
 if TYPE_CHECKING:
     from tunesmith.objectives.base import ObjectiveSettings, ObjectiveSpec
@@ -175,14 +176,10 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def rows_held(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """This process's rows of `whole`, a tensor shaped like the sharded `like` (FSDP splits dim 0 as
-    torch.chunk does), as a copy on the mesh's device, so the whole tensor can be freed."""
-    world, rank = like.device_mesh.size(), like.device_mesh.get_local_rank()
-    chunks = torch.chunk(whole, world, dim=0)
-    part = chunks[rank] if rank < len(chunks) else whole[:0]
-    if part.shape != like.to_local().shape:
-        raise RuntimeError(f"rows held {tuple(like.to_local().shape)} are not a torch.chunk of {tuple(whole.shape)}")
-    return part.to(like.device_mesh.device_type, copy=True)
+    """This process's rows of `whole`, a tensor shaped like the sharded `like` (the rows the sharded
+    checkpoints place it at), as a copy on the mesh's device, so the whole tensor can be freed."""
+    start, stop = held_rows(like)
+    return whole[start:stop].to(like.device_mesh.device_type, copy=True)
 
 
 def trainable_lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
