@@ -78,11 +78,17 @@ def train_online_rl(model_dir: Path, tmp_path: Path, task: str, rewards: list[st
 
 
 def assert_same_weights(expected_file: Path, actual_file: Path, rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    """Every tensor of the safetensors file `expected_file` is in `actual_file`, equal to tolerance."""
+    """Every tensor of the safetensors file `expected_file` is in `actual_file`, equal to tolerance (a folder
+    stands for all its safetensors files: a model saved in several)."""
     import torch
     from safetensors.torch import load_file
 
-    expected, actual = load_file(expected_file), load_file(actual_file)
+    def tensors(path: Path) -> dict:
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        return {name: tensor for file in files for name, tensor in load_file(file).items()}
+
+    expected, actual = tensors(expected_file), tensors(actual_file)
+    assert expected.keys() == actual.keys(), sorted(expected.keys() ^ actual.keys())
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, rtol=rtol, atol=atol, msg=name)
 

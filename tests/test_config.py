@@ -56,6 +56,7 @@ def test_full_method_default_lr(config_file):
         (["data.train=/nonexistent/file.jsonl"], "data.train: file not found: /nonexistent/file.jsonl"),
         (["data.packing=true", "task=classify"], "packing applies to sft and pretrain"),
         (["trian.lr=1"], "trian: unknown key (did you mean 'train'?)"),
+        (["train.export_shard_size=5 gigs"], "train.export_shard_size: '5 gigs' is not a size"),
     ],
 )
 def test_bad_values_name_the_key(config_file, overrides, expected):

@@ -48,18 +48,19 @@ def losses(run_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method, weights", [("full", "model/model.safetensors"),
-                                             ("lora", "adapter/adapter_model.safetensors")])
+@pytest.mark.parametrize("method, weights", [("full", "model"), ("lora", "adapter/adapter_model.safetensors")])
 def test_two_sharded_processes_equal_one_process(tiny_llama_dir, tmp_path, method, weights):
     data = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
-    single = write_config(tmp_path, tiny_llama_dir, data, "single", 4, method)
+    # Full fine-tuning exports a model in several files: the sharded run gathers and writes them one by one.
+    export = ", export_shard_size: 40KB" if method == "full" else ""
+    single = write_config(tmp_path, tiny_llama_dir, data, "single", 4, method, export)
     assert train(single).returncode == 0
     port = 29540 + (method == "lora")
     launcher = tmp_path / "fsdp.yaml"
     launcher.write_text(ACCELERATE_FSDP.format(port=port))
     # Full fine-tuning also recomputes activations: each layer's recomputation gathers its weights again; it
     # reduce-scatters the gradients after each of a step's 2 micro-batches, LoRA after the last one only.
-    options = ", gradient_checkpointing: true" if method == "full" else ", reduce_each_micro_batch: false"
+    options = (", gradient_checkpointing: true" if method == "full" else ", reduce_each_micro_batch: false") + export
     sharded = write_config(tmp_path, tiny_llama_dir, data, "sharded", 2, method,
                            f", accelerate_config: {launcher}{options}")
     two = train(sharded)
@@ -198,6 +199,45 @@ def test_an_adapter_export_gathers_the_adapters_not_the_sharded_base(one_process
     assert len(saved) == len(expected) == 8  # A and B of 2 modules in 2 layers
     for name, tensor in expected.items():
         torch.testing.assert_close(saved[name.replace(".default", "")], tensor)
+
+
+@pytest.mark.parametrize("max_shard_size", ["5GB", "40KB"])
+def test_a_sharded_model_is_exported_file_by_file_as_save_pretrained_writes_it(
+    one_process_group, tiny_llama_dir, tmp_path, max_shard_size
+):
+    """The streamed export of sharded layers writes save_pretrained's folder: the same files (one, or several
+    with the same index), tensors, metadata and config; the head tied to the embeddings is left out as there."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.training.sharded_export import save_sharded_model
+    from tunesmith.training.sharding import shard_layers
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    plain.save_pretrained(tmp_path / "expected", max_shard_size=max_shard_size)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    shard_layers(model, reshard_after_forward=True)
+    save_sharded_model(model, tmp_path / "streamed", is_main=True, max_shard_size=max_shard_size)
+
+    expected_files = sorted(path.name for path in (tmp_path / "expected").iterdir())
+    assert sorted(path.name for path in (tmp_path / "streamed").iterdir()) == expected_files
+    weight_files = [name for name in expected_files if name.endswith(".safetensors")]
+    assert len(weight_files) == 1 if max_shard_size == "5GB" else len(weight_files) > 1
+    for name in expected_files:
+        if name.endswith(".json"):
+            assert (tmp_path / "streamed" / name).read_text() == (tmp_path / "expected" / name).read_text(), name
+            continue
+        with safe_open(tmp_path / "expected" / name, "pt") as expected, safe_open(tmp_path / "streamed" / name,
+                                                                                   "pt") as streamed:
+            assert streamed.metadata() == expected.metadata()
+            assert list(streamed.keys()) == list(expected.keys()) and "lm_head.weight" not in expected.keys()  # noqa: SIM118
+            for key in expected.keys():  # noqa: SIM118 (a safe_open handle has keys(), no __contains__ or __iter__)
+                torch.testing.assert_close(streamed.get_tensor(key), expected.get_tensor(key), rtol=0, atol=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(reloaded(input_ids=tokens).logits, plain(input_ids=tokens).logits, rtol=0, atol=0)
 
 
 SAMPLE_ON_SHARDS = """

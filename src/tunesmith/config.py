@@ -175,6 +175,12 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at each eval).")
     keep_checkpoints: int = Field(2, ge=1, description="How many newest checkpoints to keep.")
+    export_shard_size: str = Field(
+        "5GB",
+        description="Largest safetensors file of the exported model/ (e.g. 5GB, 500MB): a bigger model is split "
+        "into model-0000k-of-0000n files with an index, as on the Hugging Face Hub. Under train.sharding: fsdp "
+        "the main process holds one file's tensors at a time while exporting.",
+    )
     eval_before: bool = Field(True, description="Evaluate the starting model before the first step.")
     eval_batch_size: int | None = Field(None, ge=1, description="Eval micro-batch; default batch_size.")
     early_stopping: EarlyStoppingConfig | None = Field(
@@ -279,6 +285,17 @@ class TrainConfig(Section):
 
             check_accelerate_config(path)
         return path
+
+    @field_validator("export_shard_size")
+    @classmethod
+    def _a_size(cls, size: str) -> str:
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        try:
+            parse_size_to_int(size)
+        except ValueError:
+            raise ValueError(f"{size!r} is not a size; write a number and a unit, e.g. 5GB or 500MB") from None
+        return size
 
     @field_validator("warmup")
     @classmethod

@@ -52,6 +52,7 @@ from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import packed_attention
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs, training_batch
+from tunesmith.training.sharded_export import save_sharded_model, streamable
 from tunesmith.training.sharding import (
     adapter_parameters,
     clip_gradients,
@@ -588,24 +589,38 @@ def train(
         exported = load_best(checkpoints_dir, model) if state["best"] else None
         summary["exported_step"] = exported["step"] if exported else state["step"]
         if sharded:
-            gather_for_export(model, group.is_main, adapter_parameters(model) if method.saves == "adapter" else None)
-        if group.is_main:
-            export_weights(model, method, tokenizer, run_dir)
+            export_sharded(model, method, tokenizer, run_dir, group.is_main, train_config.export_shard_size)
+        else:
+            export_weights(model, method, tokenizer, run_dir, train_config.export_shard_size)
     if group.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     group.barrier()
     return TrainResult(run_dir=run_dir, summary=summary, exit_code=exit_code)
 
 
-def export_weights(model, method, tokenizer, run_dir: Path) -> Path:
+def export_weights(model, method, tokenizer, run_dir: Path, max_shard_size: str = "5GB") -> Path:
     """Write the trained weights as the run's result: adapter/ (peft methods) or model/, with the tokenizer."""
     export_dir = run_dir / ("adapter" if method.saves == "adapter" else "model")
     if method.save is not None:  # a method whose saved form differs from save_pretrained's
         method.save(model, export_dir)
     else:
-        model.save_pretrained(export_dir)  # transformers 5 always writes safetensors
+        model.save_pretrained(export_dir, max_shard_size=max_shard_size)  # transformers 5 always writes safetensors
     tokenizer.save_pretrained(export_dir)
     return export_dir
+
+
+def export_sharded(model, method, tokenizer, run_dir: Path, is_main: bool, max_shard_size: str) -> None:
+    """export_weights for a model with FSDP-sharded layers; every process joins. A whole model is written one
+    file at a time (training/sharded_export.py); an adapter, or a model only save_pretrained can write, is
+    gathered to the main process first (an adapter export gathers the adapters only)."""
+    if method.saves == "model" and method.save is None and streamable(model):
+        save_sharded_model(model, run_dir / "model", is_main, max_shard_size)
+        if is_main:
+            tokenizer.save_pretrained(run_dir / "model")
+        return
+    gather_for_export(model, is_main, adapter_parameters(model) if method.saves == "adapter" else None)
+    if is_main:
+        export_weights(model, method, tokenizer, run_dir, max_shard_size)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -369,7 +369,7 @@ def meta_train_run(
     adaptation_from_meta = held_out_adaptation(
         model, tasks.held_out, meta, objective, config.objective, pad_id, accelerator
     )
-    export_dir = export_weights(model, method, tokenizer, run_dir)
+    export_dir = export_weights(model, method, tokenizer, run_dir, config.train.export_shard_size)
 
     summary = {
         "algorithm": meta.algorithm,

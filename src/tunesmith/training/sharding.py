@@ -15,9 +15,9 @@ reaches the weights of one process with the same global batch (tests/test_shardi
 Checkpoints gather nothing: every process writes its own rows of the sharded weights and AdamW
 moments, the main process the replicated tensors and a JSON index (training/sharded_checkpoint.py),
 and each process of the resuming run reads only the rows it holds, so a sharded run resumes on any
-number of processes, sharded or not. The exported model holds full tensors: each sharded tensor is
-gathered one at a time (`full_tensor`, a collective every process joins) and written by the main
-process, which needs host memory for the whole model once; an adapter export gathers the adapters only.
+number of processes, sharded or not. The exported model holds full tensors: a whole model is written
+one gathered tensor at a time (`full_tensor`, a collective every process joins; training/sharded_export.py);
+an adapter export gathers the adapters only (`gather_for_export`) and saves as an unsharded run does.
 """
 
 from __future__ import annotations
