@@ -240,6 +240,38 @@ def test_a_sharded_model_is_exported_file_by_file_as_save_pretrained_writes_it(
     torch.testing.assert_close(reloaded(input_ids=tokens).logits, plain(input_ids=tokens).logits, rtol=0, atol=0)
 
 
+def test_a_model_whose_save_converts_weights_is_gathered_and_saved_by_transformers(
+    one_process_group, tiny_tokenizer_dir, tmp_path
+):
+    """Mixtral's experts are fused on load and split again on save (a conversion over several tensors), so
+    its export cannot be planned from shapes: it is gathered and written by save_pretrained, same files."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from tunesmith.methods import METHODS
+    from tunesmith.training.loop import export_sharded
+    from tunesmith.training.sharded_export import streamable
+    from tunesmith.training.sharding import shard_layers
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2)
+    torch.manual_seed(0)
+    plain = MixtralForCausalLM(config)
+    plain.save_pretrained(tmp_path / "expected")
+    model = MixtralForCausalLM(config)
+    model.load_state_dict(plain.state_dict())
+    shard_layers(model, reshard_after_forward=True)
+    assert not streamable(model)
+    export_sharded(model, METHODS.get("full"), tokenizer, tmp_path, is_main=True, max_shard_size="5GB")
+    expected = load_file(tmp_path / "expected" / "model.safetensors")
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    assert saved.keys() == expected.keys() and any(".experts.0." in name for name in saved)  # split again
+    for name, tensor in expected.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0)
+
+
 SAMPLE_ON_SHARDS = """
 import sys, torch, torch.distributed as dist
 from transformers import AutoModelForCausalLM
