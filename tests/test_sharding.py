@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import assert_same_weights, chat_records, run_cli, write_jsonl
@@ -128,6 +129,28 @@ def test_layers_give_back_their_gathered_weights_after_forward(one_process_group
     weights = [layer.mlp.up_proj.weight for layer in decoder_layers(model)]
     assert all(isinstance(weight, DTensor) for weight in weights)
     assert not isinstance(model.model.embed_tokens.weight, DTensor)  # replicated, still tied to the head
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_only_the_parts_left_whole_are_placed_after_sharding(one_process_group, tiny_llama_dir):
+    """A sharded run sets up on the host and FSDP moves each layer to the device as it shards it; the rest
+    (embeddings tied to the head, final norm, rotary table) is then placed on its own. The meta device
+    stands in for a GPU here: only the parts outside the layers go there, and the head stays tied."""
+    import torch
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.training.sharding import place_unsharded, shard_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    shard_layers(model, reshard_after_forward=True)
+    place_unsharded(model, torch.device("meta"))
+    parameters = dict(model.named_parameters())
+    sharded = {name for name, parameter in parameters.items() if isinstance(parameter, DTensor)}
+    assert sharded == {name for name in parameters if name.startswith("model.layers.")}
+    assert all(parameters[name].to_local().device.type == "cpu" for name in sharded)
+    assert all(parameter.is_meta for name, parameter in parameters.items() if name not in sharded)
+    assert all(buffer.is_meta for buffer in model.model.rotary_emb.buffers())
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
@@ -328,6 +351,36 @@ def test_grpo_trains_on_sharded_layers(tiny_llama_dir, tmp_path):
     assert summary["sharding"] == "fsdp" and "reward" in summary["eval"]
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("kl" in step and "reward" in step for step in steps if "loss" in step)
+
+
+@pytest.mark.parametrize("cache_reference, port", [(False, 29594), (True, 29595)])
+def test_dpo_full_fine_tuning_on_sharded_layers_equals_one_process(tiny_llama_dir, tmp_path, cache_reference, port):
+    """Full fine-tuning's frozen reference copy is sharded like the policy (forward only), or its outputs are
+    cached in one pass through the sharded copy; both processes set up on the host and place the layers as
+    they shard them. 2 processes reach the losses and weights of one with the same global batch."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"What is {index} plus {index}?", "chosen": f"{index} plus {index} is {2 * index}.",
+         "rejected": f"No idea, maybe {3 * index + 1}."} for index in range(8)])
+
+    def write(name: str, batch_size: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"model: {{name: {tiny_llama_dir}}}\n"
+            f"data: {{train: {pairs}, eval_split: 0.0, max_length: 64}}\n"
+            "task: dpo\nmethod: {name: full}\n"
+            f"train: {{max_steps: 2, batch_size: {batch_size}, lr: 1e-4, warmup: 0, eval_before: false, seed: 5, "
+            f"sharding: fsdp, cache_reference: {str(cache_reference).lower()}}}\n"
+            f"output_dir: {tmp_path / name}\n")
+        return path
+
+    assert train(write("single", 4)).returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    completed = subprocess.run([*torchrun, "-m", "tunesmith.cli", "train", str(write("sharded", 2))],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, [line for line in completed.stderr.splitlines() if "rror" in line][:5]
+    assert json.loads((tmp_path / "sharded" / "summary.json").read_text())["sharding"] == "fsdp"
+    assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert_same_weights(tmp_path / "single" / "model", tmp_path / "sharded" / "model", rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("environment, setting, expected", [

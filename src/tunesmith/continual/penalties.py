@@ -106,9 +106,11 @@ class ParameterAnchor:
         return isinstance(self.parameter, DTensor)
 
     def bind_shards(self, model: torch.nn.Module) -> DTensor | None:
-        """Follow the parameter into FSDP's sharded one and keep the start rows it holds; returns it."""
+        """Follow the parameter into FSDP's sharded one and keep the start rows it holds; returns it. A
+        parameter left whole keeps its whole start value, moved to the device the parameter went to."""
         self.parameter = model.get_parameter(self.name)
         if not self.sharded:
+            self.start = self.start.to(self.parameter.device)
             return None
         self.start = rows_held(self.start, self.parameter)
         return self.parameter
@@ -260,11 +262,16 @@ class AnchorPenalty:
         self.importance = importance
 
     def after_sharding(self, model: torch.nn.Module) -> None:
-        """Keep the start values and Fisher of the rows this process holds of each sharded weight."""
+        """Keep the start values and Fisher of the rows this process holds of each sharded weight (those of
+        a weight left whole go with it to its device: a sharded run sets up on the host)."""
         for index, anchor in enumerate(self.anchored):
             held = anchor.bind_shards(model)
-            if held is not None and self.importance is not None:
+            if self.importance is None:
+                continue
+            if held is not None:
                 self.importance[index] = rows_held(self.importance[index], held)
+            else:
+                self.importance[index] = self.importance[index].to(anchor.fisher_target.device)
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
         whole_terms, held_terms = [], []
@@ -340,7 +347,13 @@ class OrthogonalSubspacePenalty:
         return self.weight * torch.stack(overlaps).sum() / processes()
 
     def after_sharding(self, model: torch.nn.Module) -> None:
-        self.pairs = [(old, model.get_parameter(name)) for (old, _), name in zip(self.pairs, self.names, strict=True)]
+        """Follow each new A into FSDP's parameter; the old subspaces go to the device it is gathered on."""
+        pairs = []
+        for (old, _), name in zip(self.pairs, self.names, strict=True):
+            new = model.get_parameter(name)
+            device = torch.device(new.device_mesh.device_type) if isinstance(new, DTensor) else new.device
+            pairs.append((old.to(device), new))
+        self.pairs = pairs
 
 
 def build_olora(setup: PenaltySetup) -> Penalty:

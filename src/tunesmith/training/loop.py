@@ -57,6 +57,7 @@ from tunesmith.training.sharding import (
     adapter_parameters,
     clip_gradients,
     gather_for_export,
+    place_unsharded,
     reduce_gradients,
     shard_layers,
     sharding_choice,
@@ -273,23 +274,30 @@ def accumulate_gradients(
     return step_loss, step_metrics, task_losses
 
 
-def starting_reference(objective: ObjectiveSpec, model, examples: list[dict], config: RunConfig):
+def starting_reference(objective: ObjectiveSpec, model, config: RunConfig) -> ReferenceModel | None:
     """The reference of an objective that has one, taken from the model as it starts (before any step
-    or resume changes it); None when it has none, or when `train.cache_reference` stored its outputs
-    on the examples in one pass (then no frozen copy is held and no reference forward runs per step)."""
+    or resume changes it); None when it has none."""
     if not objective.has_reference:
         if config.train.cache_reference:
             raise ConfigError(f"train.cache_reference: task {config.task} has no reference model to cache")
         return None
-    reference = ReferenceModel(model if objective.reference_is_starting_model else None)
-    if not config.train.cache_reference:
+    if config.train.cache_reference:
+        if objective.cache_reference is None:
+            raise ConfigError(f"train.cache_reference: task {config.task} computes its reference per batch "
+                              "(on samples drawn during training); it cannot be cached")
+        if config.data.packing:
+            raise ConfigError("data.packing: train.cache_reference stores reference outputs per record, and packed "
+                              "rows are collated without them; set data.packing: false")
+    return ReferenceModel(model if objective.reference_is_starting_model else None)
+
+
+def cache_reference_outputs(
+    objective: ObjectiveSpec, reference: ReferenceModel | None, model, examples: list[dict], config: RunConfig
+) -> ReferenceModel | None:
+    """With `train.cache_reference`, store the reference's outputs on the examples in one pass and drop the
+    reference (no frozen copy is held and no reference forward runs per step); else keep it."""
+    if reference is None or not config.train.cache_reference:
         return reference
-    if objective.cache_reference is None:
-        raise ConfigError(f"train.cache_reference: task {config.task} computes its reference per batch "
-                          "(on samples drawn during training); it cannot be cached")
-    if config.data.packing:
-        raise ConfigError("data.packing: train.cache_reference stores reference outputs per record, and packed "
-                          "rows are collated without them; set data.packing: false")
     with reference.active(model) as reference_model:
         objective.cache_reference(reference_model, examples, config.objective)
     return None
@@ -347,11 +355,14 @@ def train(
     model = method.apply(model, config.method, config.task)
     if objective.prepare_model is not None:
         objective.prepare_model(model, config.objective)
-    # Not accelerator.prepare(model): that would wrap it in DDP (see training/distributed.py).
-    model = model.to(accelerator.device)
+    # Not accelerator.prepare(model): that would wrap it in DDP (see training/distributed.py). A sharded run
+    # sets up on the host: FSDP moves each decoder layer to the device as it shards it, so no device ever
+    # holds the whole model (a 70B model would not fit one).
+    setup_device = torch.device("cpu") if sharded else accelerator.device
+    model = model.to(setup_device)
     # Continual learning: kept adapters, replayed old examples and the regulariser's anchor, taken
     # from the starting weights (also on resume, before the checkpoint is loaded).
-    continual = prepare_continual(config, model, tokenizer, data.train, objective, accelerator.device)
+    continual = prepare_continual(config, model, tokenizer, data.train, objective, setup_device)
     trainable_params, total_params = count_parameters(model)
     console.print(
         f"[bold]{config.method.name}[/]: training {trainable_params:,} of {total_params:,} parameters "
@@ -375,10 +386,14 @@ def train(
     per_epoch = math.ceil(len(epoch_order(lengths, tasks, config, group, 0)) / train_config.grad_accum)
     total_steps = train_config.max_steps or max(1, math.ceil(train_config.epochs * per_epoch))
 
-    reference = starting_reference(objective, model, data.train + data.eval, config)
+    reference = starting_reference(objective, model, config)
     if sharded:  # after the reference copy and before the optimizer, which must hold the sharded parameters
         gather_dtype = HALF_DTYPES.get(accelerator.mixed_precision) if train_config.half_precision_gather else None
         shard_layers(model, reshard_after_forward, train_config.cpu_offload, gather_dtype)
+        place_unsharded(model, accelerator.device)
+        if reference is not None and reference.frozen_copy is not None:  # sharded alike, forward only
+            shard_layers(reference.frozen_copy, True, train_config.cpu_offload, gather_dtype)
+            place_unsharded(reference.frozen_copy, accelerator.device)
         continual.after_sharding(model)
         reduced = "every micro-batch" if train_config.reduce_each_micro_batch else "once a step"
         console.print(f"fsdp: decoder layers sharded across {group.world} processes "
@@ -389,6 +404,7 @@ def train(
         console.print("train.sharding: fsdp on one process: nothing to shard across; training unsharded")
     if train_config.cpu_offload and not sharded:
         console.print("train.cpu_offload: only sharded layers are offloaded; this run is not sharded")
+    reference = cache_reference_outputs(objective, reference, model, data.train + data.eval, config)
     before_backward = None
     if sharded and not train_config.reduce_each_micro_batch:  # reduce-scatter in the step's last backward only
         before_backward = functools.partial(reduce_gradients, model)

@@ -70,6 +70,22 @@ def shard_layers(
         unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
 
 
+def place_unsharded(model: torch.nn.Module, device: torch.device) -> None:
+    """Move what `shard_layers` left where it was to `device`: the parameters and buffers outside the sharded
+    layers (embeddings, final norm, head, rotary tables). fully_shard moved each layer's own (with
+    `cpu_offload`, its shards back to the host). Tied parameters stay one parameter."""
+    for module in model.modules():
+        for _, parameter in module.named_parameters(recurse=False):
+            if not isinstance(parameter, DTensor) and parameter.device != device:
+                # Swapped in place (as Module.to does with swap_tensors): a tied parameter moves once.
+                with torch.no_grad():
+                    moved = torch.nn.Parameter(parameter.to(device), requires_grad=parameter.requires_grad)
+                torch.utils.swap_tensors(parameter, moved)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.device != device:
+                setattr(module, name, buffer.to(device))
+
+
 def reduce_gradients(model: torch.nn.Module, now: bool) -> None:
     """Whether the next backward reduce-scatters the sharded layers' gradients (FSDP's default) or leaves
     each process accumulating whole layer gradients, to be reduced by a later backward that does."""
