@@ -383,6 +383,31 @@ def test_dpo_full_fine_tuning_on_sharded_layers_equals_one_process(tiny_llama_di
     assert_same_weights(tmp_path / "single" / "model", tmp_path / "sharded" / "model", rtol=1e-4, atol=1e-5)
 
 
+def test_distillation_with_a_sharded_teacher_equals_one_process(tiny_llama_dir, teacher_dir, tmp_path):
+    """The teacher (the objective's own model) is loaded on the host and sharded like the student: 2 sharded
+    processes reach the losses and weights of one process that holds it whole."""
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(8))
+
+    def write(name: str, batch_size: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"model: {{name: {tiny_llama_dir}}}\n"
+            f"data: {{train: {data}, eval_split: 0.0, max_length: 64, group_by_length: true}}\n"
+            f"task: distill\nobjective: {{teacher: {teacher_dir}}}\nmethod: {{name: full}}\n"
+            f"train: {{max_steps: 2, batch_size: {batch_size}, lr: 1e-3, warmup: 0, eval_before: false, seed: 5, "
+            "sharding: fsdp}\n"
+            f"output_dir: {tmp_path / name}\n")
+        return path
+
+    assert train(write("single", 4)).returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29596"]
+    completed = subprocess.run([*torchrun, "-m", "tunesmith.cli", "train", str(write("sharded", 2))],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, [line for line in completed.stderr.splitlines() if "rror" in line][:5]
+    assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert_same_weights(tmp_path / "single" / "model", tmp_path / "sharded" / "model", rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("environment, setting, expected", [
     ({}, "auto", None),  # not launched with FSDP: replicas
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"}, "auto", False),  # FSDP2 config

@@ -40,10 +40,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor
 
 from tunesmith.errors import ConfigError
 from tunesmith.registry import Registry
+from tunesmith.training.dtensors import full_tensor
 from tunesmith.training.sharded_checkpoint import held_rows
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ class LoraAnchor:
             return self.layer.get_delta_weight(self.adapter)
         down, up = self.layer.lora_A[self.adapter].weight, self.layer.lora_B[self.adapter].weight
         device = torch.device(up.device_mesh.device_type)
-        return (held_part(up).to(device) @ gathered(down)) * self.layer.scaling[self.adapter]
+        return (held_part(up).to(device) @ full_tensor(down, sum_gradients=True)) * self.layer.scaling[self.adapter]
 
     @property
     def fisher_target(self) -> torch.Tensor:
@@ -164,17 +165,6 @@ def processes() -> int:
 def held_part(tensor: torch.Tensor) -> torch.Tensor:
     """The rows of a sharded tensor that this process holds (differentiable); a plain tensor as it is."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole of a sharded tensor on every process, on the mesh's device. Its gradient is summed across
-    the processes on the way back (Partial), since each process's share of a penalty adds its own part."""
-    if not isinstance(tensor, DTensor):
-        return tensor
-    if tensor.to_local().device.type != tensor.device_mesh.device_type:
-        tensor = tensor.to(tensor.device_mesh.device_type)  # offloaded to the host
-    whole = tensor.redistribute(placements=[Replicate()] * tensor.device_mesh.ndim)
-    return whole.to_local(grad_placements=[Partial()] * tensor.device_mesh.ndim)
 
 
 def rows_held(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
@@ -343,7 +333,7 @@ class OrthogonalSubspacePenalty:
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
         # Each (R, r) before the sum, from the whole A on every process: each counts 1/processes.
-        overlaps = [(old @ gathered(new).float().T).abs().sum() for old, new in self.pairs]
+        overlaps = [(old @ full_tensor(new, sum_gradients=True).float().T).abs().sum() for old, new in self.pairs]
         return self.weight * torch.stack(overlaps).sum() / processes()
 
     def after_sharding(self, model: torch.nn.Module) -> None:

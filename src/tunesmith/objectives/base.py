@@ -62,6 +62,12 @@ class ObjectiveSpec:
     example once and store them on the examples (which `collate` then batches), so that training
     needs neither `reference` per batch nor the reference model. The loop calls it before the first
     step, on train + eval examples, when `train.cache_reference` is set."""
+    shard_reference: Callable[[Any, Callable[[torch.nn.Module], None]], torch.nn.Module] | None = None
+    """For an objective whose `reference` brings its own model (distill's teacher), in a run with FSDP-sharded
+    layers: shard_reference(settings, shard) -> that model, loaded on the host and passed to shard(model),
+    which shards its decoder layers across the processes and places the rest on the device. The loop then
+    passes it to `reference` as the reference model (every process runs it in step). Without the hook each
+    process holds that model whole."""
     prepare_model: Callable[[torch.nn.Module, Any], None] | None = None
     """prepare_model(model, settings): add the objective's own trainable modules (a value head) after
     the method is applied and before the optimiser is built."""

@@ -204,6 +204,14 @@ def cached_teacher(teacher: str, device: str) -> torch.nn.Module:
     return model
 
 
+def shard_teacher(settings: DistillSettings, shard: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
+    """The `shard_reference` hook: the teacher loaded on the host and sharded like the student, so no device
+    holds it whole (a teacher is usually the larger model)."""
+    teacher, _ = load_teacher(settings.teacher, "cpu")
+    shard(teacher)
+    return teacher
+
+
 @functools.lru_cache(maxsize=1)
 def _student_vocabulary(folder: str) -> dict[str, int] | None:
     from transformers import AutoTokenizer
@@ -247,13 +255,18 @@ def top_k_log_probs(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     return {"teacher_top_log_probs": values - logits.logsumexp(dim=-1, keepdim=True), "teacher_top_ids": token_ids}
 
 
-def teacher_logits(reference_model: None, batch: dict, settings: DistillSettings) -> dict[str, torch.Tensor]:
+def teacher_logits(
+    reference_model: torch.nn.Module | None, batch: dict, settings: DistillSettings
+) -> dict[str, torch.Tensor]:
     """The `reference` hook: the teacher's logits at the batch's loss positions (N, V) in float32, or with
     teacher_top_k the top-k log-probabilities (N, k) and their token ids (N, k). The loop runs it without
     gradients; `reference_model` is None (the spec says reference_is_starting_model=False, so the loop
-    keeps no copy of the student: the teacher is this objective's own model).
+    keeps no copy of the student: the teacher is this objective's own model, loaded once per process),
+    or the teacher sharded by the loop (`shard_teacher`) in a run with sharded layers.
     """
-    teacher = cached_teacher(settings.teacher, str(batch["input_ids"].device))
+    teacher = reference_model
+    if teacher is None:
+        teacher = cached_teacher(settings.teacher, str(batch["input_ids"].device))
     with torch.no_grad():
         logits, _ = loss_position_logits(teacher, batch)  # (N, V_teacher)
     # Same tokenizer, but embedding matrices may be padded past it to different widths (Qwen 0.5B vs 7B):
@@ -495,6 +508,7 @@ register(
         settings=DistillSettings,
         supports_packing=True,
         reference=teacher_logits,
+        shard_reference=shard_teacher,
         reference_is_starting_model=False,
         cache_reference=cache_teacher_log_probs,
     )

@@ -391,9 +391,16 @@ def train(
         gather_dtype = HALF_DTYPES.get(accelerator.mixed_precision) if train_config.half_precision_gather else None
         shard_layers(model, reshard_after_forward, train_config.cpu_offload, gather_dtype)
         place_unsharded(model, accelerator.device)
-        if reference is not None and reference.frozen_copy is not None:  # sharded alike, forward only
-            shard_layers(reference.frozen_copy, True, train_config.cpu_offload, gather_dtype)
-            place_unsharded(reference.frozen_copy, accelerator.device)
+
+        def shard_frozen(frozen: torch.nn.Module) -> None:  # a reference model: forward only, sharded alike
+            shard_layers(frozen, True, train_config.cpu_offload, gather_dtype)
+            place_unsharded(frozen, accelerator.device)
+
+        if reference is not None and reference.frozen_copy is not None:
+            shard_frozen(reference.frozen_copy)
+        owns_reference = reference is not None and reference.absent and objective.shard_reference is not None
+        if owns_reference and not train_config.cache_reference:  # cached: one pass of its own instead
+            reference.hold(objective.shard_reference(config.objective, shard_frozen))  # distill's teacher
         continual.after_sharding(model)
         reduced = "every micro-batch" if train_config.reduce_each_micro_batch else "once a step"
         console.print(f"fsdp: decoder layers sharded across {group.world} processes "

@@ -24,6 +24,11 @@ class ReferenceModel:
         if model is not None and not self.uses_disabled_adapters:
             self.frozen_copy = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def hold(self, model: torch.nn.Module) -> None:
+        """Run `model` as the reference from now on: an objective's own model (distill's teacher) once the
+        loop has sharded it."""
+        self.frozen_copy, self.absent = model.eval().requires_grad_(False), False
+
     @contextmanager
     def active(self, model: torch.nn.Module) -> Iterator[torch.nn.Module | None]:
         """The module to run as the reference, in eval mode (no dropout) and without gradients."""

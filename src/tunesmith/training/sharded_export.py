@@ -31,7 +31,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from tunesmith.training.sharding import full_tensor
+from tunesmith.training.dtensors import full_tensor
 
 
 def saved_shapes(model: PreTrainedModel) -> dict[str, torch.Tensor] | None:

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from tunesmith.errors import ConfigError
 from tunesmith.models import decoder_layers, unwrapped_model
+from tunesmith.training.dtensors import full_tensor
 from tunesmith.training.launch import fsdp_from_launcher
 
 
@@ -96,16 +97,6 @@ def reduce_gradients(model: torch.nn.Module, now: bool) -> None:
 
 def sharded_across_processes(model: torch.nn.Module) -> bool:
     return any(isinstance(parameter, DTensor) for parameter in model.parameters())
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a shard (a collective: every process must call it, in the same order);
-    a plain tensor is returned as it is."""
-    if not isinstance(tensor, DTensor):
-        return tensor
-    if tensor.to_local().device.type != tensor.device_mesh.device_type:
-        tensor = tensor.to(tensor.device_mesh.device_type)  # offloaded to the host: NCCL gathers device memory
-    return tensor.full_tensor()
 
 
 def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
