@@ -40,7 +40,9 @@ def shard_layers(
     gather_dtype: torch.dtype | None = None,
 ) -> None:
     """fully_shard each decoder layer of `model` in place over all processes, under the backbone as the
-    root unit; gradients are summed. `cpu_offload` keeps the shards (weights, gradients, and so the AdamW
+    root unit; gradients are summed. Each layer moves to the process's device as it is sharded (the model
+    can come from the host whole); the parts outside the layers stay where they are (`place_unsharded`
+    moves them). `cpu_offload` keeps the shards (weights, gradients, and so the AdamW
     state and step) in host memory; FSDP copies a layer to the device for its forward and backward.
 
     `gather_dtype` (a half dtype, for training under its autocast): float32 layers are cast to it before
@@ -52,8 +54,9 @@ def shard_layers(
     if not layers:
         name = type(unwrapped_model(model)).__name__
         raise ConfigError(f"train.sharding: no decoder layers found in {name} to shard; set train.sharding: none")
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    offload = CPUOffloadPolicy(pin_memory=on_cuda) if cpu_offload else OffloadPolicy()
+    # The model is still on the host (fully_shard moves each layer to the device); FSDP's device is CUDA's
+    # wherever there is one, as the loop's. Pinned host shards copy to a GPU asynchronously.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for layer in layers:
         float32 = all(parameter.dtype == torch.float32 for parameter in layer.parameters())
         precision = (MixedPrecisionPolicy(param_dtype=gather_dtype, reduce_dtype=torch.float32,
