@@ -40,6 +40,14 @@ def chat_records(count: int) -> list[dict]:
     ]
 
 
+def preference_records(count: int) -> list[dict]:
+    return [
+        {"prompt": f"What is {index} plus {index}?", "chosen": f"{index} plus {index} is {2 * index}.",
+         "rejected": f"No idea, maybe {3 * index + 1}."}
+        for index in range(count)
+    ]
+
+
 def classification_records(count: int) -> list[dict]:
     words = {"positive": "great lovely wonderful", "negative": "awful boring terrible"}
     return [

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import run_config, write_jsonl
+from helpers import preference_records, run_config, write_jsonl
 from safetensors.torch import load_file
 
 from tunesmith.config import ModelConfig
@@ -19,14 +19,6 @@ from tunesmith.objectives import OBJECTIVES
 from tunesmith.objectives.preference import cache_reference_outputs, collate_pairs, pair_logps, reference_pair_logps
 from tunesmith.training import train
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs
-
-
-def preference_records(count: int) -> list[dict]:
-    return [
-        {"prompt": f"What is {index} plus {index}?", "chosen": f"{index} plus {index} is {2 * index}.",
-         "rejected": f"No idea, maybe {3 * index + 1}."}
-        for index in range(count)
-    ]
 
 
 @pytest.fixture

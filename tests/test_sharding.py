@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_weights, chat_records, run_cli, write_jsonl
+from helpers import assert_same_weights, chat_records, preference_records, run_cli, write_jsonl
 
 ACCELERATE_FSDP = """\
 compute_environment: LOCAL_MACHINE
@@ -358,9 +358,7 @@ def test_dpo_full_fine_tuning_on_sharded_layers_equals_one_process(tiny_llama_di
     """Full fine-tuning's frozen reference copy is sharded like the policy (forward only), or its outputs are
     cached in one pass through the sharded copy; both processes set up on the host and place the layers as
     they shard them. 2 processes reach the losses and weights of one with the same global batch."""
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
-        {"prompt": f"What is {index} plus {index}?", "chosen": f"{index} plus {index} is {2 * index}.",
-         "rejected": f"No idea, maybe {3 * index + 1}."} for index in range(8)])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_records(8))
 
     def write(name: str, batch_size: int) -> Path:
         path = tmp_path / f"{name}.yaml"

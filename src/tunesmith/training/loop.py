@@ -621,7 +621,7 @@ def train(
     return TrainResult(run_dir=run_dir, summary=summary, exit_code=exit_code)
 
 
-def export_weights(model, method, tokenizer, run_dir: Path, max_shard_size: str = "5GB") -> Path:
+def export_weights(model, method, tokenizer, run_dir: Path, max_shard_size: str) -> Path:
     """Write the trained weights as the run's result: adapter/ (peft methods) or model/, with the tokenizer."""
     export_dir = run_dir / ("adapter" if method.saves == "adapter" else "model")
     if method.save is not None:  # a method whose saved form differs from save_pretrained's
