@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import chat_records, run_config, write_jsonl
+from helpers import chat_records, preference_records, run_config, write_jsonl
 
 from tunesmith.methods import METHODS, count_parameters
 from tunesmith.models import decoder_layers, load_model
@@ -102,6 +102,33 @@ def test_fsdp_plan_counts_the_half_precision_gather_and_gradients_reduced_once_a
     parts = {**reduced_once.parts_gib, "fsdp: whole layer gradients": 10 * reduced_once.total_gib}
     advice = advice_for(once, MemoryPlan(1, 1, parts, budget_gib=1e-4, processes=4, sharded=True), 4, True)
     assert advice[0].startswith("train.reduce_each_micro_batch: true")
+
+
+def test_the_plan_counts_a_frozen_reference_or_teacher_beside_the_policy(tiny_llama_dir, teacher_dir, tmp_path):
+    """dpo with full fine-tuning holds a frozen copy of the model (sharded alike under FSDP); with LoRA the
+    reference is the model with its adapters off, and with cache_reference there is none; distill holds its
+    teacher."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_records(2))
+    model = load_model(run_config(tiny_llama_dir, pairs, tmp_path / "m").model, "sft")
+    total = sum(parameter.numel() for parameter in model.parameters())
+    in_layers = sum(parameter.numel() for layer in decoder_layers(model) for parameter in layer.parameters())
+
+    def plan(method: dict, processes: int = 1, **train) -> dict[str, float]:
+        config = run_config(tiny_llama_dir, pairs, tmp_path / "run", task="dpo", method=method, train=train)
+        return plan_memory(config, on_gpu=False, processes=processes).parts_gib
+
+    full = plan({"name": "full"})
+    assert full["reference copy (frozen)"] == pytest.approx(total * 4 / GIB) == full["weights"]
+    assert plan({"name": "full"}, processes=4, sharding="fsdp")["reference copy (frozen)"] == pytest.approx(
+        (total - in_layers * 3 / 4) * 4 / GIB)
+    assert "reference copy (frozen)" not in plan({"name": "lora", "r": 4})
+    assert "reference copy (frozen)" not in plan({"name": "full"}, cache_reference=True)
+
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_records(2))
+    distill = run_config(tiny_llama_dir, chats, tmp_path / "d", task="distill", objective={"teacher": str(teacher_dir)})
+    teacher = load_model(run_config(teacher_dir, chats, tmp_path / "t").model, "sft")
+    assert plan_memory(distill, on_gpu=False).parts_gib["teacher (frozen)"] == pytest.approx(
+        sum(parameter.numel() for parameter in teacher.parameters()) * 4 / GIB)
 
 
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}])

@@ -12,6 +12,7 @@ CUDA context and the framework add a few hundred MB that no formula sees.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ from tunesmith.config import RunConfig
 from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import creates_head
 from tunesmith.models import decoder_layers
+from tunesmith.objectives import OBJECTIVES
 from tunesmith.training.launch import launched_shape
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -58,6 +60,30 @@ class ParameterCounts:
     largest_layer: int  # parameters of one decoder layer: gathered whole while it runs
     in_matrices: int  # parameters of 2-D weights (what matmuls use; not norms or biases)
     trainable_in_matrices: int
+    has_disabled_adapters: bool = False  # a peft model: its reference is itself with the adapters off, not a copy
+
+    def held(self, processes: int, sharded: bool, cpu_offload: bool) -> float:
+        """Parameters one device holds: all, or with FSDP 1/processes of the layers' (none offloaded)."""
+        if not sharded:
+            return self.total
+        kept = 0 if cpu_offload else 1 / processes
+        return self.total - self.total_in_layers * (1 - kept)
+
+
+def counts_of(model: torch.nn.Module) -> ParameterCounts:
+    trainable, total = count_parameters(model)
+    layers = decoder_layers(model)
+    in_layers = [parameter for layer in layers for parameter in layer.parameters()]
+    matrices = [parameter for parameter in model.parameters() if parameter.ndim == 2]
+    return ParameterCounts(
+        trainable, total,
+        trainable_in_layers=sum(parameter.numel() for parameter in in_layers if parameter.requires_grad),
+        total_in_layers=sum(parameter.numel() for parameter in in_layers),
+        largest_layer=max((sum(parameter.numel() for parameter in layer.parameters()) for layer in layers), default=0),
+        in_matrices=sum(parameter.numel() for parameter in matrices),
+        trainable_in_matrices=sum(parameter.numel() for parameter in matrices if parameter.requires_grad),
+        has_disabled_adapters=hasattr(model, "disable_adapter"),
+    )
 
 
 def parameter_counts(config: RunConfig) -> tuple[ParameterCounts, object]:
@@ -72,19 +98,25 @@ def parameter_counts(config: RunConfig) -> tuple[ParameterCounts, object]:
     with torch.device("meta"):
         model = model_class.from_config(model_config)
         model = METHODS.get(config.method.name).apply(model, config.method, config.task)
-    trainable, total = count_parameters(model)
-    layers = decoder_layers(model)
-    in_layers = [parameter for layer in layers for parameter in layer.parameters()]
-    matrices = [parameter for parameter in model.parameters() if parameter.ndim == 2]
-    counts = ParameterCounts(
-        trainable, total,
-        trainable_in_layers=sum(parameter.numel() for parameter in in_layers if parameter.requires_grad),
-        total_in_layers=sum(parameter.numel() for parameter in in_layers),
-        largest_layer=max((sum(parameter.numel() for parameter in layer.parameters()) for layer in layers), default=0),
-        in_matrices=sum(parameter.numel() for parameter in matrices),
-        trainable_in_matrices=sum(parameter.numel() for parameter in matrices if parameter.requires_grad),
-    )
-    return counts, model_config
+    return counts_of(model), model_config
+
+
+def teacher_counts(teacher: str) -> ParameterCounts:
+    """Parameter counts of a distillation teacher (a model name or folder, or a run: its model, or the base
+    of its adapter, whose own few parameters are left out), built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import read_run, resolve_model
+    from tunesmith.objectives.distill import is_run_directory
+
+    if is_run_directory(teacher):
+        run = read_run(Path(teacher))
+        folder = resolve_model(run.model) if run.is_adapter else run.weights_dir
+    else:
+        folder = resolve_model(ModelConfig(name=teacher))
+    with torch.device("meta"):
+        return counts_of(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)))
 
 
 def model_flops_per_token(config: RunConfig, record_length: float) -> float:
@@ -159,11 +191,11 @@ def plan_memory(
         chunk = getattr(config.objective, "loss_chunk_tokens", None) or tokens
         logits = min(chunk, tokens) * vocab * 4 * 2
 
-    held, held_trainable, gathered, whole_layer_gradients = total, trainable, 0, 0
+    # Each process holds 1/processes of the layers when sharded; with cpu_offload none of them (host memory).
+    held = counts.held(processes, sharded, train.cpu_offload)
+    held_trainable, gathered, whole_layer_gradients = trainable, 0, 0
     if sharded:
-        # Each process holds 1/processes of the layers; with cpu_offload none of them (host memory).
         kept = 0 if train.cpu_offload else 1 / processes
-        held = total - counts.total_in_layers * (1 - kept)
         held_trainable = trainable - counts.trainable_in_layers * (1 - kept)
         # Float32 layers under half-precision autocast are gathered in the half dtype (train.half_precision_gather).
         half = mixed_precision_of(train.mixed_precision, on_gpu) != "no" and train.half_precision_gather
@@ -180,6 +212,16 @@ def plan_memory(
         "activations": activations,
         "logits + loss": logits,
     }
+    # A reference model held beside the policy (sharded alike under FSDP), unless its outputs are cached.
+    objective = OBJECTIVES.get(config.task)
+    if objective.has_reference and not train.cache_reference:
+        if objective.reference_is_starting_model and not counts.has_disabled_adapters:
+            parts["reference copy (frozen)"] = held * weight_bytes
+        teacher = getattr(config.objective, "teacher", None)
+        if not objective.reference_is_starting_model and teacher:
+            teacher_bytes = 2 if on_gpu else 4  # model.dtype auto, as load_teacher loads it
+            parts["teacher (frozen)"] = teacher_counts(teacher).held(processes, sharded, train.cpu_offload) * (
+                teacher_bytes)
     if gathered:
         parts["fsdp: one layer gathered"] = gathered
     if whole_layer_gradients:
