@@ -27,16 +27,22 @@ from pathlib import Path
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from transformers import PreTrainedModel
-from transformers.core_model_loading import revert_weight_conversion
-from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from tunesmith.training.dtensors import full_tensor
+
+try:  # save_pretrained's own steps (transformers 5.x module functions), run here on shapes
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+except ImportError:  # a transformers without them: every model takes the gathered save_pretrained
+    revert_weight_conversion = remove_tied_weights_from_state_dict = None
 
 
 def saved_shapes(model: PreTrainedModel) -> dict[str, torch.Tensor] | None:
     """The tensors save_pretrained would write, as meta tensors (name -> shape and dtype) in its order;
     None when its weight conversion renames or combines tensors (then only save_pretrained writes it)."""
+    if remove_tied_weights_from_state_dict is None or revert_weight_conversion is None:
+        return None
     if getattr(model, "hf_quantizer", None) is not None:  # quantized weights save through their quantizer
         return None
     shapes = {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
