@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -353,6 +354,19 @@ def test_grpo_trains_on_sharded_layers(tiny_llama_dir, tmp_path):
     assert all("kl" in step and "reward" in step for step in steps if "loss" in step)
 
 
+def assert_two_sharded_processes_equal_one(write: Callable[[str, int], Path], tmp_path: Path, port: int) -> None:
+    """`write(name, batch_size)` -> a run config (train.sharding: fsdp, output under tmp_path / name): one process
+    at batch 4 and two (torchrun) at batch 2 reach the same losses and exported model."""
+    assert train(write("single", 4)).returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    completed = subprocess.run([*torchrun, "-m", "tunesmith.cli", "train", str(write("sharded", 2))],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, [line for line in completed.stderr.splitlines() if "rror" in line][:5]
+    assert json.loads((tmp_path / "sharded" / "summary.json").read_text())["sharding"] == "fsdp"
+    assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert_same_weights(tmp_path / "single" / "model", tmp_path / "sharded" / "model", rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("cache_reference, port", [(False, 29594), (True, 29595)])
 def test_dpo_full_fine_tuning_on_sharded_layers_equals_one_process(tiny_llama_dir, tmp_path, cache_reference, port):
     """Full fine-tuning's frozen reference copy is sharded like the policy (forward only), or its outputs are
@@ -371,14 +385,7 @@ def test_dpo_full_fine_tuning_on_sharded_layers_equals_one_process(tiny_llama_di
             f"output_dir: {tmp_path / name}\n")
         return path
 
-    assert train(write("single", 4)).returncode == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    completed = subprocess.run([*torchrun, "-m", "tunesmith.cli", "train", str(write("sharded", 2))],
-                               capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, [line for line in completed.stderr.splitlines() if "rror" in line][:5]
-    assert json.loads((tmp_path / "sharded" / "summary.json").read_text())["sharding"] == "fsdp"
-    assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
-    assert_same_weights(tmp_path / "single" / "model", tmp_path / "sharded" / "model", rtol=1e-4, atol=1e-5)
+    assert_two_sharded_processes_equal_one(write, tmp_path, port)
 
 
 def test_distillation_with_a_sharded_teacher_equals_one_process(tiny_llama_dir, teacher_dir, tmp_path):
@@ -397,13 +404,7 @@ def test_distillation_with_a_sharded_teacher_equals_one_process(tiny_llama_dir, 
             f"output_dir: {tmp_path / name}\n")
         return path
 
-    assert train(write("single", 4)).returncode == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29596"]
-    completed = subprocess.run([*torchrun, "-m", "tunesmith.cli", "train", str(write("sharded", 2))],
-                               capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, [line for line in completed.stderr.splitlines() if "rror" in line][:5]
-    assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
-    assert_same_weights(tmp_path / "single" / "model", tmp_path / "sharded" / "model", rtol=1e-4, atol=1e-5)
+    assert_two_sharded_processes_equal_one(write, tmp_path, 29596)
 
 
 @pytest.mark.parametrize("environment, setting, expected", [
