@@ -62,12 +62,16 @@ class ParameterCounts:
     trainable_in_matrices: int
     has_disabled_adapters: bool = False  # a peft model: its reference is itself with the adapters off, not a copy
 
-    def held(self, processes: int, sharded: bool, cpu_offload: bool) -> float:
-        """Parameters one device holds: all, or with FSDP 1/processes of the layers' (none offloaded)."""
+    def held(self, processes: int, sharded: bool, cpu_offload: bool, trainable: bool = False) -> float:
+        """Parameters (or trainable ones) one device holds: all, or with FSDP 1/processes of the layers'
+        (none of them when offloaded to host memory)."""
+        whole, in_layers = self.total, self.total_in_layers
+        if trainable:
+            whole, in_layers = self.trainable, self.trainable_in_layers
         if not sharded:
-            return self.total
+            return whole
         kept = 0 if cpu_offload else 1 / processes
-        return self.total - self.total_in_layers * (1 - kept)
+        return whole - in_layers * (1 - kept)
 
 
 def counts_of(model: torch.nn.Module) -> ParameterCounts:
@@ -193,10 +197,9 @@ def plan_memory(
 
     # Each process holds 1/processes of the layers when sharded; with cpu_offload none of them (host memory).
     held = counts.held(processes, sharded, train.cpu_offload)
-    held_trainable, gathered, whole_layer_gradients = trainable, 0, 0
+    held_trainable = counts.held(processes, sharded, train.cpu_offload, trainable=True)
+    gathered, whole_layer_gradients = 0, 0
     if sharded:
-        kept = 0 if train.cpu_offload else 1 / processes
-        held_trainable = trainable - counts.trainable_in_layers * (1 - kept)
         # Float32 layers under half-precision autocast are gathered in the half dtype (train.half_precision_gather).
         half = mixed_precision_of(train.mixed_precision, on_gpu) != "no" and train.half_precision_gather
         gathered_bytes = 2 if half and dtype == "float32" else weight_bytes
