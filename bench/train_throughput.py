@@ -55,7 +55,13 @@ def parse_args() -> argparse.Namespace:
                         help="1: tunesmith runs with train.release_memory (lower peak RSS on CPU, fewer tokens/s)")
     parser.add_argument("--compile", type=int, choices=(0, 1), default=0,
                         help="1: tunesmith runs with train.compile (each decoder layer compiled; its first step "
-                        "compiles, so use enough --steps); the peers run eager")
+                        "compiles, so use enough --steps); the peers run eager unless --peer-compile 1")
+    parser.add_argument("--compile-mode", default="default",
+                        help="tunesmith's train.compile_mode under --compile 1 (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--peer-compile", type=int, choices=(0, 1), default=0,
+                        help="1: the peers run with torch_compile=True (transformers compiles the whole model)")
+    parser.add_argument("--loss-chunk-tokens", type=int,
+                        help="tunesmith's objective.loss_chunk_tokens (default: the config's, 1024)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: every tool loads the model in bfloat16 and trains under bf16 autocast (LoRA "
                         "weights stay float32), the usual recipe on GPUs and on CPUs with AMX / AVX512-BF16")
@@ -104,7 +110,8 @@ def job_config(args: argparse.Namespace, output_dir: Path, packing: bool):
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "lr": args.lr, "warmup": 1, "scheduler": "cosine", "seed": 0, "eval_before": False,
                   "log_every": 1, "release_memory": bool(args.release_memory), "compile": bool(args.compile),
-                  "mixed_precision": "bf16" if bf16 else "no"},
+                  "compile_mode": args.compile_mode, "mixed_precision": "bf16" if bf16 else "no"},
+        "objective": {} if args.loss_chunk_tokens is None else {"loss_chunk_tokens": args.loss_chunk_tokens},
         "output_dir": str(output_dir),
     })
 
@@ -184,7 +191,8 @@ def peer_arguments(args: argparse.Namespace, output_dir: str, arguments_class, *
         gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1, save_strategy="no", report_to=[],
         gradient_checkpointing=False,  # trl turns it on by default; every tool runs without it here
-        seed=0, dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0, **extra,
+        seed=0, dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0,
+        torch_compile=bool(args.peer_compile), **extra,
     )
 
 
@@ -242,7 +250,8 @@ def run_tool(tool: str, args: argparse.Namespace, data: Path) -> dict:
     options = {"worker": tool, "data": data}
     options |= {name: getattr(args, name) for name in
                 ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "method", "rank", "threads",
-                 "release_memory", "precision", "compile")}
+                 "release_memory", "precision", "compile", "compile_mode", "peer_compile", "loss_chunk_tokens")
+                if getattr(args, name) is not None}
     figures = run_worker(__file__, options, args.threads)
     if figures is None:
         raise SystemExit(f"{tool} failed (its stderr is above)")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tunesmith.errors import ConfigError
 from tunesmith.training import train
-from tunesmith.training.compile import check_compiler
+from tunesmith.training.compile import check_compile_mode, check_compiler
 
 needs_compiler = pytest.mark.skipif(
     not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
@@ -120,3 +120,48 @@ def test_compiled_packed_rows_keep_one_shape_for_the_whole_run(tiny_llama_dir, t
     examples = prepare_data(config, load_tokenizer(config.model)).train
     row_lengths = {sum(len(example["input_ids"]) for example in row) for row in pack_examples(examples, 96)}
     assert len(row_lengths) >= 3
+
+
+@needs_compiler
+def test_compiled_loss_chunks_equal_eager_and_trace_once(tmp_path):
+    """Under train.compile each loss chunk is one compiled graph: the same loss and gradients as eager, for
+    one piece, several chunks with a short last one, and sample weights; a new number of loss positions
+    reuses the graph (dynamic shapes) instead of tracing again."""
+    from tunesmith.objectives.causal_lm import chunked_cross_entropy_sum, compiled_loss_chunks
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+
+    def loss_and_gradients(positions: int, chunk: int | None, weighted: bool) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(positions)
+        hidden = torch.randn(positions, 16, generator=generator, requires_grad=True)
+        targets = torch.randint(0, 50, (positions,), generator=generator)
+        targets[::5] = -100  # ignored positions, as padding and prompts are
+        weights = torch.rand(positions, generator=generator) if weighted else None
+        head.zero_grad()
+        loss = chunked_cross_entropy_sum(hidden, head, targets, chunk, weights)
+        loss.backward()
+        return [loss.detach(), hidden.grad, head.weight.grad.clone()]
+
+    cases = [(37, 8, False), (37, None, True), (37, 64, False), (54, 8, True)]
+    eager = [loss_and_gradients(*case) for case in cases]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with compiled_loss_chunks():
+        compiled = [loss_and_gradients(*case) for case in cases[:3]]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        compiled.append(loss_and_gradients(*cases[3]))  # 54 positions: more chunks, a tail of a new length
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs > 0
+    for ours, reference in zip(compiled, eager, strict=True):
+        for value, expected in zip(ours, reference, strict=True):
+            torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-5)
+    # outside the block the eager chunk runs again: nothing more is compiled
+    loss_and_gradients(37, 8, False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_cuda_graph_modes_are_refused_for_several_processes():
+    check_compile_mode("reduce-overhead", 1)
+    check_compile_mode("max-autotune-no-cudagraphs", 2)
+    with pytest.raises(ConfigError, match="train.compile_mode: reduce-overhead .* one process"):
+        check_compile_mode("reduce-overhead", 2)

@@ -7,7 +7,9 @@ pretrain marks every token. Both share this loss; they differ only in how data i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,22 @@ def _chunk_cross_entropy_sum(
     return losses.sum() if weights is None else (losses * weights).sum()
 
 
+_compiled_chunk: ContextVar[Callable | None] = ContextVar("compiled loss chunk", default=None)
+
+
+@contextmanager
+def compiled_loss_chunks():
+    """Inside the block (`train.compile`), each loss chunk runs as one compiled graph: the head matmul, the
+    float32 log-softmax and the pick of the target fused, where eager code passes over the (C, V) logits
+    once per operation. One graph serves every chunk length (dynamic shapes: the last chunk of each batch
+    is shorter), so nothing is traced again after the first step (tests/test_compile.py)."""
+    token = _compiled_chunk.set(torch.compile(_chunk_cross_entropy_sum, dynamic=True))
+    try:
+        yield
+    finally:
+        _compiled_chunk.reset(token)
+
+
 def chunked_cross_entropy_sum(
     hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_tokens: int | None,
     weights: torch.Tensor | None = None,
@@ -91,8 +109,9 @@ def chunked_cross_entropy_sum(
     Each chunk's logits are recomputed in the backward pass (activation checkpointing of the
     head + loss), trading one extra head matmul for never materialising (N, V) in float32.
     """
+    chunk_loss = _compiled_chunk.get() or _chunk_cross_entropy_sum
     if chunk_tokens is None or hidden.shape[0] <= chunk_tokens:
-        return _chunk_cross_entropy_sum(hidden, targets, head, weights)
+        return chunk_loss(hidden, targets, head, weights)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         piece = (
@@ -102,8 +121,8 @@ def chunked_cross_entropy_sum(
             None if weights is None else weights[start : start + chunk_tokens],  # (C,)
         )
         # Without gradients (evaluation, reference passes) there is nothing to recompute: just bound the chunk.
-        total = total + (checkpoint(_chunk_cross_entropy_sum, *piece, use_reentrant=False)
-                         if torch.is_grad_enabled() else _chunk_cross_entropy_sum(*piece))
+        total = total + (checkpoint(chunk_loss, *piece, use_reentrant=False)
+                         if torch.is_grad_enabled() else chunk_loss(*piece))
     return total
 
 

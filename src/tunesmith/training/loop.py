@@ -36,6 +36,7 @@ from tunesmith.methods import METHODS, count_parameters
 from tunesmith.models import load_model, load_tokenizer, unwrapped_model
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.objectives.base import ObjectiveSpec
+from tunesmith.objectives.causal_lm import compiled_loss_chunks
 from tunesmith.plan import mixed_precision_of
 from tunesmith.training.checkpoint import (
     complete_checkpoints,
@@ -44,7 +45,7 @@ from tunesmith.training.checkpoint import (
     save_best,
     save_checkpoint,
 )
-from tunesmith.training.compile import check_compiler, compile_layers
+from tunesmith.training.compile import check_compile_mode, check_compiler, compile_layers
 from tunesmith.training.deepspeed_config import check_global_batch, zero_plan
 from tunesmith.training.distributed import ProcessGroup
 from tunesmith.training.memory import return_large_buffers_to_the_os
@@ -256,6 +257,9 @@ def accumulate_gradients(
     step_metrics: dict[str, torch.Tensor] = {}
     task_losses: dict[str, tuple[torch.Tensor, int]] = {}
     for index, batch in enumerate(micro_batches):
+        # CUDA graphs (train.compile_mode: reduce-overhead) reuse their output memory from one replay to the
+        # next: each micro-batch starts a new round of replays (a flag; nothing to do without them).
+        torch.compiler.cudagraph_mark_step_begin()
         batch = training_batch(objective, reference, model, to_device(batch, accelerator.device), settings)
         with accelerator.autocast():
             output = objective.loss(model, batch, settings)
@@ -328,6 +332,7 @@ def train(
         return_large_buffers_to_the_os()  # resident memory tracks the live tensors, step after step
     if train_config.compile:
         check_compiler(accelerator.device)
+        check_compile_mode(train_config.compile_mode, group.world)
     deepspeed = zero_plan(train_config.model_dump())
     if deepspeed is not None:
         check_global_batch(deepspeed, train_config.batch_size, train_config.grad_accum, group.world)
@@ -502,9 +507,10 @@ def train(
     # Last, so the reference copy and continual anchors hold plain modules; after fully_shard (FSDP's hooks
     # stay outside the compiled graphs: training/compile.py).
     if train_config.compile:
-        compile_layers(model)
+        compile_layers(model, train_config.compile_mode)
     model.train()
-    with StopSignal() as stop_signal, progress:
+    with (StopSignal() as stop_signal, progress,
+          compiled_loss_chunks() if train_config.compile else nullcontext()):
         bar = progress.add_task("train", total=total_steps, completed=state["step"], loss="-", lr="-", tps="-")
         while state["step"] < total_steps:
             started = time.perf_counter()
