@@ -1,16 +1,16 @@
 """`train.compile`: torch.compile each decoder layer (regional compilation), not the whole model.
 
 The layers of a model share one code path, so one compiled graph serves all of them and compile
-time does not grow with depth; the loss, the data path and our packed attention stay eager (the
-attention function is excluded from tracing: its record lengths vary from batch to batch). What
+time does not grow with depth; the loss is compiled on its own (below); the data path and our packed
+attention stay eager (the attention function is excluded from tracing: its record lengths vary from
+batch to batch). What
 the compiler gains is fusing a layer's elementwise work (RMSNorm, RoPE, SiLU x up, LoRA's scale,
 residual adds) into fewer passes over memory. On this project's 2-core CPU the benchmark job
 (SmolLM2-135M LoRA, 24 steps of packed 512-token rows), layers and loss compiled, ran 2-13% faster
 than eager after its compiling steps (191.6 and 213.8 vs 188.7 tokens/s in two runs) with 27% lower
 peak memory (3,284 vs 4,490 MB). The fusion is meant for GPUs, where the elementwise passes are most
 of a step (an H100 profile of full fine-tuning at 2048 tokens: matmuls 20% of the kernel time).
-Generation-heavy objectives (grpo, ppo) gain little: decoding changes
-shapes every token.
+Generation-heavy objectives (grpo, ppo) gain little: decoding changes shapes every token.
 
 One shape per run: a layer is traced again whenever its inputs change shape, dtype, stride or kind,
 and each trace costs seconds. So under `train.compile` the loop pads packed rows to data.max_length
