@@ -54,8 +54,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--release-memory", type=int, choices=(0, 1), default=0,
                         help="1: tunesmith runs with train.release_memory (lower peak RSS on CPU, fewer tokens/s)")
     parser.add_argument("--compile", type=int, choices=(0, 1), default=0,
-                        help="1: tunesmith runs with train.compile (each decoder layer compiled; its first step "
-                        "compiles, so use enough --steps); the peers run eager unless --peer-compile 1")
+                        help="1: tunesmith runs with train.compile (each decoder layer and the loss compiled; its "
+                        "first steps compile, so use enough --steps); the peers run eager unless --peer-compile 1")
     parser.add_argument("--compile-mode", default="default",
                         help="tunesmith's train.compile_mode under --compile 1 (reduce-overhead: CUDA graphs)")
     parser.add_argument("--peer-compile", type=int, choices=(0, 1), default=0,

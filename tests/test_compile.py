@@ -123,7 +123,7 @@ def test_compiled_packed_rows_keep_one_shape_for_the_whole_run(tiny_llama_dir, t
 
 
 @needs_compiler
-def test_compiled_loss_chunks_equal_eager_and_trace_once(tmp_path):
+def test_compiled_loss_chunks_equal_eager_and_trace_once():
     """Under train.compile each loss chunk is one compiled graph: the same loss and gradients as eager, for
     one piece, several chunks with a short last one, and sample weights; a new number of loss positions
     reuses the graph (dynamic shapes) instead of tracing again."""
