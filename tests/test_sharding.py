@@ -354,9 +354,11 @@ def test_grpo_trains_on_sharded_layers(tiny_llama_dir, tmp_path):
     assert all("kl" in step and "reward" in step for step in steps if "loss" in step)
 
 
-def assert_two_sharded_processes_equal_one(write: Callable[[str, int], Path], tmp_path: Path, port: int) -> None:
+def assert_two_sharded_processes_equal_one(
+    write: Callable[[str, int], Path], tmp_path: Path, port: int
+) -> subprocess.CompletedProcess:
     """`write(name, batch_size)` -> a run config (train.sharding: fsdp, output under tmp_path / name): one process
-    at batch 4 and two (torchrun) at batch 2 reach the same losses and exported model."""
+    at batch 4 and two (torchrun) at batch 2 reach the same losses and exported model. Returns the 2-process run."""
     assert train(write("single", 4)).returncode == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     completed = subprocess.run([*torchrun, "-m", "tunesmith.cli", "train", str(write("sharded", 2))],
@@ -365,6 +367,7 @@ def assert_two_sharded_processes_equal_one(write: Callable[[str, int], Path], tm
     assert json.loads((tmp_path / "sharded" / "summary.json").read_text())["sharding"] == "fsdp"
     assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
     assert_same_weights(tmp_path / "single" / "model", tmp_path / "sharded" / "model", rtol=1e-4, atol=1e-5)
+    return completed
 
 
 @pytest.mark.parametrize("cache_reference, port", [(False, 29594), (True, 29595)])

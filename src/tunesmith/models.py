@@ -306,6 +306,25 @@ def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
+SAFETENSORS_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(folder: Path) -> torch.dtype | None:
+    """The floating dtype that holds most of the weights in `folder`'s safetensors files, read from their
+    headers (no weight is read); None for a folder without safetensors files."""
+    from safetensors import safe_open
+
+    elements: dict[torch.dtype, int] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is no mapping)
+                tensor = weights.get_slice(name)
+                dtype = SAFETENSORS_FLOAT_DTYPES.get(tensor.get_dtype())
+                if dtype is not None:
+                    elements[dtype] = elements.get(dtype, 0) + int(torch.Size(tensor.get_shape()).numel())
+    return max(elements, key=elements.__getitem__) if elements else None
+
+
 def check_weights_format(folder: Path, allow_pickle: bool, key: str = "model.allow_pickle") -> None:
     """Refuse a folder whose only weights are pickled (.bin/.pt): unpickling can run arbitrary code."""
     if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):

@@ -48,6 +48,10 @@ class MethodSpec:
     load: Callable[[torch.nn.Module, Path], torch.nn.Module] | None = None
     """Optional load(base_model, folder) -> tuned model, for a format plain peft cannot read
     (the bottleneck `adapter`). None: the folder is a peft adapter (`PeftModel.from_pretrained`)."""
+    adds_parameters: bool = True
+    """False for a method that only chooses which of the loaded weights train (full, freeze): every
+    parameter it leaves is one the files held, so a sharded run may load the weights in their stored dtype
+    and convert each layer as it shards it (`model.dtype` reached layer by layer, training/sharding.py)."""
 
 
 METHODS: Registry[MethodSpec] = Registry("method")

@@ -77,5 +77,5 @@ def apply_freeze(model, settings: FreezeSettings, task: str):
 
 register(
     MethodSpec(name="freeze", settings=FreezeSettings, apply=apply_freeze, default_lr=5e-5,
-    lr_range=(1e-5, 2e-4), saves="model")
+    lr_range=(1e-5, 2e-4), saves="model", adds_parameters=False)
 )

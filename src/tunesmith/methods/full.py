@@ -18,5 +18,6 @@ def apply_full(model, settings: FullSettings, task: str):
 
 
 register(MethodSpec(
-    name="full", settings=FullSettings, apply=apply_full, default_lr=2e-5, lr_range=(1e-5, 1e-4), saves="model"
+    name="full", settings=FullSettings, apply=apply_full, default_lr=2e-5, lr_range=(1e-5, 1e-4), saves="model",
+    adds_parameters=False,
 ))

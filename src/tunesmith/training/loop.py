@@ -33,7 +33,8 @@ from tunesmith.data.cache import prepare_data_cached
 from tunesmith.data.collate import batch_order, collate_packed, eval_batches, pack_examples, task_batch_order
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.methods import METHODS, count_parameters
-from tunesmith.models import load_model, load_tokenizer, unwrapped_model
+from tunesmith.methods.base import MethodSpec
+from tunesmith.models import load_model, load_tokenizer, resolve_dtype, unwrapped_model
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.objectives.base import ObjectiveSpec
 from tunesmith.objectives.causal_lm import compiled_loss_chunks
@@ -58,10 +59,12 @@ from tunesmith.training.sharding import (
     adapter_parameters,
     clip_gradients,
     gather_for_export,
+    keeps_float32_modules,
     place_unsharded,
     reduce_gradients,
     shard_layers,
     sharding_choice,
+    stored_dtype_load,
 )
 
 EXIT_INTERRUPTED = 130
@@ -278,6 +281,25 @@ def accumulate_gradients(
     return step_loss, step_metrics, task_losses
 
 
+def load_run_model(
+    config: RunConfig, method: MethodSpec, objective: ObjectiveSpec, label_names: list[str] | None, sharded: bool
+) -> tuple[torch.nn.Module, torch.dtype | None]:
+    """The run's starting model, and the dtype its parameters are still to be converted to as its layers are
+    sharded (None: already in `model.dtype`). A sharded run loads the weights as stored where converting them
+    all is the same as loading them converted (`stored_dtype_load`): each process then converts one layer at
+    a time instead of the whole model into memory of its own."""
+    keep_adapters = config.continual is not None and config.continual.adapter_per_task
+    stored = stored_dtype_load(config, method, objective) if sharded else None
+    if stored is not None:
+        model = load_model(config.model.model_copy(update={"dtype": str(stored).removeprefix("torch.")}), config.task,
+                           label_names)
+        target = resolve_dtype(config.model)
+        if not keeps_float32_modules(model, target):
+            return model, target
+        del model  # transformers would keep some modules in float32: load converted, as every run does
+    return load_model(config.model, config.task, label_names, keep_adapters=keep_adapters), None
+
+
 def starting_reference(objective: ObjectiveSpec, model, config: RunConfig) -> ReferenceModel | None:
     """The reference of an objective that has one, taken from the model as it starts (before any step
     or resume changes it); None when it has none."""
@@ -355,8 +377,7 @@ def train(
     if config.data.packing and not objective.supports_packing:
         raise ConfigError(f"data.packing: task {config.task} does not support packing")
 
-    keep_adapters = config.continual is not None and config.continual.adapter_per_task
-    model = load_model(config.model, config.task, data.label_names, keep_adapters=keep_adapters)
+    model, convert_to = load_run_model(config, method, objective, data.label_names, sharded)
     model = method.apply(model, config.method, config.task)
     if objective.prepare_model is not None:
         objective.prepare_model(model, config.objective)
@@ -394,15 +415,15 @@ def train(
     reference = starting_reference(objective, model, config)
     if sharded:  # after the reference copy and before the optimizer, which must hold the sharded parameters
         gather_dtype = HALF_DTYPES.get(accelerator.mixed_precision) if train_config.half_precision_gather else None
-        shard_layers(model, reshard_after_forward, train_config.cpu_offload, gather_dtype)
-        place_unsharded(model, accelerator.device)
+        shard_layers(model, reshard_after_forward, train_config.cpu_offload, gather_dtype, convert_to)
+        place_unsharded(model, accelerator.device, convert_to)
 
-        def shard_frozen(frozen: torch.nn.Module) -> None:  # a reference model: forward only, sharded alike
-            shard_layers(frozen, True, train_config.cpu_offload, gather_dtype)
-            place_unsharded(frozen, accelerator.device)
+        def shard_frozen(frozen: torch.nn.Module, dtype: torch.dtype | None = None) -> None:  # forward only
+            shard_layers(frozen, True, train_config.cpu_offload, gather_dtype, dtype)
+            place_unsharded(frozen, accelerator.device, dtype)
 
-        if reference is not None and reference.frozen_copy is not None:
-            shard_frozen(reference.frozen_copy)
+        if reference is not None and reference.frozen_copy is not None:  # a copy of the model as loaded
+            shard_frozen(reference.frozen_copy, convert_to)
         owns_reference = reference is not None and reference.absent and objective.shard_reference is not None
         if owns_reference and not train_config.cache_reference:  # cached: one pass of its own instead
             reference.hold(objective.shard_reference(config.objective, shard_frozen))  # distill's teacher
@@ -412,6 +433,9 @@ def train(
                       f"(reshard after forward: {reshard_after_forward}, cpu offload: {train_config.cpu_offload}, "
                       f"gradients reduced {reduced}"
                       f"{f', float32 layers gathered in {gather_dtype}' if gather_dtype else ''})")
+        if convert_to is not None:
+            console.print(f"fsdp: weights loaded as stored, converted to {convert_to} layer by layer as they were "
+                          "sharded")
     elif train_config.sharding == "fsdp":
         console.print("train.sharding: fsdp on one process: nothing to shard across; training unsharded")
     if train_config.cpu_offload and not sharded:

@@ -23,6 +23,7 @@ an adapter export gathers the adapters only (`gather_for_export`) and saves as a
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,14 +31,19 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from tunesmith.errors import ConfigError
-from tunesmith.models import decoder_layers, unwrapped_model
+from tunesmith.models import decoder_layers, resolve_dtype, resolve_model, stored_dtype, unwrapped_model
 from tunesmith.training.dtensors import full_tensor
 from tunesmith.training.launch import fsdp_from_launcher
+
+if TYPE_CHECKING:  # the objectives import this module (distill shards its teacher)
+    from tunesmith.config import RunConfig
+    from tunesmith.methods.base import MethodSpec
+    from tunesmith.objectives.base import ObjectiveSpec
 
 
 def shard_layers(
     model: torch.nn.Module, reshard_after_forward: bool, cpu_offload: bool = False,
-    gather_dtype: torch.dtype | None = None,
+    gather_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
 ) -> None:
     """fully_shard each decoder layer of `model` in place over all processes, under the backbone as the
     root unit; gradients are summed. Each layer moves to the process's device as it is sharded (the model
@@ -49,7 +55,11 @@ def shard_layers(
     their all-gather, so the traffic and the gathered copy are half the size and autocast has no weight
     left to cast; their gradients are reduced in float32 into the float32 shards. The layers' inputs are
     not cast (the residual stream stays float32), so the only change to the maths is that weights used
-    outside matmuls (the norms') are rounded to the half dtype, as every matmul weight already is."""
+    outside matmuls (the norms') are rounded to the half dtype, as every matmul weight already is.
+
+    `dtype`: the layers' floating-point parameters are converted to it one layer at a time, just before
+    that layer is sharded (see `stored_dtype_load`), so a process never holds more than one converted
+    whole layer beside its shards."""
     layers = decoder_layers(model)
     if not layers:
         name = type(unwrapped_model(model)).__name__
@@ -58,6 +68,8 @@ def shard_layers(
     # wherever there is one, as the loop's. Pinned host shards copy to a GPU asynchronously.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for layer in layers:
+        if dtype is not None:
+            convert_parameters(layer, dtype)
         float32 = all(parameter.dtype == torch.float32 for parameter in layer.parameters())
         precision = (MixedPrecisionPolicy(param_dtype=gather_dtype, reduce_dtype=torch.float32,
                                           cast_forward_inputs=False)
@@ -74,20 +86,63 @@ def shard_layers(
         unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
 
 
-def place_unsharded(model: torch.nn.Module, device: torch.device) -> None:
+def place_unsharded(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
     """Move what `shard_layers` left where it was to `device`: the parameters and buffers outside the sharded
     layers (embeddings, final norm, head, rotary tables). fully_shard moved each layer's own (with
-    `cpu_offload`, its shards back to the host). Tied parameters stay one parameter."""
+    `cpu_offload`, its shards back to the host). Tied parameters stay one parameter. `dtype`: those
+    parameters are converted to it as well (as `shard_layers` converted the layers'); buffers keep theirs."""
     for module in model.modules():
         for _, parameter in module.named_parameters(recurse=False):
-            if not isinstance(parameter, DTensor) and parameter.device != device:
+            if isinstance(parameter, DTensor):
+                continue
+            target = dtype if dtype is not None and parameter.is_floating_point() else parameter.dtype
+            if parameter.device != device or parameter.dtype != target:
                 # Swapped in place (as Module.to does with swap_tensors): a tied parameter moves once.
                 with torch.no_grad():
-                    moved = torch.nn.Parameter(parameter.to(device), requires_grad=parameter.requires_grad)
+                    moved = torch.nn.Parameter(parameter.to(device, target), requires_grad=parameter.requires_grad)
                 torch.utils.swap_tensors(parameter, moved)
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.device != device:
                 setattr(module, name, buffer.to(device))
+
+
+def convert_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Convert `module`'s floating-point parameters to `dtype` in place (each Parameter object kept, so
+    ties and optimizer references hold); buffers keep their dtype (rotary tables stay float32)."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            with torch.no_grad():
+                converted = torch.nn.Parameter(parameter.to(dtype), requires_grad=parameter.requires_grad)
+            torch.utils.swap_tensors(parameter, converted)
+
+
+def stored_dtype_load(config: RunConfig, method: MethodSpec, objective: ObjectiveSpec) -> torch.dtype | None:
+    """The dtype the weights are stored in, when a sharded run should load them in it and reach `model.dtype`
+    layer by layer as it shards them; None to load in `model.dtype` as every other run does.
+
+    Loading in another dtype than the files' makes each process convert the whole model into memory of
+    its own before sharding frees it: on a node of 8 processes, eight private float32 copies of a
+    bfloat16 model (2.2 TB for 70B) where the files' own pages are shared by every process (they are
+    mapped, one copy in the page cache). Loaded as stored and converted one layer at a time just before
+    that layer is sharded, a process holds its shards, the parts left whole and one converted layer.
+
+    Only where every parameter comes from the files, so converting them all gives what loading in
+    `model.dtype` gives: a method that adds none (full, freeze), no objective head (ppo's value head), no
+    continual learning (its anchors are taken from the loaded weights) and no `model.from_run` (its
+    adapters are merged on load). Models that keep some modules in float32 are caught after loading
+    (`keeps_float32_modules`)."""
+    if (config.model.from_run is not None or method.adds_parameters or objective.prepare_model is not None
+            or config.continual is not None):
+        return None
+    stored = stored_dtype(resolve_model(config.model))
+    return stored if stored is not None and stored != resolve_dtype(config.model) else None
+
+
+def keeps_float32_modules(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Whether transformers would keep some of `model`'s modules in float32 when loading it in `dtype`
+    (`_keep_in_fp32_modules`, e.g. MoE routers): converting every parameter would not give that."""
+    plan = getattr(unwrapped_model(model), "_get_dtype_plan", None)
+    return bool(plan(dtype)) if plan is not None else False
 
 
 def reduce_gradients(model: torch.nn.Module, now: bool) -> None:
