@@ -144,6 +144,10 @@ def test_cache_needs_teacher_top_k(tiny_llama_dir, teacher_dir, data_files, tmp_
     config = _config(tiny_llama_dir, teacher_dir, data_files, tmp_path / "run", {"teacher_top_k": None})
     with pytest.raises(ConfigError, match=r"^objective.teacher_top_k: required with train.cache_reference"):
         cache_teacher_log_probs(None, _fresh_examples(config), config.objective)
+    # and the config itself is refused, before any model or teacher is loaded
+    with pytest.raises(ConfigError, match=r"objective.teacher_top_k: required with train.cache_reference"):
+        _config(tiny_llama_dir, teacher_dir, data_files, tmp_path / "run", {"teacher_top_k": None},
+                train={"cache_reference": True})
 
 
 def test_training_on_stored_log_probs_loads_the_teacher_once_and_learns(

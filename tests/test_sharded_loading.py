@@ -15,7 +15,7 @@ from tunesmith.config import build_config
 from tunesmith.methods import METHODS
 from tunesmith.models import stored_dtype
 from tunesmith.objectives import OBJECTIVES
-from tunesmith.training.sharding import stored_dtype_load
+from tunesmith.training.sharding import load_as_stored
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_the_stored_dtype_is_read_from_the_file_headers(tiny_llama_dir, bf16_lla
 @pytest.mark.parametrize("method, task, dtype, continual, expected", [
     ("full", "sft", "float32", None, torch.bfloat16),  # converted layer by layer
     ("freeze", "dpo", "float32", None, torch.bfloat16),
-    ("full", "sft", "bfloat16", None, None),  # the files' dtype already: nothing to convert
+    ("full", "sft", "bfloat16", None, torch.bfloat16),  # the files' dtype already: loaded as stored, not converted
     ("lora", "sft", "float32", None, None),  # the method adds parameters in the dtype it sees
     ("full", "ppo", "float32", None, None),  # ppo adds a value head
     ("full", "sft", "float32", {"regularizer": {"name": "l2sp", "weight": 0.1}}, None),  # anchors: loaded weights
@@ -61,7 +61,7 @@ def test_weights_are_loaded_as_stored_only_where_converting_them_all_is_the_same
     if continual is not None:
         raw["continual"] = {"old_data": str(data), **continual}
     config = build_config(raw)
-    assert stored_dtype_load(config, METHODS.get(config.method.name), OBJECTIVES.get(config.task)) == expected
+    assert load_as_stored(config, METHODS.get(config.method.name), OBJECTIVES.get(config.task)) == expected
 
 
 def test_layers_converted_as_they_are_sharded_equal_the_model_loaded_converted(one_process_group, bf16_llama_dir,
@@ -122,5 +122,6 @@ def test_dpo_full_fine_tuning_from_bf16_files_in_float32_on_sharded_layers_equal
         return path
 
     completed = assert_two_sharded_processes_equal_one(write, tmp_path, 29611)
-    assert "converted to torch.float32 layer by layer" in completed.stderr
+    assert "converted to torch.float32 layer by layer as they were sharded; the frozen reference loaded from the " \
+        "files too" in " ".join(completed.stderr.split())
 

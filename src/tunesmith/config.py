@@ -372,6 +372,11 @@ class RunConfig(Section):
             raise ValueError("data.packing: packing applies to sft and pretrain, not classify")
         if self.data.packing and not METHODS.get(self.method.name).supports_packing:
             raise ValueError(f"data.packing: method {self.method.name} prepends virtual tokens and cannot use packing")
+        if self.train.cache_reference and getattr(self.objective, "teacher_top_k", 0) is None:
+            # Refused here, not when the cache pass starts: a sharded run would have loaded the teacher by then.
+            raise ValueError("objective.teacher_top_k: required with train.cache_reference: true (the teacher's "
+                             "k most likely tokens are stored at every response token; the whole vocabulary would "
+                             "not fit)")
         if self.continual is not None and self.model.from_run is None and self.continual.needs_from_run():
             raise ValueError(f"{self.continual.needs_from_run()}: needs model.from_run (the run to continue from)")
         if self.train.lr is None:

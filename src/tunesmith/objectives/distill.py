@@ -20,9 +20,12 @@ Its distributions reach the loss in one of two ways:
   of the teacher computes its top-k log-probabilities (values and token ids) at every response token
   of every train and eval example, and stores them as safetensors under
   `$TUNESMITH_CACHE/teacher_log_probs/`, keyed by a hash of everything they depend on (`cache_key`).
-  A later run with the same key reads them without loading the teacher; in both cases training holds
-  no teacher. They depend neither on the student nor on the temperature, divergence or alpha, so
-  one cache serves a whole sweep over those.
+  A later run with the same key reads them without running the teacher (an unsharded run does not even
+  load it); in both cases training holds no teacher. They depend neither on the student nor on the
+  temperature, divergence or alpha, so one cache serves a whole sweep over those. In a sharded run
+  (`train.sharding: fsdp`) the pass runs the teacher the loop sharded like the student, every process
+  on its share of the examples, so no device holds it whole; elsewhere one process loads it whole and
+  runs every example.
 
 The teacher must share the student's tokenizer: distributions over different vocabularies cannot be
 compared token by token, so another tokenizer is refused with one line (checked in the loss, against
@@ -47,6 +50,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from rich.console import Console
@@ -131,8 +135,8 @@ class DistillSettings(ObjectiveSettings):
         "null: the whole vocabulary. Required with train.cache_reference, which stores these k per token."
     )
     teacher_batch_size: int = Field(
-        8, ge=1, description="train.cache_reference: records per teacher forward pass in the one pass that "
-        "computes the teacher's log-probs before training."
+        8, ge=1, description="train.cache_reference: records per teacher forward pass (on each process of a "
+        "sharded run) in the one pass that computes the teacher's log-probs before training."
     )
 
     @field_validator("divergence")
@@ -340,44 +344,46 @@ def teacher_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _progress(total: int) -> tuple[Progress, int]:
+def _progress(total: int, quiet: bool = False) -> tuple[Progress, int]:
     progress = Progress(
         TextColumn("[bold]teacher log-probs"), BarColumn(), TextColumn("{task.completed}/{task.total} records"),
         TextColumn("{task.fields[rate]} records/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=Console(stderr=True, quiet=quiet),
     )
     return progress, progress.add_task("teacher", total=total, rate="-")
 
 
-@torch.no_grad()
-def compute_teacher_log_probs(settings: DistillSettings, examples: list[dict], device: torch.device) -> dict:
-    """One pass of the teacher over `examples` (longest first, teacher_batch_size at a time), then the
-    teacher is released. Returns, example after example in the order given:
-    teacher_top_log_probs (M, k) float32, teacher_top_ids (M, k) int32 and loss_positions (E,), the n_i
-    rows of each example (M = sum of n_i, its loss positions in order)."""
-    teacher, tokenizer = load_teacher(settings.teacher, device)
-    vocabulary_size = len(tokenizer)  # the columns past it are embedding padding (see teacher_logits)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
-    per_example: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # example index -> its (n_i, k) pair
-    progress, task = _progress(len(examples))
-    started, done = time.perf_counter(), 0
-    with progress:
-        for indices in eval_batches([len(example["input_ids"]) for example in examples], settings.teacher_batch_size):
-            batch = collate_padded([examples[index] for index in indices], pad_id)
-            batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value
-                     for key, value in batch.items()}
-            logits, _ = loss_position_logits(teacher, batch)  # (N, V_teacher), rows of example after example
-            top = top_k_log_probs(logits[:, :vocabulary_size], settings.teacher_top_k)  # (N, k) each
-            rows = (batch["targets"] != IGNORE_INDEX).sum(dim=1).tolist()  # n_i of each example in the batch
-            pieces = zip(top["teacher_top_log_probs"].split(rows), top["teacher_top_ids"].split(rows), strict=True)
-            for index, (values, token_ids) in zip(indices, pieces, strict=True):
-                per_example[index] = (values.float().cpu(), token_ids.to(torch.int32).cpu())
-            done += len(indices)
-            progress.update(task, advance=len(indices), rate=f"{done / (time.perf_counter() - started):.1f}")
-    del teacher
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    in_order = [per_example[index] for index in range(len(examples))]
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _say(message: str) -> None:
+    Console(stderr=True).print(message)
+
+
+def _padding_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
+
+
+def _batch_top_k(
+    teacher: torch.nn.Module, examples: list[dict], indices: list[int], vocabulary_size: int, pad_id: int,
+    settings: DistillSettings, device: torch.device,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One teacher forward over the examples `indices` picks: for each of them, on the host, its top-k
+    log-probs (n_i, k) float32 and their token ids (n_i, k) int32 at its n_i loss positions."""
+    batch = collate_padded([examples[index] for index in indices], pad_id)
+    batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    logits, _ = loss_position_logits(teacher, batch)  # (N, V_teacher), rows of example after example
+    # The columns past the tokenizer are embedding padding (see teacher_logits).
+    top = top_k_log_probs(logits[:, :vocabulary_size], settings.teacher_top_k)  # (N, k) each
+    rows = (batch["targets"] != IGNORE_INDEX).sum(dim=1).tolist()  # n_i of each example in the batch
+    pieces = zip(top["teacher_top_log_probs"].split(rows), top["teacher_top_ids"].split(rows), strict=True)
+    return [(values.float().cpu(), token_ids.to(torch.int32).cpu()) for values, token_ids in pieces]
+
+
+def _in_example_order(per_example: dict[int, tuple[torch.Tensor, torch.Tensor]], count: int) -> dict:
+    """The stored tensors from example index -> its (n_i, k) pair: example after example, in index order."""
+    in_order = [per_example[index] for index in range(count)]
     return {
         "teacher_top_log_probs": torch.cat([values for values, _ in in_order]),  # (M, k)
         "teacher_top_ids": torch.cat([token_ids for _, token_ids in in_order]),  # (M, k)
@@ -385,10 +391,121 @@ def compute_teacher_log_probs(settings: DistillSettings, examples: list[dict], d
     }
 
 
-def cache_teacher_log_probs(reference_model: None, examples: list[dict], settings: DistillSettings) -> None:
+@torch.no_grad()
+def compute_teacher_log_probs(settings: DistillSettings, examples: list[dict], device: torch.device) -> dict:
+    """One pass of the teacher, loaded whole on `device`, over `examples` (longest first, teacher_batch_size at
+    a time), then the teacher is released. Returns, example after example in the order given:
+    teacher_top_log_probs (M, k) float32, teacher_top_ids (M, k) int32 and loss_positions (E,), the n_i
+    rows of each example (M = sum of n_i, its loss positions in order)."""
+    teacher, tokenizer = load_teacher(settings.teacher, device)
+    _say(f"teacher log-probs: one pass of the teacher, loaded whole on {device}, over {len(examples)} records")
+    per_example: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # example index -> its (n_i, k) pair
+    progress, task = _progress(len(examples))
+    started, done = time.perf_counter(), 0
+    with progress:
+        for indices in eval_batches([len(example["input_ids"]) for example in examples], settings.teacher_batch_size):
+            pieces = _batch_top_k(teacher, examples, indices, len(tokenizer), _padding_id(tokenizer), settings, device)
+            per_example.update(zip(indices, pieces, strict=True))
+            done += len(indices)
+            progress.update(task, advance=len(indices), rate=f"{done / (time.perf_counter() - started):.1f}")
+    del teacher
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return _in_example_order(per_example, len(examples))
+
+
+@torch.no_grad()
+def compute_teacher_log_probs_sharded(
+    teacher: torch.nn.Module, settings: DistillSettings, examples: list[dict], device: torch.device
+) -> dict | None:
+    """The pass of `compute_teacher_log_probs` through a teacher sharded across the processes (the loop's,
+    sharded like the student): the same batches, batch j run by process j % world. Every process must run
+    every forward, since FSDP gathers each layer's weights from all of them, so in the last round a process
+    left without a batch runs the shortest one again and discards it. Each round's results are gathered to
+    process 0, which alone holds them all (as the one computing process does unsharded). Returns the same
+    tensors on process 0, None on the others."""
+    rank, world = _rank_and_world()
+    tokenizer = teacher_tokenizer(settings.teacher)  # no weights: the teacher itself is `teacher`
+    vocabulary_size, pad_id = len(tokenizer), _padding_id(tokenizer)
+    batches = list(eval_batches([len(example["input_ids"]) for example in examples], settings.teacher_batch_size))
+    per_example: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # on process 0: example index -> (n_i, k) pair
+    progress, task = _progress(len(examples), quiet=rank != 0)
+    started, done = time.perf_counter(), 0
+    with progress:
+        for first in range(0, len(batches), world):
+            mine = first + rank
+            indices = batches[mine] if mine < len(batches) else batches[-1]  # batches[-1]: the shortest, discarded
+            pieces = _batch_top_k(teacher, examples, indices, vocabulary_size, pad_id, settings, device)
+            result = list(zip(indices, pieces, strict=True)) if mine < len(batches) else []
+            # CPU tensors, one batch per process: process 0 receives a round at a time, the others never
+            # hold more than their current batch.
+            gathered = [None] * world if rank == 0 else None
+            if world > 1:
+                dist.gather_object(result, gathered, dst=0)
+            else:
+                gathered = [result]
+            if rank == 0:
+                for results in gathered:
+                    per_example.update(results)
+                done = len(per_example)
+                progress.update(task, completed=done, rate=f"{done / (time.perf_counter() - started):.1f}")
+    return _in_example_order(per_example, len(examples)) if rank == 0 else None
+
+
+def _broadcast_from_first(value):
+    """Process 0's `value` on every process (itself when the run is not distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _store(path: Path, tensors: dict, settings: DistillSettings) -> None:
+    metadata = {"format": CACHE_FORMAT, "teacher": settings.teacher, "k": str(settings.teacher_top_k)}
+    # A killed run leaves no partial cache under the final name.
+    write_file_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+
+
+def _store_from_sharded_teacher(
+    teacher: torch.nn.Module, examples: list[dict], settings: DistillSettings, folder: Path, device: torch.device
+) -> tuple[Path, bool]:
+    """The cache file of `examples` in `folder`, computed and stored unless it exists, with every process taking
+    part; and whether this run computed it. Process 0 alone hashes the key (the teacher's files: many GB for a
+    large teacher), looks for the file and writes it, and all processes follow its answer, so all run the pass
+    or none does (one waiting in a collective while the others skip it would hang the run). The folder must
+    be one the processes share (one node, or a shared file system). Another run storing the same key at the
+    same time computes the same values and replaces the file atomically: no lock is held across collectives."""
+    rank, world = _rank_and_world()
+    found = None
+    if rank == 0:
+        path = folder / f"{cache_key(settings.teacher, examples, settings.teacher_top_k, device)}.safetensors"
+        found = (path, path.is_file())
+    path, cached = _broadcast_from_first(found)
+    if cached:
+        return path, False
+    if rank == 0:
+        _say(f"teacher log-probs: one pass of the teacher sharded across {world} processes, over "
+             f"{len(examples)} records")
+    tensors = compute_teacher_log_probs_sharded(teacher, settings, examples, device)
+    if rank == 0:
+        _store(path, tensors, settings)
+    if world > 1:
+        dist.barrier()  # the file exists before any process reads it
+    return path, True
+
+
+def cache_teacher_log_probs(
+    reference_model: torch.nn.Module | None, examples: list[dict], settings: DistillSettings
+) -> None:
     """The `cache_reference` hook: put on each example its teacher_top_log_probs (n_i, k) and teacher_top_ids
     (n_i, k) at its n_i loss positions, read from the cache when a run with the same `cache_key` stored
-    them, else computed in one pass of the teacher and stored. `reference_model` is None (see teacher_logits).
+    them, else computed in one pass of the teacher and stored.
+
+    `reference_model` is the teacher the loop sharded across the processes in a sharded run: all processes
+    run the pass together (`compute_teacher_log_probs_sharded`) and none loads the teacher whole. Otherwise
+    it is None (see teacher_logits): under a file lock the first process loads the teacher whole and
+    computes, and the processes of the run (and any other run with the same key) then read its file.
     """
     if settings.teacher_top_k is None:
         raise ConfigError("objective.teacher_top_k: required with train.cache_reference: true (the teacher's k most "
@@ -396,13 +513,16 @@ def cache_teacher_log_probs(reference_model: None, examples: list[dict], setting
     device = teacher_device()
     folder = teacher_cache_folder()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{cache_key(settings.teacher, examples, settings.teacher_top_k, device)}.safetensors"
-    with file_lock(folder / f".{path.stem}.lock"):  # processes of one distributed run: one computes, all read
-        if not path.is_file():
-            metadata = {"format": CACHE_FORMAT, "teacher": settings.teacher, "k": str(settings.teacher_top_k)}
-            tensors = compute_teacher_log_probs(settings, examples, device)
-            # A killed run leaves no partial cache under the final name.
-            write_file_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+    if reference_model is not None:
+        path, computed = _store_from_sharded_teacher(reference_model, examples, settings, folder, device)
+    else:
+        path = folder / f"{cache_key(settings.teacher, examples, settings.teacher_top_k, device)}.safetensors"
+        with file_lock(folder / f".{path.stem}.lock"):  # processes of one distributed run: one computes, all read
+            computed = not path.is_file()
+            if computed:
+                _store(path, compute_teacher_log_probs(settings, examples, device), settings)
+    if not computed and _rank_and_world()[0] == 0:
+        _say(f"teacher log-probs: read from {path}")
     stored = load_file(str(path))
     positions = stored["loss_positions"].tolist()
     pieces = zip(stored["teacher_top_log_probs"].split(positions), stored["teacher_top_ids"].split(positions),

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from tunesmith.config import RunConfig, dump_config
+from tunesmith.config import ModelConfig, RunConfig, dump_config
 from tunesmith.continual import prepare_continual
 from tunesmith.data import write_rejects
 from tunesmith.data.cache import prepare_data_cached
@@ -60,11 +60,11 @@ from tunesmith.training.sharding import (
     clip_gradients,
     gather_for_export,
     keeps_float32_modules,
+    load_as_stored,
     place_unsharded,
     reduce_gradients,
     shard_layers,
     sharding_choice,
-    stored_dtype_load,
 )
 
 EXIT_INTERRUPTED = 130
@@ -283,26 +283,27 @@ def accumulate_gradients(
 
 def load_run_model(
     config: RunConfig, method: MethodSpec, objective: ObjectiveSpec, label_names: list[str] | None, sharded: bool
-) -> tuple[torch.nn.Module, torch.dtype | None]:
-    """The run's starting model, and the dtype its parameters are still to be converted to as its layers are
-    sharded (None: already in `model.dtype`). A sharded run loads the weights as stored where converting them
-    all is the same as loading them converted (`stored_dtype_load`): each process then converts one layer at
-    a time instead of the whole model into memory of its own."""
-    keep_adapters = config.continual is not None and config.continual.adapter_per_task
-    stored = stored_dtype_load(config, method, objective) if sharded else None
+) -> tuple[torch.nn.Module, ModelConfig | None, torch.dtype | None]:
+    """The run's starting model; the model section that loads it again as stored, where a sharded run loaded
+    it so (`load_as_stored`), else None; and the dtype its parameters are still to be converted to as its
+    layers are sharded (None: already in `model.dtype`)."""
+    stored = load_as_stored(config, method, objective) if sharded else None
     if stored is not None:
-        model = load_model(config.model.model_copy(update={"dtype": str(stored).removeprefix("torch.")}), config.task,
-                           label_names)
+        as_stored = config.model.model_copy(update={"dtype": str(stored).removeprefix("torch.")})
+        model = load_model(as_stored, config.task, label_names)
         target = resolve_dtype(config.model)
         if not keeps_float32_modules(model, target):
-            return model, target
+            return model, as_stored, (target if target != stored else None)
         del model  # transformers would keep some modules in float32: load converted, as every run does
-    return load_model(config.model, config.task, label_names, keep_adapters=keep_adapters), None
+    keep_adapters = config.continual is not None and config.continual.adapter_per_task
+    return load_model(config.model, config.task, label_names, keep_adapters=keep_adapters), None, None
 
 
-def starting_reference(objective: ObjectiveSpec, model, config: RunConfig) -> ReferenceModel | None:
+def starting_reference(
+    objective: ObjectiveSpec, model, config: RunConfig, load_copy: Callable[[], torch.nn.Module] | None = None
+) -> ReferenceModel | None:
     """The reference of an objective that has one, taken from the model as it starts (before any step
-    or resume changes it); None when it has none."""
+    or resume changes it), or loaded by `load_copy` where that gives the same weights; None when it has none."""
     if not objective.has_reference:
         if config.train.cache_reference:
             raise ConfigError(f"train.cache_reference: task {config.task} has no reference model to cache")
@@ -314,14 +315,17 @@ def starting_reference(objective: ObjectiveSpec, model, config: RunConfig) -> Re
         if config.data.packing:
             raise ConfigError("data.packing: train.cache_reference stores reference outputs per record, and packed "
                               "rows are collated without them; set data.packing: false")
-    return ReferenceModel(model if objective.reference_is_starting_model else None)
+    return ReferenceModel(model if objective.reference_is_starting_model else None, load_copy)
 
 
 def cache_reference_outputs(
     objective: ObjectiveSpec, reference: ReferenceModel | None, model, examples: list[dict], config: RunConfig
 ) -> ReferenceModel | None:
     """With `train.cache_reference`, store the reference's outputs on the examples in one pass and drop the
-    reference (no frozen copy is held and no reference forward runs per step); else keep it."""
+    reference (no frozen copy is held and no reference forward runs per step); else keep it. The pass runs
+    the reference the loop holds: the frozen copy, the model with its adapters off, or an objective's own
+    model (distill's teacher: held only in a sharded run, sharded like the student; elsewhere the hook gets
+    None and loads it itself). Returning None frees what the loop held for the pass."""
     if reference is None or not config.train.cache_reference:
         return reference
     with reference.active(model) as reference_model:
@@ -377,7 +381,7 @@ def train(
     if config.data.packing and not objective.supports_packing:
         raise ConfigError(f"data.packing: task {config.task} does not support packing")
 
-    model, convert_to = load_run_model(config, method, objective, data.label_names, sharded)
+    model, as_stored, convert_to = load_run_model(config, method, objective, data.label_names, sharded)
     model = method.apply(model, config.method, config.task)
     if objective.prepare_model is not None:
         objective.prepare_model(model, config.objective)
@@ -412,7 +416,10 @@ def train(
     per_epoch = math.ceil(len(epoch_order(lengths, tasks, config, group, 0)) / train_config.grad_accum)
     total_steps = train_config.max_steps or max(1, math.ceil(train_config.epochs * per_epoch))
 
-    reference = starting_reference(objective, model, config)
+    # A sharded run that loaded the files as they are loads its frozen reference copy from them again: their
+    # pages are shared, where a copy of the model would be each process's own until sharding.
+    load_copy = None if as_stored is None else functools.partial(load_model, as_stored, config.task, data.label_names)
+    reference = starting_reference(objective, model, config, load_copy)
     if sharded:  # after the reference copy and before the optimizer, which must hold the sharded parameters
         gather_dtype = HALF_DTYPES.get(accelerator.mixed_precision) if train_config.half_precision_gather else None
         shard_layers(model, reshard_after_forward, train_config.cpu_offload, gather_dtype, convert_to)
@@ -425,7 +432,7 @@ def train(
         if reference is not None and reference.frozen_copy is not None:  # a copy of the model as loaded
             shard_frozen(reference.frozen_copy, convert_to)
         owns_reference = reference is not None and reference.absent and objective.shard_reference is not None
-        if owns_reference and not train_config.cache_reference:  # cached: one pass of its own instead
+        if owns_reference:  # with train.cache_reference too: the one pass runs it sharded, then it is dropped
             reference.hold(objective.shard_reference(config.objective, shard_frozen))  # distill's teacher
         continual.after_sharding(model)
         reduced = "every micro-batch" if train_config.reduce_each_micro_batch else "once a step"
@@ -433,9 +440,10 @@ def train(
                       f"(reshard after forward: {reshard_after_forward}, cpu offload: {train_config.cpu_offload}, "
                       f"gradients reduced {reduced}"
                       f"{f', float32 layers gathered in {gather_dtype}' if gather_dtype else ''})")
-        if convert_to is not None:
-            console.print(f"fsdp: weights loaded as stored, converted to {convert_to} layer by layer as they were "
-                          "sharded")
+        if as_stored is not None:
+            converted = f", converted to {convert_to} layer by layer as they were sharded" if convert_to else ""
+            copied = "; the frozen reference loaded from the files too" if reference and reference.frozen_copy else ""
+            console.print(f"fsdp: weights loaded as stored ({as_stored.dtype}){converted}{copied}")
     elif train_config.sharding == "fsdp":
         console.print("train.sharding: fsdp on one process: nothing to shard across; training unsharded")
     if train_config.cpu_offload and not sharded:

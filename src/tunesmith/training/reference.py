@@ -8,21 +8,23 @@ made before the first optimiser step.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 
 class ReferenceModel:
-    def __init__(self, model: torch.nn.Module | None):
+    def __init__(self, model: torch.nn.Module | None, load_copy: Callable[[], torch.nn.Module] | None = None):
         """`model` is the starting model, or None for an objective whose reference brings its own
-        model (distill's teacher): `active` then yields None."""
+        model (distill's teacher): `active` then yields None. `load_copy`, where given, loads the same
+        weights as `model` holds (a sharded run's files, read again) in place of copying them."""
         self.uses_disabled_adapters = model is not None and hasattr(model, "disable_adapter")
         self.frozen_copy = None
         self.absent = model is None
         if model is not None and not self.uses_disabled_adapters:
-            self.frozen_copy = copy.deepcopy(model).eval().requires_grad_(False)
+            frozen = load_copy() if load_copy is not None else copy.deepcopy(model)
+            self.frozen_copy = frozen.eval().requires_grad_(False)
 
     def hold(self, model: torch.nn.Module) -> None:
         """Run `model` as the reference from now on: an objective's own model (distill's teacher) once the

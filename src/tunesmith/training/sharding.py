@@ -31,7 +31,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from tunesmith.errors import ConfigError
-from tunesmith.models import decoder_layers, resolve_dtype, resolve_model, stored_dtype, unwrapped_model
+from tunesmith.models import decoder_layers, resolve_model, stored_dtype, unwrapped_model
 from tunesmith.training.dtensors import full_tensor
 from tunesmith.training.launch import fsdp_from_launcher
 
@@ -58,7 +58,7 @@ def shard_layers(
     outside matmuls (the norms') are rounded to the half dtype, as every matmul weight already is.
 
     `dtype`: the layers' floating-point parameters are converted to it one layer at a time, just before
-    that layer is sharded (see `stored_dtype_load`), so a process never holds more than one converted
+    that layer is sharded (see `load_as_stored`), so a process never holds more than one converted
     whole layer beside its shards."""
     layers = decoder_layers(model)
     if not layers:
@@ -116,26 +116,27 @@ def convert_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
             torch.utils.swap_tensors(parameter, converted)
 
 
-def stored_dtype_load(config: RunConfig, method: MethodSpec, objective: ObjectiveSpec) -> torch.dtype | None:
-    """The dtype the weights are stored in, when a sharded run should load them in it and reach `model.dtype`
-    layer by layer as it shards them; None to load in `model.dtype` as every other run does.
+def load_as_stored(config: RunConfig, method: MethodSpec, objective: ObjectiveSpec) -> torch.dtype | None:
+    """The files' dtype, when a sharded run should load the weights in it (their mapped pages, which the
+    processes of a node share: one copy in the page cache) and reach `model.dtype` layer by layer as it
+    shards them; None to load in `model.dtype` as every other run does.
 
-    Loading in another dtype than the files' makes each process convert the whole model into memory of
-    its own before sharding frees it: on a node of 8 processes, eight private float32 copies of a
-    bfloat16 model (2.2 TB for 70B) where the files' own pages are shared by every process (they are
-    mapped, one copy in the page cache). Loaded as stored and converted one layer at a time just before
-    that layer is sharded, a process holds its shards, the parts left whole and one converted layer.
+    This keeps two private copies of the whole model out of each process. Loading in another dtype than
+    the files' converts the whole model into the process's own memory before sharding frees it: on a
+    node of 8 processes, eight float32 copies of a bfloat16 model (2.2 TB for 70B). And full fine-tuning's
+    frozen reference (dpo, kto) is loaded again from the files rather than copied from the model. Loaded
+    as stored, each layer is converted just before it is sharded: a process holds its shards, the parts
+    left whole and one converted layer.
 
-    Only where every parameter comes from the files, so converting them all gives what loading in
-    `model.dtype` gives: a method that adds none (full, freeze), no objective head (ppo's value head), no
-    continual learning (its anchors are taken from the loaded weights) and no `model.from_run` (its
-    adapters are merged on load). Models that keep some modules in float32 are caught after loading
-    (`keeps_float32_modules`)."""
+    Only where every parameter of the starting model comes from the files, so converting them all gives
+    what loading in `model.dtype` gives, and loading again gives a copy: a method that adds none (full,
+    freeze), no objective head (ppo's value head), no continual learning (its anchors are taken from the
+    loaded weights) and no `model.from_run` (its adapters are merged on load). Models that keep some
+    modules in float32 are caught after loading (`keeps_float32_modules`)."""
     if (config.model.from_run is not None or method.adds_parameters or objective.prepare_model is not None
             or config.continual is not None):
         return None
-    stored = stored_dtype(resolve_model(config.model))
-    return stored if stored is not None and stored != resolve_dtype(config.model) else None
+    return stored_dtype(resolve_model(config.model))
 
 
 def keeps_float32_modules(model: torch.nn.Module, dtype: torch.dtype) -> bool:
