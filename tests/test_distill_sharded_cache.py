@@ -154,8 +154,20 @@ def test_sharded_pass_never_loads_the_teacher_and_equals_the_whole_teacher(
     monkeypatch.setattr(distill, "load_teacher", no_whole_teacher)
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "sharded"))
     from_sharded = examples()
-    cache_teacher_log_probs(teacher, from_sharded, settings)
+    loads = []
+
+    def load_sharded_teacher():
+        loads.append(1)
+        return teacher
+
+    cache_teacher_log_probs(load_sharded_teacher, from_sharded, settings)
     assert "one pass of the teacher sharded across 1 processes" in capsys.readouterr().err
+    assert len(loads) == 1
+    again = examples()  # the same examples again: read from the store, the teacher not even loaded
+    cache_teacher_log_probs(load_sharded_teacher, again, settings)
+    assert READ in capsys.readouterr().err and len(loads) == 1
+    assert all(torch.equal(first["teacher_top_ids"], second["teacher_top_ids"])
+               for first, second in zip(from_sharded, again, strict=True))
 
     monkeypatch.setattr(distill, "load_teacher", real_load_teacher)
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "whole"))

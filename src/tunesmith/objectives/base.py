@@ -57,11 +57,14 @@ class ObjectiveSpec:
     reference_is_starting_model: bool = True
     """False when `reference` brings its own model (distill's teacher): the loop then passes None
     instead of the starting model and keeps no frozen copy of the student."""
-    cache_reference: Callable[[torch.nn.Module | None, list[dict], Any], None] | None = None
+    cache_reference: Callable[[Any, list[dict], Any], None] | None = None
     """cache_reference(reference_model, examples, settings): compute the reference outputs of every
     example once and store them on the examples (which `collate` then batches), so that training
     needs neither `reference` per batch nor the reference model. The loop calls it before the first
-    step, on train + eval examples, when `train.cache_reference` is set."""
+    step, on train + eval examples, when `train.cache_reference` is set. `reference_model` is the
+    reference module; for an objective that brings its own (`shard_reference`), None, or in a sharded
+    run a function that loads and shards that model, to be called only if the outputs are not stored
+    yet (a large teacher takes minutes to read)."""
     shard_reference: Callable[[Any, Callable[[torch.nn.Module], None]], torch.nn.Module] | None = None
     """For an objective whose `reference` brings its own model (distill's teacher), in a run with FSDP-sharded
     layers: shard_reference(settings, shard) -> that model, loaded on the host and passed to shard(model),

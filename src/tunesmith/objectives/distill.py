@@ -468,12 +468,14 @@ def _store(path: Path, tensors: dict, settings: DistillSettings) -> None:
 
 
 def _store_from_sharded_teacher(
-    teacher: torch.nn.Module, examples: list[dict], settings: DistillSettings, folder: Path, device: torch.device
+    load_sharded_teacher: Callable[[], torch.nn.Module], examples: list[dict], settings: DistillSettings,
+    folder: Path, device: torch.device,
 ) -> tuple[Path, bool]:
     """The cache file of `examples` in `folder`, computed and stored unless it exists, with every process taking
     part; and whether this run computed it. Process 0 alone hashes the key (the teacher's files: many GB for a
-    large teacher), looks for the file and writes it, and all processes follow its answer, so all run the pass
-    or none does (one waiting in a collective while the others skip it would hang the run). The folder must
+    large teacher), looks for the file and writes it, and all processes follow its answer, so all load the
+    sharded teacher and run the pass, or none does (one waiting in a collective while the others skip it
+    would hang the run); a stored pass is read without loading the teacher at all. The folder must
     be one the processes share (one node, or a shared file system). Another run storing the same key at the
     same time computes the same values and replaces the file atomically: no lock is held across collectives."""
     rank, world = _rank_and_world()
@@ -487,7 +489,9 @@ def _store_from_sharded_teacher(
     if rank == 0:
         _say(f"teacher log-probs: one pass of the teacher sharded across {world} processes, over "
              f"{len(examples)} records")
+    teacher = load_sharded_teacher()
     tensors = compute_teacher_log_probs_sharded(teacher, settings, examples, device)
+    del teacher  # freed before training starts: the loop keeps no reference to it
     if rank == 0:
         _store(path, tensors, settings)
     if world > 1:
@@ -496,16 +500,17 @@ def _store_from_sharded_teacher(
 
 
 def cache_teacher_log_probs(
-    reference_model: torch.nn.Module | None, examples: list[dict], settings: DistillSettings
+    load_sharded_teacher: Callable[[], torch.nn.Module] | None, examples: list[dict], settings: DistillSettings
 ) -> None:
     """The `cache_reference` hook: put on each example its teacher_top_log_probs (n_i, k) and teacher_top_ids
     (n_i, k) at its n_i loss positions, read from the cache when a run with the same `cache_key` stored
     them, else computed in one pass of the teacher and stored.
 
-    `reference_model` is the teacher the loop sharded across the processes in a sharded run: all processes
-    run the pass together (`compute_teacher_log_probs_sharded`) and none loads the teacher whole. Otherwise
-    it is None (see teacher_logits): under a file lock the first process loads the teacher whole and
-    computes, and the processes of the run (and any other run with the same key) then read its file.
+    In a sharded run the loop gives `load_sharded_teacher`, which loads the teacher sharded across the
+    processes like the student (`shard_teacher`): called only if the pass must run, then all processes run it
+    together (`compute_teacher_log_probs_sharded`) and none loads the teacher whole. Otherwise it is None:
+    under a file lock the first process loads the teacher whole and computes, and the processes of the run
+    (and any other run with the same key) then read its file.
     """
     if settings.teacher_top_k is None:
         raise ConfigError("objective.teacher_top_k: required with train.cache_reference: true (the teacher's k most "
@@ -513,8 +518,8 @@ def cache_teacher_log_probs(
     device = teacher_device()
     folder = teacher_cache_folder()
     folder.mkdir(parents=True, exist_ok=True)
-    if reference_model is not None:
-        path, computed = _store_from_sharded_teacher(reference_model, examples, settings, folder, device)
+    if load_sharded_teacher is not None:
+        path, computed = _store_from_sharded_teacher(load_sharded_teacher, examples, settings, folder, device)
     else:
         path = folder / f"{cache_key(settings.teacher, examples, settings.teacher_top_k, device)}.safetensors"
         with file_lock(folder / f".{path.stem}.lock"):  # processes of one distributed run: one computes, all read

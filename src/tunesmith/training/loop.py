@@ -323,11 +323,14 @@ def cache_reference_outputs(
 ) -> ReferenceModel | None:
     """With `train.cache_reference`, store the reference's outputs on the examples in one pass and drop the
     reference (no frozen copy is held and no reference forward runs per step); else keep it. The pass runs
-    the reference the loop holds: the frozen copy, the model with its adapters off, or an objective's own
-    model (distill's teacher: held only in a sharded run, sharded like the student; elsewhere the hook gets
-    None and loads it itself). Returning None frees what the loop held for the pass."""
+    the reference the loop holds: the frozen copy or the model with its adapters off. An objective's own
+    model (distill's teacher) the hook loads itself: whole, or in a sharded run through the function the
+    loop gives it, which loads it sharded like the student. Returning None frees what the pass held."""
     if reference is None or not config.train.cache_reference:
         return reference
+    if reference.on_demand is not None:
+        objective.cache_reference(reference.on_demand, examples, config.objective)
+        return None
     with reference.active(model) as reference_model:
         objective.cache_reference(reference_model, examples, config.objective)
     return None
@@ -432,7 +435,9 @@ def train(
         if reference is not None and reference.frozen_copy is not None:  # a copy of the model as loaded
             shard_frozen(reference.frozen_copy, convert_to)
         owns_reference = reference is not None and reference.absent and objective.shard_reference is not None
-        if owns_reference:  # with train.cache_reference too: the one pass runs it sharded, then it is dropped
+        if owns_reference and train_config.cache_reference:  # loaded by the one pass, if it must run
+            reference.hold_on_demand(functools.partial(objective.shard_reference, config.objective, shard_frozen))
+        elif owns_reference:
             reference.hold(objective.shard_reference(config.objective, shard_frozen))  # distill's teacher
         continual.after_sharding(model)
         reduced = "every micro-batch" if train_config.reduce_each_micro_batch else "once a step"

@@ -21,10 +21,16 @@ class ReferenceModel:
         weights as `model` holds (a sharded run's files, read again) in place of copying them."""
         self.uses_disabled_adapters = model is not None and hasattr(model, "disable_adapter")
         self.frozen_copy = None
+        self.on_demand: Callable[[], torch.nn.Module] | None = None
         self.absent = model is None
         if model is not None and not self.uses_disabled_adapters:
             frozen = load_copy() if load_copy is not None else copy.deepcopy(model)
             self.frozen_copy = frozen.eval().requires_grad_(False)
+
+    def hold_on_demand(self, load: Callable[[], torch.nn.Module]) -> None:
+        """Keep `load` (which loads an objective's own model, sharded) for the `train.cache_reference` pass,
+        which calls it only if the outputs it stores are not stored yet."""
+        self.on_demand = load
 
     def hold(self, model: torch.nn.Module) -> None:
         """Run `model` as the reference from now on: an objective's own model (distill's teacher) once the
