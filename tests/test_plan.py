@@ -143,3 +143,32 @@ def test_model_flops_per_token_count_every_matmul_weight(method, tiny_llama_dir,
     assert model_flops_per_token(config, record_length=100) == pytest.approx(expected)
     if method["name"] == "full":
         assert trainable == weights  # 6N
+
+
+def test_host_memory_while_loading_follows_how_the_loop_loads(tiny_llama_dir, chat_file, tmp_path):
+    """bfloat16 files trained in float32: each process converts the whole model, except a sharded full fine-tuning
+    run, which loads them as stored and converts one layer at a time (the parts left whole, one layer); files
+    already in the training dtype cost their shared pages only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bf16_dir = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(bf16_dir)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(bf16_dir)
+    model = load_model(run_config(tiny_llama_dir, chat_file, tmp_path / "m").model, "sft")
+    layers = [sum(parameter.numel() for parameter in layer.parameters()) for layer in decoder_layers(model)]
+    total = sum(parameter.numel() for parameter in model.parameters())
+
+    def loading(method: str, sharding: str, model_dir=bf16_dir, offload: bool = False):
+        config = run_config(model_dir, chat_file, tmp_path / "run", model={"dtype": "float32"},
+                            method={"name": method}, train={"sharding": sharding, "cpu_offload": offload})
+        return plan_memory(config, on_gpu=True, processes=4).loading
+
+    sharded = loading("full", "fsdp")
+    assert sharded.as_stored
+    assert sharded.private_gib == pytest.approx((total - sum(layers) + max(layers)) * 4 / GIB)
+    assert sharded.shared_gib == pytest.approx(total * 2 / GIB)  # the bfloat16 files
+    replicated = loading("full", "none")
+    assert not replicated.as_stored and replicated.private_gib == pytest.approx(total * 4 / GIB)
+    offloaded = loading("full", "fsdp", offload=True)
+    assert offloaded.private_gib == pytest.approx(sharded.private_gib + sum(layers) / 4 * 4 / GIB)
+    assert loading("full", "fsdp", model_dir=tiny_llama_dir).private_gib == 0  # float32 files: nothing converted

@@ -116,6 +116,11 @@ def plan(
     console.print(table)
     console.print(f"trainable {estimate.trainable_params:,} of {estimate.total_params:,} parameters; "
                   f"budget {budget_gb:.1f} GiB: {'fits' if estimate.fits else 'does NOT fit'}")
+    loading = estimate.loading
+    if loading is not None:
+        how = " (loaded as stored, each layer converted as it is sharded)" if loading.as_stored else ""
+        console.print(f"host memory while loading: {loading.private_gib:.2f} GiB per process{how}, and the weight "
+                      f"files' {loading.shared_gib:.2f} GiB of pages, shared by a node's processes")
     for line in estimate.advice:
         console.print(f"  change {line}")
     raise typer.Exit(0 if estimate.fits else 1)

@@ -41,6 +41,7 @@ class MemoryPlan:
     advice: list[str] = field(default_factory=list)
     processes: int = 1
     sharded: bool = False  # FSDP across the processes
+    loading: HostLoading | None = None
 
     @property
     def total_gib(self) -> float:
@@ -49,6 +50,18 @@ class MemoryPlan:
     @property
     def fits(self) -> bool:
         return self.budget_gib is None or self.total_gib <= self.budget_gib
+
+
+@dataclass(frozen=True)
+class HostLoading:
+    """Host memory while the model is loaded and set up, before the first step (training/loop.py)."""
+
+    private_gib: float
+    """Each process's own memory at its peak: converted weights, the parts kept whole, host shards."""
+    shared_gib: float
+    """The weight files' pages (mapped, one copy in the page cache, shared by a node's processes)."""
+    as_stored: bool
+    """Loaded in the files' dtype, each layer converted just before it is sharded (sharding.load_as_stored)."""
 
 
 @dataclass
@@ -138,6 +151,35 @@ def model_flops_per_token(config: RunConfig, record_length: float) -> float:
     matmul_weights = counts.in_matrices - (0 if tied else vocab * hidden)
     trainable_matmul_weights = min(counts.trainable_in_matrices, matmul_weights)
     return 4 * matmul_weights + 2 * trainable_matmul_weights + 12 * layers * hidden * record_length
+
+
+def host_loading(config: RunConfig, counts: ParameterCounts, dtype: str, processes: int, sharded: bool) -> HostLoading:
+    """What loading costs the host (see `HostLoading`), as the loop loads: in `dtype` (a private converted copy
+    of the whole model when the files hold another dtype, else their mapped pages), or in a sharded run whose
+    weights are the files' as stored, converting one layer at a time (`load_as_stored`). Counts the model's
+    parameters as the method leaves them (an adapter's few are not in the files)."""
+    from tunesmith.models import resolve_model, stored_dtype
+    from tunesmith.training.sharding import load_as_stored
+
+    stored = stored_dtype(resolve_model(config.model))
+    stored_name = dtype if stored is None else str(stored).removeprefix("torch.")
+    as_stored = sharded and load_as_stored(config, METHODS.get(config.method.name), OBJECTIVES.get(config.task))
+    files = counts.total * BYTES.get(stored_name, 4)
+    target = BYTES[dtype]
+    if as_stored and stored_name != dtype:
+        # The parts left whole, converted as they are placed, and the one layer being converted.
+        private = (counts.total - counts.total_in_layers + counts.largest_layer) * target
+    elif stored_name != dtype:
+        private = counts.total * target  # every process converts the whole model
+        objective = OBJECTIVES.get(config.task)
+        if sharded and objective.has_reference and objective.reference_is_starting_model and not (
+                counts.has_disabled_adapters):
+            private += counts.total * target  # the frozen reference, copied on the host before sharding
+    else:
+        private = 0.0  # the files' pages until the weights move to the device (or, on the CPU, are trained)
+    if sharded and config.train.cpu_offload:
+        private += counts.total_in_layers / processes * target  # the process's shards stay on the host
+    return HostLoading(private / GIB, files / GIB, bool(as_stored))
 
 
 def weights_dtype(config: RunConfig, on_gpu: bool) -> str:
@@ -230,7 +272,8 @@ def plan_memory(
     if whole_layer_gradients:
         parts["fsdp: whole layer gradients"] = whole_layer_gradients
     plan = MemoryPlan(total, trainable, {name: value / GIB for name, value in parts.items()}, budget_gib,
-                      processes=processes, sharded=sharded)
+                      processes=processes, sharded=sharded,
+                      loading=host_loading(config, counts, dtype, processes, sharded))
     if not plan.fits:
         plan.advice = advice_for(config, plan, processes, sharded)
     return plan
