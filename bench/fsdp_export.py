@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workers import status_mb
+
 VARIANTS = ("accelerate", "gathered", "streamed")
 
 
@@ -42,14 +44,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "FOLDER"), help=argparse.SUPPRESS)
     return parser.parse_args()
-
-
-def resident_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def worker(args: argparse.Namespace, variant: str, folder: Path) -> None:
@@ -75,7 +69,7 @@ def worker(args: argparse.Namespace, variant: str, folder: Path) -> None:
         parameter.data = parameter.data.clone()  # loaded file's mapped pages, counted only once read)
     shard_layers(model, reshard_after_forward=True)
     gc.collect()
-    before = resident_mb("VmRSS")
+    before = status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
     started = time.perf_counter()
     if variant == "accelerate":
@@ -92,7 +86,7 @@ def worker(args: argparse.Namespace, variant: str, folder: Path) -> None:
         save_sharded_model(model, folder, is_main, args.shard_size)
     dist.barrier()
     if is_main:
-        peak = resident_mb("VmHWM")
+        peak = status_mb("VmHWM")
         print(json.dumps({"before_mb": round(before), "peak_mb": round(peak), "added_mb": round(peak - before),
                           "seconds": round(time.perf_counter() - started, 2),
                           "files": len(list(folder.glob("*.safetensors")))}))

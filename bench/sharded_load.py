@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 
+from workers import status_mb
+
 VARIANTS = ("converted", "as-stored")
 
 
@@ -44,13 +46,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "FOLDER"), help=argparse.SUPPRESS)
     return parser.parse_args()
-
-
-def status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 class PeakSampler:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def report(figures: dict) -> None:
@@ -28,3 +29,12 @@ def run_worker(script: str, options: dict[str, object], threads: int | None = No
         print(result.stderr[-3000:], file=sys.stderr)
         return None
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def status_mb(field: str) -> float:
+    """A memory field of this process's /proc/self/status (VmRSS, VmHWM: the peak since the last reset,
+    RssAnon: its private memory, RssFile: mapped files' pages), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
