@@ -35,7 +35,7 @@ from tunesmith.models import decoder_layers, resolve_model, stored_dtype, unwrap
 from tunesmith.training.dtensors import full_tensor
 from tunesmith.training.launch import fsdp_from_launcher
 
-if TYPE_CHECKING:  # the objectives import this module (distill shards its teacher)
+if TYPE_CHECKING:  # only for annotations: the objectives import this module (rl checks for sharded layers)
     from tunesmith.config import RunConfig
     from tunesmith.methods.base import MethodSpec
     from tunesmith.objectives.base import ObjectiveSpec
