@@ -97,23 +97,26 @@ def place_unsharded(model: torch.nn.Module, device: torch.device, dtype: torch.d
                 continue
             target = dtype if dtype is not None and parameter.is_floating_point() else parameter.dtype
             if parameter.device != device or parameter.dtype != target:
-                # Swapped in place (as Module.to does with swap_tensors): a tied parameter moves once.
-                with torch.no_grad():
-                    moved = torch.nn.Parameter(parameter.to(device, target), requires_grad=parameter.requires_grad)
-                torch.utils.swap_tensors(parameter, moved)
+                move_in_place(parameter, device, target)
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.device != device:
                 setattr(module, name, buffer.to(device))
 
 
+def move_in_place(parameter: torch.nn.Parameter, device: torch.device, dtype: torch.dtype) -> None:
+    """Give `parameter` its data on `device` in `dtype`, swapped in place (as Module.to does with swap_tensors):
+    the Parameter object is kept, so a tied parameter changes once and every reference to it holds."""
+    with torch.no_grad():
+        moved = torch.nn.Parameter(parameter.to(device, dtype), requires_grad=parameter.requires_grad)
+    torch.utils.swap_tensors(parameter, moved)
+
+
 def convert_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Convert `module`'s floating-point parameters to `dtype` in place (each Parameter object kept, so
-    ties and optimizer references hold); buffers keep their dtype (rotary tables stay float32)."""
+    """Convert `module`'s floating-point parameters to `dtype` in place (`move_in_place`); buffers keep their
+    dtype (rotary tables stay float32)."""
     for parameter in module.parameters():
         if parameter.is_floating_point() and parameter.dtype != dtype:
-            with torch.no_grad():
-                converted = torch.nn.Parameter(parameter.to(dtype), requires_grad=parameter.requires_grad)
-            torch.utils.swap_tensors(parameter, converted)
+            move_in_place(parameter, parameter.device, dtype)
 
 
 def load_as_stored(config: RunConfig, method: MethodSpec, objective: ObjectiveSpec) -> torch.dtype | None:
