@@ -46,7 +46,7 @@ from tunesmith.training.checkpoint import (
     save_best,
     save_checkpoint,
 )
-from tunesmith.training.compile import check_compile_mode, check_compiler, compile_layers
+from tunesmith.training.compile import CUDA_GRAPH_MODES, check_compile_mode, check_compiler, compile_layers
 from tunesmith.training.deepspeed_config import check_global_batch, zero_plan
 from tunesmith.training.distributed import ProcessGroup
 from tunesmith.training.memory import return_large_buffers_to_the_os
@@ -242,7 +242,7 @@ def evaluate_examples(
 def accumulate_gradients(
     model, objective: ObjectiveSpec, settings, micro_batches: list[dict], accelerator,
     reference: ReferenceModel | None = None, step_loss_tokens: float | None = None,
-    before_backward: Callable[[bool], None] | None = None,
+    before_backward: Callable[[bool], None] | None = None, cuda_graphs: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
     """Backward over one optimiser step's micro-batches; returns the step's loss and metrics (detached),
     and for a data mixture each task's summed loss and loss-token count (micro-batches hold one task).
@@ -252,6 +252,7 @@ def accumulate_gradients(
     of the mean over every loss token of the step, whatever the split into micro-batches and
     processes: batch 8 x accumulation 1 == batch 2 x accumulation 4 == 2 processes x batch 4.
     `before_backward(last)` runs before each micro-batch's backward (last: the step's final one).
+    `cuda_graphs`: the layers were compiled in a CUDA-graph mode (`train.compile_mode`).
     """
     if step_loss_tokens is None:
         step_loss_tokens = sum(batch["num_loss_tokens"] for batch in micro_batches)
@@ -260,9 +261,10 @@ def accumulate_gradients(
     step_metrics: dict[str, torch.Tensor] = {}
     task_losses: dict[str, tuple[torch.Tensor, int]] = {}
     for index, batch in enumerate(micro_batches):
-        # CUDA graphs (train.compile_mode: reduce-overhead) reuse their output memory from one replay to the
-        # next: each micro-batch starts a new round of replays (a flag; nothing to do without them).
-        torch.compiler.cudagraph_mark_step_begin()
+        if cuda_graphs:
+            # CUDA graphs reuse their output memory from one replay to the next: each micro-batch starts a new
+            # round of replays. Only then: the first call imports the compiler's backend (3 s on this CPU).
+            torch.compiler.cudagraph_mark_step_begin()
         batch = training_batch(objective, reference, model, to_device(batch, accelerator.device), settings)
         with accelerator.autocast():
             output = objective.loss(model, batch, settings)
@@ -455,6 +457,7 @@ def train(
         console.print("train.cpu_offload: only sharded layers are offloaded; this run is not sharded")
     reference = cache_reference_outputs(objective, reference, model, data.train + data.eval, config)
     before_backward = None
+    cuda_graphs = train_config.compile and train_config.compile_mode in CUDA_GRAPH_MODES
     if sharded and not train_config.reduce_each_micro_batch:  # reduce-scatter in the step's last backward only
         before_backward = functools.partial(reduce_gradients, model)
     optimizer = accelerator.prepare_optimizer(build_optimizer(model, train_config, method, config.method))
@@ -570,7 +573,7 @@ def train(
             with packed_attention(model) if config.data.packing else nullcontext():
                 step_loss, step_metrics, task_losses = accumulate_gradients(
                     model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens,
-                    before_backward,
+                    before_backward, cuda_graphs,
                 )
             penalty = continual.penalty(model)
             if penalty is not None:
