@@ -72,6 +72,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's peak dense TFLOP/s at this precision, for MFU; default: known GPUs in bf16")
     parser.add_argument("--json", type=Path, help="also write the figures here, one object per tool")
+    parser.add_argument("--memory-budget-mb", type=float,
+                        help="on CUDA, cap each tool's memory at this many MB (torch.cuda."
+                        "set_per_process_memory_fraction): a run that needs more fails as on a smaller card")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -245,6 +248,9 @@ def worker_main(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.memory_budget_mb and torch.cuda.is_available():
+        card = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_budget_mb * 2**20 / card))
     figures = WORKERS[args.worker](args)
     figures["peak_memory_mb"] = peak_memory_mb()
     losses = figures["losses"]
@@ -259,7 +265,8 @@ def run_tool(tool: str, args: argparse.Namespace, data: Path) -> dict:
     options = {"worker": tool, "data": data}
     options |= {name: getattr(args, name) for name in
                 ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "method", "rank", "threads",
-                 "release_memory", "precision", "compile", "compile_mode", "peer_compile", "loss_chunk_tokens")
+                 "release_memory", "precision", "compile", "compile_mode", "peer_compile", "loss_chunk_tokens",
+                 "memory_budget_mb")
                 if getattr(args, name) is not None}
     figures = run_worker(__file__, options, args.threads)
     if figures is None:
