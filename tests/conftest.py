@@ -134,3 +134,13 @@ def tiny_bert_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of one process, for FSDP (`fully_shard`) inside the test process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29549", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

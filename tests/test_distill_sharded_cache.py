@@ -116,15 +116,6 @@ def test_second_sharded_run_reads_the_store_without_running_the_teacher(sharded_
     assert losses(folder / "sharded_again") == pytest.approx(losses(folder / "sharded"), rel=1e-6)
 
 
-@pytest.fixture
-def one_process_group():
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29602", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_sharded_pass_never_loads_the_teacher_and_equals_the_whole_teacher(
     one_process_group, tiny_llama_dir, teacher_dir, tmp_path, monkeypatch, capsys
 ):

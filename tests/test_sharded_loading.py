@@ -29,15 +29,6 @@ def bf16_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def one_process_group():
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29610", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_the_stored_dtype_is_read_from_the_file_headers(tiny_llama_dir, bf16_llama_dir, tmp_path):
     assert stored_dtype(tiny_llama_dir) == torch.float32
     assert stored_dtype(bf16_llama_dir) == torch.bfloat16

@@ -104,15 +104,6 @@ def test_unsupported_accelerate_config_is_refused(capsys, tiny_llama_dir, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-@pytest.fixture
-def one_process_group():
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29549", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_layers_give_back_their_gathered_weights_after_forward(one_process_group, tiny_llama_dir):
     """With reshard_after_forward, no layer keeps its whole weights between forward and backward (FSDP2
     registers the gathered ones as plain tensors while a layer is unsharded): the memory FSDP saves."""
