@@ -136,6 +136,17 @@ def tiny_bert_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def bf16_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama saved in bfloat16, as large models ship."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("bf16_llama")
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def one_process_group():
     """A gloo process group of one process, for FSDP (`fully_shard`) inside the test process."""

@@ -1,32 +1,19 @@
 """A sharded run whose `model.dtype` differs from the files' loads the weights as stored (mapped, shared by the
 node's processes) and converts each decoder layer just before sharding it, instead of every process converting
-the whole model into memory of its own: the same parameters, in the same dtypes, as loading them converted."""
+the whole model into memory of its own: the same parameters, in the same dtypes, as loading them converted.
+On 2 processes: tests/test_sharding.py's DPO full fine-tuning from bfloat16 files in float32."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import preference_records, write_jsonl
-from test_sharding import assert_two_sharded_processes_equal_one
 
 from tunesmith.config import build_config
 from tunesmith.methods import METHODS
 from tunesmith.models import stored_dtype
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.training.sharding import load_as_stored
-
-
-@pytest.fixture(scope="module")
-def bf16_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    """The tiny Llama saved in bfloat16, as large models ship."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("bf16_llama")
-    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
-    return folder
 
 
 def test_the_stored_dtype_is_read_from_the_file_headers(tiny_llama_dir, bf16_llama_dir, tmp_path):
@@ -92,27 +79,4 @@ def test_layers_converted_as_they_are_sharded_equal_the_model_loaded_converted(o
     assert {name: buffer.dtype for name, buffer in model.named_buffers()} == {
         name: buffer.dtype for name, buffer in expected.named_buffers()}
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
-
-
-def test_dpo_full_fine_tuning_from_bf16_files_in_float32_on_sharded_layers_equals_one_process(
-    bf16_llama_dir, tmp_path
-):
-    """The policy and its frozen reference copy (a copy of the model as loaded) are converted layer by layer as
-    they are sharded: 2 processes reach the losses and weights of one process that loaded the model in float32."""
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_records(8))
-
-    def write(name: str, batch_size: int) -> Path:
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(
-            f"model: {{name: {bf16_llama_dir}, dtype: float32}}\n"
-            f"data: {{train: {pairs}, eval_split: 0.0, max_length: 64}}\n"
-            "task: dpo\nmethod: {name: full}\n"
-            f"train: {{max_steps: 2, batch_size: {batch_size}, lr: 1e-4, warmup: 0, eval_before: false, seed: 5, "
-            "sharding: fsdp}\n"
-            f"output_dir: {tmp_path / name}\n")
-        return path
-
-    completed = assert_two_sharded_processes_equal_one(write, tmp_path, 29611)
-    assert "converted to torch.float32 layer by layer as they were sharded; the frozen reference loaded from the " \
-        "files too" in " ".join(completed.stderr.split())
 

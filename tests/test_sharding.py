@@ -362,16 +362,23 @@ def assert_two_sharded_processes_equal_one(
 
 
 @pytest.mark.parametrize("cache_reference, port", [(False, 29594), (True, 29595)])
-def test_dpo_full_fine_tuning_on_sharded_layers_equals_one_process(tiny_llama_dir, tmp_path, cache_reference, port):
+def test_dpo_full_fine_tuning_on_sharded_layers_equals_one_process(
+    tiny_llama_dir, bf16_llama_dir, tmp_path, cache_reference, port
+):
     """Full fine-tuning's frozen reference copy is sharded like the policy (forward only), or its outputs are
     cached in one pass through the sharded copy; both processes set up on the host and place the layers as
-    they shard them. 2 processes reach the losses and weights of one with the same global batch."""
+    they shard them. 2 processes reach the losses and weights of one with the same global batch.
+
+    Without the cache the model comes from bfloat16 files and trains in float32: the sharded run loads the
+    files as stored and converts each layer of the policy, and of the reference it loads from the files again,
+    as it shards it (tests/test_sharded_loading.py); the one process loads them converted."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_records(8))
+    model = f"{{name: {tiny_llama_dir}}}" if cache_reference else f"{{name: {bf16_llama_dir}, dtype: float32}}"
 
     def write(name: str, batch_size: int) -> Path:
         path = tmp_path / f"{name}.yaml"
         path.write_text(
-            f"model: {{name: {tiny_llama_dir}}}\n"
+            f"model: {model}\n"
             f"data: {{train: {pairs}, eval_split: 0.0, max_length: 64}}\n"
             "task: dpo\nmethod: {name: full}\n"
             f"train: {{max_steps: 2, batch_size: {batch_size}, lr: 1e-4, warmup: 0, eval_before: false, seed: 5, "
@@ -379,7 +386,10 @@ def test_dpo_full_fine_tuning_on_sharded_layers_equals_one_process(tiny_llama_di
             f"output_dir: {tmp_path / name}\n")
         return path
 
-    assert_two_sharded_processes_equal_one(write, tmp_path, port)
+    sharded = " ".join(assert_two_sharded_processes_equal_one(write, tmp_path, port).stderr.split())
+    if not cache_reference:
+        assert ("weights loaded as stored (bfloat16), converted to torch.float32 layer by layer as they were "
+                "sharded; the frozen reference loaded from the files too") in sharded
 
 
 def test_distillation_with_a_sharded_teacher_equals_one_process(tiny_llama_dir, teacher_dir, tmp_path):
