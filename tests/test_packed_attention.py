@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tunesmith.training import packed_attention as attention_module
 from tunesmith.training.packed_attention import NAME, causal_attention_by_matmul, packed_attention, record_spans
 
 
@@ -74,35 +75,67 @@ def test_packed_training_matches_the_masked_kernel_and_exports_plain_sdpa(tiny_l
         torch.testing.assert_close(value, weights["eager"][name], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_matmul_attention_equals_the_causal_sdpa_kernel(dtype, tolerance):
-    """The bfloat16 CPU kernel (query heads grouped over shared key heads) against PyTorch's causal SDPA:
-    outputs and the gradients of query, key and value; exact in float32, to bfloat16 rounding otherwise."""
+    """The CPU half-precision kernel (query heads grouped over shared key heads, scale and causal bias inside
+    the first matmul) against PyTorch's causal SDPA in float32: outputs and the gradients of query, key and
+    value; exact in float32, to the dtype's rounding otherwise. Lengths repeat and change, as records do
+    within a batch, so a cached bias of the wrong length would show."""
     generator = torch.Generator().manual_seed(0)
-    query, key, value = (torch.randn(1, heads, 11, 8, generator=generator) for heads in (6, 2, 2))
-    grad = torch.randn(1, 6, 11, 8, generator=generator)
-    results = []
-    for kernel in (causal_attention_by_matmul, None):
-        inputs = [tensor.to(dtype).requires_grad_(True) for tensor in (query, key, value)]
-        if kernel is None:
-            output = torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=True, scale=0.3,
-                                                                       enable_gqa=True)
-        else:
-            output = kernel(*inputs, scaling=0.3)
-        output.backward(grad.to(dtype))
-        results.append([output.float(), *(tensor.grad.float() for tensor in inputs)])
-    for ours, reference in zip(*results, strict=True):
-        torch.testing.assert_close(ours, reference, atol=tolerance, rtol=tolerance)
+    for length, scaling in ((11, 0.3), (4, None), (11, 0.3)):
+        query, key, value = (torch.randn(1, heads, length, 8, generator=generator) for heads in (6, 2, 2))
+        grad = torch.randn(1, 6, length, 8, generator=generator)
+        results = []
+        for kernel in (causal_attention_by_matmul, None):
+            kernel_dtype = dtype if kernel else torch.float32
+            inputs = [tensor.to(kernel_dtype).requires_grad_(True) for tensor in (query, key, value)]
+            if kernel is None:
+                output = torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=True, scale=scaling,
+                                                                           enable_gqa=True)
+            else:
+                output = kernel(*inputs, scaling=scaling)
+            output.backward(grad.to(inputs[0].dtype))
+            results.append([output.float(), *(tensor.grad.float() for tensor in inputs)])
+        for ours, reference in zip(*results, strict=True):
+            torch.testing.assert_close(ours, reference, atol=tolerance, rtol=tolerance)
 
 
-def test_packed_bfloat16_training_forward_matches_the_masked_path(tiny_llama_dir):
+def test_records_longer_than_the_matmul_limit_take_the_flash_kernel(monkeypatch):
+    """The matmul kernel keeps (L, L) probabilities for the backward; past its length limit records go to
+    SDPA's flash kernel, which keeps none."""
+    used = []
+    monkeypatch.setattr(attention_module, "MATMUL_ATTENTION_MAX_LENGTH", 8)
+    monkeypatch.setattr(attention_module, "causal_attention_by_matmul",
+                        lambda query, *args: used.append(query.shape[2]) or causal_attention_by_matmul(query, *args))
+    generator = torch.Generator().manual_seed(0)
+    for length in (8, 9):
+        query, key, value = (torch.randn(1, heads, length, 8, generator=generator).bfloat16() for heads in (6, 2, 2))
+        output = attention_module.record_attention(query, key, value, dropout=0.0, scaling=None)
+        expected = torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float(),
+                                                                     is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(output.float(), expected, atol=3e-2, rtol=3e-2)
+    assert used == [8]
+
+
+def test_packed_bfloat16_training_forward_matches_the_masked_path(tiny_llama_dir, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa",
                                                  dtype=torch.bfloat16).train()
     batch = packed_batch(model.config.vocab_size)
     masked_logits, _ = forward_and_grads(model, batch)
+    biases_built = []
+    build = attention_module._RecordLengths.causal_bias
+    monkeypatch.setattr(attention_module._RecordLengths, "causal_bias",
+                        lambda self, length, *args: biases_built.append(length) or build(self, length, *args))
+    triu_calls = []
+    triu = torch.Tensor.triu
+    monkeypatch.setattr(torch.Tensor, "triu", lambda self, *args: triu_calls.append(self.shape) or triu(self, *args))
     with packed_attention(model):
         packed_logits, _ = forward_and_grads(model, batch)
     torch.testing.assert_close(packed_logits.float(), masked_logits.float(), atol=5e-2, rtol=5e-2)
+    # every layer asked for each record's causal bias; each distinct record length's was built once
+    records = [length for row in ([5, 9, 2], [7, 6, 3]) for length in row]
+    assert sorted(biases_built) == sorted(records * model.config.num_hidden_layers)
+    assert sorted(shape[0] for shape in triu_calls) == sorted(set(records))
 
 
 # --- the CUDA varlen path ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ sum of the records' squares instead of the row's square, and the causal kernel n
 result is the same attention (tested against the masked path, values and gradients). On this
 project's CPU, for a 512-token row of three records, one layer's attention forward + backward
 falls from ~58 to ~35 ms, and to ~27 ms with the records cut by split instead of slicing (two rows,
-float32; bfloat16: ~46 -> ~31 ms with `causal_attention_by_matmul`; bench/README.md).
+float32; in bfloat16 records of up to 1,024 tokens take `causal_attention_by_matmul`; bench/README.md).
 
 On CUDA, in bfloat16 / float16, the whole batch goes through one call of PyTorch's variable-length
 flash kernel (`torch.nn.attention.varlen.varlen_attn`) instead: the rows are flattened into one
@@ -60,12 +60,14 @@ def is_packed(position_ids: torch.Tensor | None, query: torch.Tensor, key: torch
 class _RecordLengths:
     """Each row's record lengths, worked out once per forward: every layer receives the same position_ids
     tensor, so the host sync that reads the record starts happens once, not once per layer (and so does
-    the copy of the varlen kernel's offsets to the device)."""
+    the copy of the varlen kernel's offsets to the device, and the building of each record length's causal
+    bias for the CPU matmul kernel)."""
 
     def __init__(self):
         self.position_ids: weakref.ref | None = None
         self.lengths: list[list[int]] = []
         self.offsets: tuple[torch.Tensor, int] | None = None
+        self.biases: dict[tuple, torch.Tensor] = {}
 
     def of(self, position_ids: torch.Tensor) -> list[list[int]]:
         if self.position_ids is None or self.position_ids() is not position_ids:
@@ -73,6 +75,7 @@ class _RecordLengths:
             self.lengths = [[end - start for start, end in record_spans(row)] for row in on_host]
             self.position_ids = weakref.ref(position_ids)
             self.offsets = None
+            self.biases = {}
         return self.lengths
 
     def offsets_of(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -85,38 +88,62 @@ class _RecordLengths:
             self.offsets = starts.to(position_ids.device), max(lengths)
         return self.offsets
 
+    def causal_bias(self, length: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(groups * length, length): 0 where a query may see a key, -inf for the keys after it; the rows
+        repeated for each query head of a key head's group. Kept until the next batch's position ids, so
+        a record length's bias is built once per forward, not once per layer (sum of the batch's distinct
+        record lengths squared, times groups, in `dtype`)."""
+        key = (length, groups, dtype, device)
+        if key not in self.biases:
+            future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+            bias = torch.zeros(length, length, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
+            self.biases[key] = bias.repeat(groups, 1)
+        return self.biases[key]
+
 
 _record_lengths = _RecordLengths()
+
+
+# Records up to this many tokens take the matmul kernel below on CPU in bfloat16 / float16; longer ones
+# PyTorch's flash kernel, which is faster there and keeps no (L, L) probabilities for the backward (one
+# layer, 9 heads, forward + backward in bfloat16, fastest of 18 runs on this project's CPU: 10.9 / 42.1 ms
+# here at 512 / 1,024 tokens, 20.5 / 50.4 ms flash; at 2,048 flash is several times faster).
+MATMUL_ATTENTION_MAX_LENGTH = 1024
 
 
 def causal_attention_by_matmul(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
 ) -> torch.Tensor:
     """Causal attention of one record (1, H, L, D) from (1, Hkv, L, D) keys and values, as two batched
-    matmuls and a float32 softmax (transformers' eager recipe). The query heads that share a key head
-    are stacked along the query axis, so keys and values are never repeated per head.
+    matmuls and a softmax. The query heads that share a key head are stacked along the query axis, so keys
+    and values are never repeated per head. The scale and the causal bias are applied inside the first
+    matmul (baddbmm: one rounding of the scaled, biased float32 sum), and the softmax runs on the
+    half-precision scores: PyTorch's CPU kernel works in float32 inside and rounds its output once, as
+    `softmax(dtype=float32).to(dtype)` would, without the two float32 copies of the (L, L) scores for the
+    forward and two more for the backward.
 
     Used for bfloat16 / float16 on CPU, where PyTorch's flash kernel's backward is the slow part of a
-    step: one layer, 9 heads, record of 132 / 200 / 512 tokens, forward + backward in bfloat16 on this
-    project's CPU: 8.2 / 8.6 / 22.8 ms with the flash kernel, 3.0 / 4.9 / 19.8 ms here (float32 keeps
-    the flash kernel, which is faster there).
+    step (see MATMUL_ATTENTION_MAX_LENGTH). One layer, 9 heads, forward + backward in bfloat16, record of
+    512 tokens, fastest of 18 runs on this project's CPU: flash 20.5 ms, this kernel with a separate scale,
+    mask and float32 softmax (transformers' eager recipe) 23.0 ms, this kernel 10.9 ms.
     """
     _, heads, length, dim = query.shape
     key_heads = key.shape[1]
-    grouped_query = query.reshape(key_heads, heads // key_heads * length, dim)  # (Hkv, G*L, D)
+    groups = heads // key_heads
+    grouped_query = query.reshape(key_heads, groups * length, dim)  # (Hkv, G*L, D)
+    bias = _record_lengths.causal_bias(length, groups, query.dtype, query.device)  # (G*L, L)
     scale = dim**-0.5 if scaling is None else scaling
-    scores = (grouped_query @ key[0].transpose(-1, -2)) * scale  # (Hkv, G*L, L)
-    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)  # (L, L)
-    scores = scores.masked_fill(future.repeat(heads // key_heads, 1), float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (Hkv, G*L, L)
+    scores = torch.baddbmm(bias.expand(key_heads, -1, -1), grouped_query, key[0].transpose(-1, -2), alpha=scale)
+    weights = torch.softmax(scores, dim=-1)  # (Hkv, G*L, L)
     return (weights @ value[0]).reshape(1, heads, length, dim)
 
 
 def record_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, scaling: float | None
 ) -> torch.Tensor:
-    """Causal attention over one record (1, H, L, D): the faster kernel for its device and dtype."""
-    if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0:
+    """Causal attention over one record (1, H, L, D): the faster kernel for its device, dtype and length."""
+    if (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
+            and query.shape[2] <= MATMUL_ATTENTION_MAX_LENGTH):
         return causal_attention_by_matmul(query, key, value, scaling)
     return F.scaled_dot_product_attention(
         query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
