@@ -8,6 +8,10 @@ logits only at loss positions, chunked loss, and gradient checkpointing.
 
     python bench/max_context.py --budget-mb 4000
     python bench/max_context.py --lengths 512,1024,2048 --json out.json
+
+`--recompute-sweep 0,8,15,22,29,30` instead runs tunesmith alone at each length with that many decoder layers
+recomputed (`train.checkpoint_layers`; 0: none), the trade the plain stack's all-or-nothing
+`gradient_checkpointing` does not offer.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", choices=("tunesmith", "plain"), help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--recompute-sweep", help="comma-separated counts of recomputed layers (tunesmith only)")
+    parser.add_argument("--checkpoint-layers", type=int, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -41,6 +47,7 @@ def worker(args: argparse.Namespace) -> None:
     from tunesmith.config import ModelConfig
     from tunesmith.models import load_model
     from tunesmith.objectives.causal_lm import CausalLMSettings, causal_lm_loss
+    from tunesmith.training.recompute import enable_recompute
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(ModelConfig(name=args.model), "sft")
@@ -54,7 +61,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "plain":
         loss = model(input_ids=input_ids, labels=input_ids).loss
     else:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.checkpoint_layers != 0:  # None: every layer
+            enable_recompute(model, args.checkpoint_layers)
         targets = torch.cat([input_ids[:, 1:], torch.full((1, 1), -100, device=device)], dim=1)  # (1, T)
         batch = {"input_ids": input_ids, "targets": targets, "num_loss_tokens": args.length - 1}
         output = causal_lm_loss(model, batch, CausalLMSettings())
@@ -63,15 +71,35 @@ def worker(args: argparse.Namespace) -> None:
     report({"peak_memory_mb": peak_memory_mb(), "seconds": time.perf_counter() - started, "loss": loss.item()})
 
 
-def measure(tool: str, length: int, args: argparse.Namespace) -> dict | None:
+def measure(tool: str, length: int, args: argparse.Namespace, checkpoint_layers: int | None = None) -> dict | None:
     """None when the step failed (out of memory): treated as "does not fit"."""
-    return run_worker(__file__, {"worker": tool, "length": length, "model": args.model, "rank": args.rank})
+    options = {"worker": tool, "length": length, "model": args.model, "rank": args.rank}
+    if checkpoint_layers is not None:
+        options["checkpoint_layers"] = checkpoint_layers
+    return run_worker(__file__, options)
+
+
+def recompute_sweep(args: argparse.Namespace) -> None:
+    counts = [int(value) for value in args.recompute_sweep.split(",")]
+    print(f"{'length':>7} {'recomputed':>10} {'peak MB':>8} {'s':>6}")
+    figures = {}
+    for length in [int(value) for value in args.lengths.split(",")]:
+        for count in counts:
+            result = measure("tunesmith", length, args, count)
+            figures[f"{length}/{count}"] = result
+            cells = (f"{result['peak_memory_mb']:>8.0f} {result['seconds']:>6.1f}" if result else f"{'failed':>8}")
+            print(f"{length:>7} {count:>10} {cells}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 def main() -> None:
     args = parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.recompute_sweep:
+        recompute_sweep(args)
         return
     lengths = [int(value) for value in args.lengths.split(",")]
     figures: dict[str, dict] = {"tunesmith": {}, "plain": {}}

@@ -188,6 +188,13 @@ class TrainConfig(Section):
     )
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    checkpoint_layers: int | None = Field(
+        None,
+        ge=1,
+        description="With gradient_checkpointing: recompute only the first N decoder layers (default: all). Each "
+        "recomputed layer keeps ~1/34 of its activations and runs its forward once more; `tunesmith plan` names "
+        "the smallest N that fits a budget.",
+    )
     compile: bool = Field(
         False,
         description="torch.compile each decoder layer and the loss (the first steps compile, ~1 min on CPU); works "
@@ -260,6 +267,12 @@ class TrainConfig(Section):
     )
     log_every: int = Field(1, ge=1, description="Write metrics.jsonl every N steps.")
     report_to: Literal["none", "tensorboard"] = Field("none", description="Extra metrics sink.")
+
+    @model_validator(mode="after")
+    def _checkpoint_layers_need_checkpointing(self):
+        if self.checkpoint_layers is not None and not self.gradient_checkpointing:
+            raise ValueError("checkpoint_layers: needs gradient_checkpointing: true")
+        return self
 
     @field_validator("early_stopping", mode="before")
     @classmethod

@@ -22,6 +22,7 @@ from tunesmith.methods.base import creates_head
 from tunesmith.models import decoder_layers
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.training.launch import launched_shape
+from tunesmith.training.recompute import recomputed_layers
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
@@ -225,11 +226,9 @@ def plan_memory(
     tokens = train.batch_size * config.data.max_length  # per micro-batch, per process
     activation_bytes = 2 if (on_gpu or dtype != "float32") else 4
 
-    if train.gradient_checkpointing:
-        # Only each layer's input is kept, plus one layer's full activations during recomputation.
-        activations = tokens * hidden * activation_bytes * (layers + ACTIVATION_UNITS_PER_LAYER)
-    else:
-        activations = tokens * hidden * activation_bytes * ACTIVATION_UNITS_PER_LAYER * layers
+    unit_bytes = tokens * hidden * activation_bytes  # one hidden-sized value per token
+    recomputed = recomputed_layers(train.checkpoint_layers, layers) if train.gradient_checkpointing else 0
+    activations = unit_bytes * activation_units(layers, recomputed)
     if creates_head(config.task):
         logits = train.batch_size * 4 * 64  # a handful of classes: negligible
     else:
@@ -275,11 +274,47 @@ def plan_memory(
                       processes=processes, sharded=sharded,
                       loading=host_loading(config, counts, dtype, processes, sharded))
     if not plan.fits:
-        plan.advice = advice_for(config, plan, processes, sharded)
+        # The fewest recomputed layers that would fit, all else equal (None: not even every layer).
+        fitting = next((count for count in range(1, layers + 1) if plan.total_gib - parts["activations"] / GIB
+                        + unit_bytes * activation_units(layers, count) / GIB <= budget_gib), None)
+        recompute = RecomputeAdvice(layers, fitting, recompute_cost(trainable / total if total else 1.0))
+        plan.advice = advice_for(config, plan, processes, sharded, recompute)
     return plan
 
 
-def advice_for(config: RunConfig, plan: MemoryPlan, processes: int = 1, sharded: bool = False) -> list[str]:
+def activation_units(layers: int, recomputed: int) -> int:
+    """Activations kept per token, in hidden-size units, with the first `recomputed` of `layers` decoder
+    layers checkpointed (training/recompute.py). Either the other layers' activations and each checkpointed
+    layer's input, as the backward starts; or, while it recomputes a layer (the later layers' activations
+    freed by then), the checkpointed inputs and that one layer's activations: whichever is more."""
+    kept = (layers - recomputed) * ACTIVATION_UNITS_PER_LAYER + recomputed
+    return max(kept, recomputed + ACTIVATION_UNITS_PER_LAYER) if recomputed else kept
+
+
+def recompute_cost(trainable_fraction: float) -> float:
+    """Extra compute of recomputing every layer, as a fraction of a step's: one more forward (2 FLOPs per
+    weight and token) on top of forward + input gradients (4) + weight gradients (2 per trainable weight)."""
+    return 2 / (4 + 2 * trainable_fraction)
+
+
+@dataclass(frozen=True)
+class RecomputeAdvice:
+    layers: int
+    fitting: int | None  # the fewest checkpointed layers that fit the budget; None: even all of them do not
+    cost_all: float  # extra compute of recomputing every layer (recompute_cost)
+
+    def line(self) -> str:
+        if self.fitting is None or self.fitting == self.layers:
+            return (f"train.gradient_checkpointing: true (recompute every layer's activations; ~{self.cost_all:.0%} "
+                    f"more compute, far less memory)")
+        cost = self.cost_all * self.fitting / self.layers
+        return (f"train.gradient_checkpointing: true with train.checkpoint_layers: {self.fitting} (recompute the "
+                f"first {self.fitting} of {self.layers} layers: ~{cost:.0%} more compute; every layer: "
+                f"~{self.cost_all:.0%})")
+
+
+def advice_for(config: RunConfig, plan: MemoryPlan, processes: int = 1, sharded: bool = False,
+               recompute: RecomputeAdvice | None = None) -> list[str]:
     """What to change, largest saving first, named by config key."""
     parts = plan.parts_gib
     advice = []
@@ -293,8 +328,12 @@ def advice_for(config: RunConfig, plan: MemoryPlan, processes: int = 1, sharded:
     if parts.get("fsdp: whole layer gradients", 0) > 0.2 * plan.total_gib:
         advice.append("train.reduce_each_micro_batch: true (gradients reduce-scattered after every micro-batch, "
                       "so they stay sharded)")
-    if not config.train.gradient_checkpointing and parts["activations"] > 0.2 * plan.total_gib:
-        advice.append("train.gradient_checkpointing: true (recompute activations; ~30% slower, far less memory)")
+    train = config.train
+    recomputing_all = train.gradient_checkpointing and (
+        train.checkpoint_layers is None or recompute is None or train.checkpoint_layers >= recompute.layers)
+    if not recomputing_all and parts["activations"] > 0.2 * plan.total_gib:
+        advice.append(recompute.line() if recompute else "train.gradient_checkpointing: true (recompute activations; "
+                      "~30% more compute, far less memory)")
     if config.train.batch_size > 1 and parts["activations"] > 0.2 * plan.total_gib:
         advice.append(
             f"train.batch_size: {max(1, config.train.batch_size // 2)} with train.grad_accum: "

@@ -34,7 +34,7 @@ from tunesmith.data.collate import batch_order, collate_packed, eval_batches, pa
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import MethodSpec
-from tunesmith.models import load_model, load_tokenizer, resolve_dtype, unwrapped_model
+from tunesmith.models import load_model, load_tokenizer, resolve_dtype
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.objectives.base import ObjectiveSpec
 from tunesmith.objectives.causal_lm import compiled_loss_chunks
@@ -53,6 +53,7 @@ from tunesmith.training.memory import return_large_buffers_to_the_os
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import packed_attention
+from tunesmith.training.recompute import enable_recompute
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs, training_batch
 from tunesmith.training.sharded_export import save_sharded_model, streamable
 from tunesmith.training.sharding import (
@@ -404,8 +405,7 @@ def train(
         f"({100 * trainable_params / total_params:.2f}%) on {len(data.train):,} records"
     )
     if train_config.gradient_checkpointing:
-        base = unwrapped_model(model)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_recompute(model, train_config.checkpoint_layers)
     pad_id = tokenizer.pad_token_id
 
     items, tasks = training_items(data.train + continual.replay_examples, config)
