@@ -89,8 +89,7 @@ def test_the_plan_counts_the_recomputed_layers_and_names_the_fewest_that_fit(tin
     recomputing = [plan(gradient_checkpointing=True, checkpoint_layers=count) for count in range(1, 6)]
     activations = [one.parts_gib["activations"] for one in [none, *recomputing]]
     assert activations == sorted(activations, reverse=True) and len(set(activations)) == 6
-    # Every layer: 6 inputs and the last layer recomputed at the backward's start (6 + 34 units), one unit
-    # above recomputing 5 (1 x 34 + 5): recomputing the last layer saves nothing at the peak.
+    # Every layer: 6 inputs and the one layer being recomputed (6 + 34 units).
     assert every.parts_gib["activations"] == pytest.approx(activations[0] * (6 + 34) / (6 * 34))
     # 5 layers kept whole (34 units each) and one layer's input, against 6 x 34 without checkpointing
     assert recomputing[0].parts_gib["activations"] == pytest.approx(activations[0] * (5 * 34 + 1) / (6 * 34))
