@@ -275,8 +275,9 @@ def plan_memory(
                       loading=host_loading(config, counts, dtype, processes, sharded))
     if not plan.fits:
         # The fewest recomputed layers that would fit, all else equal (None: not even every layer).
-        fitting = next((count for count in range(1, layers + 1) if plan.total_gib - parts["activations"] / GIB
-                        + unit_bytes * activation_units(layers, count) / GIB <= budget_gib), None)
+        room = (budget_gib - (plan.total_gib - parts["activations"] / GIB)) * GIB  # bytes left for activations
+        fitting = next((count for count in range(1, layers + 1)
+                        if unit_bytes * activation_units(layers, count) <= room), None)
         recompute = RecomputeAdvice(layers, fitting, recompute_cost(trainable / total if total else 1.0))
         plan.advice = advice_for(config, plan, processes, sharded, recompute)
     return plan
