@@ -95,9 +95,8 @@ class _RecordLengths:
         record lengths squared, times groups, in `dtype`)."""
         key = (length, groups, dtype, device)
         if key not in self.biases:
-            future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-            bias = torch.zeros(length, length, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
-            self.biases[key] = bias.repeat(groups, 1)
+            future = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu(1)
+            self.biases[key] = future.repeat(groups, 1)
         return self.biases[key]
 
 
