@@ -11,7 +11,15 @@ from helpers import chat_records, preference_records, run_config, write_jsonl
 
 from tunesmith.methods import METHODS, count_parameters
 from tunesmith.models import decoder_layers, load_model
-from tunesmith.plan import GIB, MemoryPlan, advice_for, model_flops_per_token, plan_memory
+from tunesmith.plan import (
+    GIB,
+    MemoryPlan,
+    RecomputeAdvice,
+    advice_for,
+    model_flops_per_token,
+    plan_memory,
+    recompute_cost,
+)
 
 
 @pytest.fixture
@@ -100,7 +108,8 @@ def test_fsdp_plan_counts_the_half_precision_gather_and_gradients_reduced_once_a
     assert reduced_once.parts_gib["fsdp: whole layer gradients"] == pytest.approx(sum(layers) * 2 / GIB)
     # A model whose layers outweigh its embeddings (unlike this tiny one): the advice names the key.
     parts = {**reduced_once.parts_gib, "fsdp: whole layer gradients": 10 * reduced_once.total_gib}
-    advice = advice_for(once, MemoryPlan(1, 1, parts, budget_gib=1e-4, processes=4, sharded=True), 4, True)
+    recompute = RecomputeAdvice(layers=2, fitting=None, cost_all=recompute_cost(1.0))
+    advice = advice_for(once, MemoryPlan(1, 1, parts, budget_gib=1e-4, processes=4, sharded=True), recompute, 4, True)
     assert advice[0].startswith("train.reduce_each_micro_batch: true")
 
 

@@ -279,7 +279,7 @@ def plan_memory(
         fitting = next((count for count in range(1, layers + 1)
                         if unit_bytes * activation_units(layers, count) <= room), None)
         recompute = RecomputeAdvice(layers, fitting, recompute_cost(trainable / total if total else 1.0))
-        plan.advice = advice_for(config, plan, processes, sharded, recompute)
+        plan.advice = advice_for(config, plan, recompute, processes, sharded)
     return plan
 
 
@@ -314,8 +314,8 @@ class RecomputeAdvice:
                 f"~{self.cost_all:.0%})")
 
 
-def advice_for(config: RunConfig, plan: MemoryPlan, processes: int = 1, sharded: bool = False,
-               recompute: RecomputeAdvice | None = None) -> list[str]:
+def advice_for(config: RunConfig, plan: MemoryPlan, recompute: RecomputeAdvice, processes: int = 1,
+               sharded: bool = False) -> list[str]:
     """What to change, largest saving first, named by config key."""
     parts = plan.parts_gib
     advice = []
@@ -330,11 +330,9 @@ def advice_for(config: RunConfig, plan: MemoryPlan, processes: int = 1, sharded:
         advice.append("train.reduce_each_micro_batch: true (gradients reduce-scattered after every micro-batch, "
                       "so they stay sharded)")
     train = config.train
-    recomputing_all = train.gradient_checkpointing and (
-        train.checkpoint_layers is None or recompute is None or train.checkpoint_layers >= recompute.layers)
+    recomputing_all = train.gradient_checkpointing and (train.checkpoint_layers or recompute.layers) >= recompute.layers
     if not recomputing_all and parts["activations"] > 0.2 * plan.total_gib:
-        advice.append(recompute.line() if recompute else "train.gradient_checkpointing: true (recompute activations; "
-                      "~30% more compute, far less memory)")
+        advice.append(recompute.line())
     if config.train.batch_size > 1 and parts["activations"] > 0.2 * plan.total_gib:
         advice.append(
             f"train.batch_size: {max(1, config.train.batch_size // 2)} with train.grad_accum: "
