@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from tunesmith.data.collate import IGNORE_INDEX, collate_padded
 from tunesmith.models import unwrapped_model
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, model_inputs, register
+from tunesmith.objectives.linear_cross_entropy import fusable_head, linear_cross_entropy_sum, softmax_cross_entropy
 
 _language_model = unwrapped_model
 """The transformers *ForCausalLM under any peft wrapper."""
@@ -45,8 +47,9 @@ class CausalLMSettings(ObjectiveSettings):
     loss_chunk_tokens: int | None = Field(
         1024,
         ge=1,
-        description="Compute the loss over chunks of this many positions, recomputing their logits in the "
-        "backward pass, so the (N, V) float32 logits never exist at once (exact). null: one piece.",
+        description="Compute the loss over chunks of this many positions, so the (N, V) float32 logits never "
+        "exist at once (exact). A plain output head computes each chunk's gradients in the forward pass; a wrapped "
+        "one (an adapter on the head) recomputes its logits in the backward pass. null: one piece.",
     )
 
 
@@ -84,20 +87,28 @@ def _chunk_cross_entropy_sum(
     return losses.sum() if weights is None else (losses * weights).sum()
 
 
-_compiled_chunk: ContextVar[Callable | None] = ContextVar("compiled loss chunk", default=None)
+class _CompiledLoss(NamedTuple):
+    softmax_cross_entropy: Callable  # the fused loss's per-chunk softmax, loss and logit gradient
+    chunk_cross_entropy_sum: Callable  # a wrapped head's chunk: head, log-softmax and target pick
+
+
+_compiled_loss: ContextVar[_CompiledLoss | None] = ContextVar("compiled loss", default=None)
 
 
 @contextmanager
 def compiled_loss_chunks():
-    """Inside the block (`train.compile`), each loss chunk runs as one compiled graph: the head matmul, the
-    float32 log-softmax and the pick of the target fused, where eager code passes over the (C, V) logits
-    once per operation. One graph serves every chunk length (dynamic shapes: the last chunk of each batch
-    is shorter), so nothing is traced again after the first step (tests/test_compile.py)."""
-    token = _compiled_chunk.set(torch.compile(_chunk_cross_entropy_sum, dynamic=True))
+    """Inside the block (`train.compile`), each loss chunk's work on the (C, V) logits runs as one compiled graph,
+    where eager code passes over them once per operation: for a plain head the fused loss's float32 softmax,
+    loss and logit gradient (linear_cross_entropy.py), for a wrapped head the head matmul, log-softmax and
+    target pick. One graph serves every chunk length (dynamic shapes: the last chunk of each batch is
+    shorter), so nothing is traced again after the first step (tests/test_compile.py)."""
+    compiled = _CompiledLoss(torch.compile(softmax_cross_entropy, dynamic=True),
+                             torch.compile(_chunk_cross_entropy_sum, dynamic=True))
+    token = _compiled_loss.set(compiled)
     try:
         yield
     finally:
-        _compiled_chunk.reset(token)
+        _compiled_loss.reset(token)
 
 
 def chunked_cross_entropy_sum(
@@ -106,10 +117,16 @@ def chunked_cross_entropy_sum(
 ) -> torch.Tensor:
     """Sum of cross-entropy over N positions, holding at most chunk_tokens x V logits at a time.
 
-    Each chunk's logits are recomputed in the backward pass (activation checkpointing of the
-    head + loss), trading one extra head matmul for never materialising (N, V) in float32.
+    A plain linear head takes the fused loss (linear_cross_entropy.py): each chunk's logit gradients are
+    computed in the forward pass, so nothing is recomputed. A wrapped head (an adapter on the head) is run
+    through autograd, each chunk checkpointed: its logits are recomputed in the backward pass, one more head
+    matmul for never materialising (N, V) in float32.
     """
-    chunk_loss = _compiled_chunk.get() or _chunk_cross_entropy_sum
+    compiled = _compiled_loss.get()
+    if fusable_head(head):
+        chunk_softmax = compiled.softmax_cross_entropy if compiled else softmax_cross_entropy
+        return linear_cross_entropy_sum(hidden, head, targets, chunk_tokens, weights, chunk_softmax)
+    chunk_loss = compiled.chunk_cross_entropy_sum if compiled else _chunk_cross_entropy_sum
     if chunk_tokens is None or hidden.shape[0] <= chunk_tokens:
         return chunk_loss(hidden, targets, head, weights)
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -1,0 +1,138 @@
+"""Cross-entropy of a linear output head, fused: each chunk's logits exist only inside the forward pass.
+
+The gradient of cross-entropy with respect to the logits is known as soon as the loss is: softmax(z) minus
+the one-hot target. So for each chunk of positions the forward pass computes the logits, the loss and at
+once the gradients the head passes back (to the hidden states, and to the head's weight when it is
+trained), then frees the logits. The backward pass only scales those gradients by the loss's incoming
+gradient. Against autograd through `head(hidden).float()` and `cross_entropy` (checkpointed per chunk):
+- no second head matmul per chunk in the backward pass (a checkpointed chunk ran its forward again);
+- one exp per logit instead of two (log_softmax's forward and its backward), and no (C, V) zero-filled
+  gradient from nll_loss's backward: two fresh (C, V) buffers per chunk instead of six. On the CPU a fresh
+  buffer of that size costs a page fault per 4 KiB, so fewer buffers is most of the saving.
+
+The maths is the unfused path's: the matmuls run in the autocast dtype where autocast is on (else in the
+hidden states' dtype), the softmax in float32, and the gradients are rounded where autograd rounds them
+(tests/test_linear_cross_entropy.py compares losses and gradients with autograd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torch.nn.modules.module as nn_module
+from torch.autograd.function import once_differentiable
+
+from tunesmith.data.collate import IGNORE_INDEX
+
+SoftmaxCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def softmax_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of (C, V) logits against (C,) targets, each row's loss times `scale` (C,), and
+    the gradient of that sum with respect to the logits, in the logits' dtype. Rows with a zero scale (ignored
+    targets) add nothing and get a zero gradient. May overwrite `logits` (float32 logits are used in place)."""
+    picked = logits.gather(1, targets.clamp(min=0)[:, None]).float()  # (C, 1) the target's logit
+    exps = logits.float()  # (C, V): float32, as cross_entropy(logits.float()); the same tensor if float32
+    top = exps.amax(-1, keepdim=True)  # (C, 1)
+    exps.sub_(top).exp_()
+    total = exps.sum(-1, keepdim=True)  # (C, 1)
+    losses = top + total.log() - picked  # (C, 1): logsumexp minus the target's logit
+    # d loss / d logits = (softmax - onehot(target)) * scale = (exps - total * onehot) * (scale / total)
+    exps.scatter_add_(1, targets.clamp(min=0)[:, None], -total)
+    exps.mul_(scale[:, None] / total)
+    return (losses.squeeze(1) * scale).sum(), exps.to(logits.dtype)
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+def _chunk_bounds(positions: int, chunk_tokens: int | None) -> list[tuple[int, int]]:
+    size = positions if chunk_tokens is None else chunk_tokens
+    return [(start, min(start + size, positions)) for start in range(0, positions, max(size, 1))]
+
+
+def _loss_and_gradients(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    scale: torch.Tensor, chunk_tokens: int | None, needs: tuple[bool, bool, bool], chunk_loss: SoftmaxCrossEntropy,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The summed loss and the gradients of it that `needs` asks for (hidden, weight, bias), chunk by chunk."""
+    dtype = _compute_dtype(hidden)
+    matmul_weight = weight.to(dtype)  # (V, H): cast once, not per chunk (autocast caches no frozen weight)
+    matmul_bias = None if bias is None else bias.to(dtype)
+    need_hidden, need_weight, need_bias = needs
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
+    grad_weight = torch.zeros_like(weight) if need_weight else None  # (V, H)
+    grad_bias = torch.zeros_like(bias) if need_bias else None  # (V,)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start, end in _chunk_bounds(hidden.shape[0], chunk_tokens):
+            chunk = hidden[start:end].to(dtype)  # (C, H)
+            logits = F.linear(chunk, matmul_weight, matmul_bias)  # (C, V)
+            chunk_sum, grad_logits = chunk_loss(logits, targets[start:end], scale[start:end])
+            del logits
+            loss_sum += chunk_sum
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_logits @ matmul_weight  # (C, H), rounded to hidden's dtype
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ chunk).to(weight.dtype)  # (V, H)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0).to(bias.dtype)
+    return loss_sum, grad_hidden, grad_weight, grad_bias
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale, chunk_tokens, chunk_loss):
+        needs = tuple(ctx.needs_input_grad[:3])
+        loss_sum, *gradients = _loss_and_gradients(
+            hidden, weight, bias, targets, scale, chunk_tokens, needs, chunk_loss
+        )
+        ctx.gradients = gradients
+        return loss_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.gradients is None:
+            raise RuntimeError("the fused linear cross-entropy's gradients were already used: backward through it "
+                               "once (retain_graph is not supported)")
+        gradients, ctx.gradients = ctx.gradients, None  # freed with this pass; scaled in place
+        scaled = [None if gradient is None else gradient.mul_(grad_output) for gradient in gradients]
+        return (*scaled, None, None, None, None)
+
+
+def fusable_head(head: torch.nn.Module) -> bool:
+    """Whether `head` is a plain linear layer whose weight the fused loss may read directly: no adapter or
+    wrapper with a forward of its own, and no forward hooks (the fused loss never calls the head's forward,
+    so a hook that watches or changes its output would be skipped)."""
+    hooks = (head._forward_hooks, head._forward_pre_hooks, nn_module._global_forward_hooks,
+             nn_module._global_forward_pre_hooks)
+    return type(head) is torch.nn.Linear and not any(hooks)
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk_tokens: int | None,
+    weights: torch.Tensor | None = None, chunk_loss: SoftmaxCrossEntropy = softmax_cross_entropy,
+) -> torch.Tensor:
+    """Sum over N positions of the cross-entropy of `head(hidden)` (N, H) against `targets` (N,), each
+    position's loss times `weights` (N,) if given; positions whose target is IGNORE_INDEX add nothing. The
+    logits exist for at most `chunk_tokens` positions at a time (all N if None) and never in the backward
+    pass. Without gradients to compute (evaluation, reference passes) only the losses are."""
+    scale = (targets != IGNORE_INDEX).float()  # (N,)
+    if weights is not None:
+        scale = scale * weights.float()
+    differentiable = torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (hidden, head.weight, head.bias)
+    )
+    if differentiable:
+        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, scale, chunk_tokens, chunk_loss)
+    loss_sum, *_ = _loss_and_gradients(
+        hidden, head.weight, head.bias, targets, scale, chunk_tokens, (False, False, False), chunk_loss
+    )
+    return loss_sum

@@ -1,0 +1,152 @@
+"""The fused linear cross-entropy against autograd through the head and `F.cross_entropy`: the same losses and
+gradients (hidden states, head weight and bias), and no head matmul left for the backward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tunesmith.objectives.causal_lm import chunked_cross_entropy_sum
+from tunesmith.objectives.linear_cross_entropy import fusable_head, linear_cross_entropy_sum
+
+HIDDEN, VOCAB = 24, 70
+
+
+def case(positions: int, dtype: torch.dtype, bias: bool, weighted: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=bias).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(VOCAB, HIDDEN, generator=generator) * 0.5)
+    hidden = torch.randn(positions, HIDDEN, generator=generator).to(dtype)
+    targets = torch.randint(0, VOCAB, (positions,), generator=generator)
+    targets[::4] = -100  # ignored positions, as prompts and padding are
+    weights = torch.rand(positions, generator=generator) if weighted else None
+    return head, hidden, targets, weights
+
+
+def loss_and_gradients(loss_fn, head, hidden, targets, weights, autocast: bool) -> list[torch.Tensor]:
+    head.zero_grad()
+    hidden = hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_fn(hidden, head, targets, weights)
+    (loss * 0.37).backward()  # a scaled loss, as the loop divides by the step's token count
+    grads = [loss.detach(), hidden.grad, head.weight.grad]
+    return grads + ([head.bias.grad] if head.bias is not None else [])
+
+
+def reference(hidden, head, targets, weights):
+    losses = F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    return losses.sum() if weights is None else (losses * weights).sum()
+
+
+def fused(chunk):
+    return lambda hidden, head, targets, weights: linear_cross_entropy_sum(hidden, head, targets, chunk, weights)
+
+
+@pytest.mark.parametrize("chunk", [None, 5, 64])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_float32_equals_autograd(chunk, bias, weighted):
+    head, hidden, targets, weights = case(23, torch.float32, bias, weighted)
+    ours = loss_and_gradients(fused(chunk), head, hidden, targets, weights, autocast=False)
+    expected = loss_and_gradients(reference, head, hidden, targets, weights, autocast=False)
+    for value, wanted in zip(ours, expected, strict=True):
+        torch.testing.assert_close(value, wanted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_dtype, autocast", [(torch.float32, True), (torch.bfloat16, False)])
+def test_bfloat16_equals_autograd(model_dtype, autocast):
+    """Under bf16 autocast (float32 weights) and for a bf16 model: the matmuls in bf16, the softmax in float32,
+    the gradients in the parameters' dtypes, as autograd computes them."""
+    head, hidden, targets, weights = case(40, model_dtype, False, True)
+    ours = loss_and_gradients(fused(16), head, hidden, targets, weights, autocast)
+    expected = loss_and_gradients(reference, head, hidden, targets, weights, autocast)
+    for value, wanted in zip(ours, expected, strict=True):
+        assert value.dtype == wanted.dtype
+        torch.testing.assert_close(value, wanted, atol=2e-2, rtol=2e-2)  # bf16 rounding of the grad order
+
+
+def test_only_the_gradients_asked_for():
+    """A frozen head gets no gradient (LoRA); hidden states that need none (a head trained alone) get none."""
+    head, hidden, targets, _ = case(10, torch.float32, False, False)
+    head.weight.requires_grad_(False)
+    hidden = hidden.clone().requires_grad_()
+    linear_cross_entropy_sum(hidden, head, targets, 4).backward()
+    assert head.weight.grad is None and hidden.grad is not None
+    head.weight.requires_grad_(True)
+    frozen_hidden = hidden.detach()
+    linear_cross_entropy_sum(frozen_hidden, head, targets, 4).backward()
+    assert head.weight.grad is not None and frozen_hidden.grad is None
+
+
+def test_without_gradients_only_the_loss():
+    head, hidden, targets, weights = case(17, torch.float32, True, True)
+    with torch.no_grad():
+        loss = linear_cross_entropy_sum(hidden, head, targets, 8, weights)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, reference(hidden, head, targets, weights))
+
+
+def test_no_positions_is_a_zero_loss_with_zero_gradients():
+    head, hidden, targets, _ = case(0, torch.float32, False, False)
+    hidden = hidden.clone().requires_grad_()
+    loss = linear_cross_entropy_sum(hidden, head, targets, 8)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(head.weight.grad) == 0
+
+
+def test_a_second_backward_is_refused():
+    head, hidden, targets, _ = case(9, torch.float32, False, False)
+    loss = linear_cross_entropy_sum(hidden.requires_grad_(), head, targets, 4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already used"):
+        loss.backward()
+
+
+class VocabularyMatmuls(TorchDispatchMode):
+    """The number of positions of each matmul whose output is (C, V) logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and out.shape[-1] == VOCAB:
+            self.positions.append(out.shape[0])
+        return out
+
+
+def test_the_backward_pass_runs_no_head_matmul():
+    """The forward pass computes logits for at most a chunk of positions at a time. The checkpointed chunks
+    recomputed each chunk's logits in the backward pass; the fused loss has none to recompute. A head that is
+    not a plain Linear, or has a forward hook, takes the checkpointed path: the control, which does."""
+    head, hidden, targets, _ = case(30, torch.float32, False, False)
+    hooked = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+    hooked.load_state_dict(head.state_dict())
+    hooked.register_forward_hook(lambda module, inputs, output: None)
+    assert fusable_head(head) and not fusable_head(torch.nn.Sequential(head)) and not fusable_head(hooked)
+    matmuls = {}
+    for name, module in (("fused", head), ("checkpointed", hooked)):
+        with VocabularyMatmuls() as forward:
+            loss = chunked_cross_entropy_sum(hidden.clone().requires_grad_(), module, targets, 8)
+        with VocabularyMatmuls() as backward:
+            loss.backward()
+        matmuls[name] = (forward.positions, backward.positions)
+    # the backward pass recomputes the checkpointed chunks last one first
+    assert matmuls == {"fused": ([8, 8, 8, 6], []), "checkpointed": ([8, 8, 8, 6], [6, 8, 8, 8])}
+
+
+def test_wrapped_head_equals_the_fused_loss():
+    head, hidden, targets, weights = case(23, torch.float32, False, True)
+    results = []
+    for module in (head, torch.nn.Sequential(head)):
+        head.zero_grad()
+        leaf = hidden.clone().requires_grad_()
+        loss = chunked_cross_entropy_sum(leaf, module, targets, 5, weights)
+        loss.backward()
+        results.append([loss.detach(), leaf.grad, head.weight.grad])
+    for value, wanted in zip(*results, strict=True):
+        torch.testing.assert_close(value, wanted, atol=1e-5, rtol=1e-5)
