@@ -7,7 +7,8 @@ trained), then frees the logits. The backward pass only scales those gradients b
 gradient. Against autograd through `head(hidden).float()` and `cross_entropy` (checkpointed per chunk):
 - no second head matmul per chunk in the backward pass (a checkpointed chunk ran its forward again);
 - one exp per logit instead of two (log_softmax's forward and its backward), and no (C, V) zero-filled
-  gradient from nll_loss's backward: two fresh (C, V) buffers per chunk instead of six. On the CPU a fresh
+  gradient from nll_loss's backward: the gradient is written over the logits, so a chunk takes two fresh
+  (C, V) buffers (the logits, and their float32 copy in half precision) instead of six. On the CPU a fresh
   buffer of that size costs a page fault per 4 KiB, so fewer buffers is most of the saving.
 
 The maths is the unfused path's: the matmuls run in the autocast dtype where autocast is on (else in the
@@ -34,7 +35,7 @@ def softmax_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy of (C, V) logits against (C,) targets, each row's loss times `scale` (C,), and
     the gradient of that sum with respect to the logits, in the logits' dtype. Rows with a zero scale (ignored
-    targets) add nothing and get a zero gradient. May overwrite `logits` (float32 logits are used in place)."""
+    targets) add nothing and get a zero gradient. The gradient is written over `logits` (no fresh buffer)."""
     picked = logits.gather(1, targets.clamp(min=0)[:, None]).float()  # (C, 1) the target's logit
     exps = logits.float()  # (C, V): float32, as cross_entropy(logits.float()); the same tensor if float32
     top = exps.amax(-1, keepdim=True)  # (C, 1)
@@ -44,7 +45,7 @@ def softmax_cross_entropy(
     # d loss / d logits = (softmax - onehot(target)) * scale = (exps - total * onehot) * (scale / total)
     exps.scatter_add_(1, targets.clamp(min=0)[:, None], -total)
     exps.mul_(scale[:, None] / total)
-    return (losses.squeeze(1) * scale).sum(), exps.to(logits.dtype)
+    return (losses.squeeze(1) * scale).sum(), logits.copy_(exps)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -74,8 +75,7 @@ def _loss_and_gradients(
         for start, end in _chunk_bounds(hidden.shape[0], chunk_tokens):
             chunk = hidden[start:end].to(dtype)  # (C, H)
             logits = F.linear(chunk, matmul_weight, matmul_bias)  # (C, V)
-            chunk_sum, grad_logits = chunk_loss(logits, targets[start:end], scale[start:end])
-            del logits
+            chunk_sum, grad_logits = chunk_loss(logits, targets[start:end], scale[start:end])  # over the logits
             loss_sum += chunk_sum
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ matmul_weight  # (C, H), rounded to hidden's dtype
