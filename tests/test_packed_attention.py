@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from tunesmith.training import packed_attention as attention_module
@@ -75,12 +76,15 @@ def test_packed_training_matches_the_masked_kernel_and_exports_plain_sdpa(tiny_l
         torch.testing.assert_close(value, weights["eager"][name], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("blocks_from", [1000, 6], ids=["one block", "query blocks"])
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
-def test_matmul_attention_equals_the_causal_sdpa_kernel(dtype, tolerance):
+def test_matmul_attention_equals_the_causal_sdpa_kernel(dtype, tolerance, blocks_from, monkeypatch):
     """The CPU half-precision kernel (query heads grouped over shared key heads, scale and causal bias inside
-    the first matmul) against PyTorch's causal SDPA in float32: outputs and the gradients of query, key and
-    value; exact in float32, to the dtype's rounding otherwise. Lengths repeat and change, as records do
-    within a batch, so a cached bias of the wrong length would show."""
+    the first matmul; in one block of query rows or several) against PyTorch's causal SDPA in float32: outputs
+    and the gradients of query, key and value; exact in float32, to the dtype's rounding otherwise. Lengths
+    repeat and change, as records do within a batch, so a cached bias of the wrong length would show; 11 does
+    not divide into 4 blocks evenly."""
+    monkeypatch.setattr(attention_module, "QUERY_BLOCKS_FROM_LENGTH", blocks_from)
     generator = torch.Generator().manual_seed(0)
     for length, scaling in ((11, 0.3), (4, None), (11, 0.3)):
         query, key, value = (torch.randn(1, heads, length, 8, generator=generator) for heads in (6, 2, 2))
@@ -98,6 +102,33 @@ def test_matmul_attention_equals_the_causal_sdpa_kernel(dtype, tolerance):
             results.append([output.float(), *(tensor.grad.float() for tensor in inputs)])
         for ours, reference in zip(*results, strict=True):
             torch.testing.assert_close(ours, reference, atol=tolerance, rtol=tolerance)
+
+
+class ScoreElements(TorchDispatchMode):
+    """The number of attention scores computed: elements of the baddbmm outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.baddbmm:
+            self.count += out.numel()
+        return out
+
+
+def test_query_blocks_skip_the_scores_above_the_diagonal_blocks(monkeypatch):
+    """Split into 4 blocks of query rows, a record of 16 tokens computes 4 x (4 + 8 + 12 + 16) scores per query
+    head instead of 16 x 16 (5/8), from its length QUERY_BLOCKS_FROM_LENGTH on."""
+    query, key, value = (torch.randn(1, heads, 16, 8).bfloat16() for heads in (6, 2, 2))
+    counts = []
+    for blocks_from in (17, 16):
+        monkeypatch.setattr(attention_module, "QUERY_BLOCKS_FROM_LENGTH", blocks_from)
+        with ScoreElements() as scores:
+            causal_attention_by_matmul(query, key, value, None)
+        counts.append(scores.count)
+    assert counts == [6 * 16 * 16, 6 * 4 * (4 + 8 + 12 + 16)]
 
 
 def test_records_longer_than_the_matmul_limit_take_the_flash_kernel(monkeypatch):
@@ -124,8 +155,12 @@ def test_packed_bfloat16_training_forward_matches_the_masked_path(tiny_llama_dir
     masked_logits, _ = forward_and_grads(model, batch)
     biases_built = []
     build = attention_module._RecordLengths.causal_bias
-    monkeypatch.setattr(attention_module._RecordLengths, "causal_bias",
-                        lambda self, length, *args: biases_built.append(length) or build(self, length, *args))
+
+    def recorded_build(self, start, end, *args):
+        biases_built.append((start, end))
+        return build(self, start, end, *args)
+
+    monkeypatch.setattr(attention_module._RecordLengths, "causal_bias", recorded_build)
     triu_calls = []
     triu = torch.Tensor.triu
     monkeypatch.setattr(torch.Tensor, "triu", lambda self, *args: triu_calls.append(self.shape) or triu(self, *args))
@@ -134,7 +169,7 @@ def test_packed_bfloat16_training_forward_matches_the_masked_path(tiny_llama_dir
     torch.testing.assert_close(packed_logits.float(), masked_logits.float(), atol=5e-2, rtol=5e-2)
     # every layer asked for each record's causal bias; each distinct record length's was built once
     records = [length for row in ([5, 9, 2], [7, 6, 3]) for length in row]
-    assert sorted(biases_built) == sorted(records * model.config.num_hidden_layers)
+    assert sorted(biases_built) == sorted([(0, length) for length in records] * model.config.num_hidden_layers)
     assert sorted(shape[0] for shape in triu_calls) == sorted(set(records))
 
 
