@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tunesmith.objectives import linear_cross_entropy
 from tunesmith.objectives.causal_lm import chunked_cross_entropy_sum
 from tunesmith.objectives.linear_cross_entropy import fusable_head, linear_cross_entropy_sum
 
@@ -48,7 +49,11 @@ def fused(chunk):
 @pytest.mark.parametrize("chunk", [None, 5, 64])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_float32_equals_autograd(chunk, bias, weighted):
+@pytest.mark.parametrize("softmax_rows", [None, 3], ids=["chunk softmax", "softmax blocks"])
+def test_float32_equals_autograd(chunk, bias, weighted, softmax_rows, monkeypatch):
+    """Chunks of 5 end on a short one (23 positions); softmax blocks of 3 rows divide neither."""
+    if softmax_rows is not None:
+        monkeypatch.setattr(linear_cross_entropy, "SOFTMAX_BLOCK_ELEMENTS", softmax_rows * VOCAB)
     head, hidden, targets, weights = case(23, torch.float32, bias, weighted)
     ours = loss_and_gradients(fused(chunk), head, hidden, targets, weights, autocast=False)
     expected = loss_and_gradients(reference, head, hidden, targets, weights, autocast=False)
@@ -57,9 +62,10 @@ def test_float32_equals_autograd(chunk, bias, weighted):
 
 
 @pytest.mark.parametrize("model_dtype, autocast", [(torch.float32, True), (torch.bfloat16, False)])
-def test_bfloat16_equals_autograd(model_dtype, autocast):
-    """Under bf16 autocast (float32 weights) and for a bf16 model: the matmuls in bf16, the softmax in float32,
-    the gradients in the parameters' dtypes, as autograd computes them."""
+def test_bfloat16_equals_autograd(model_dtype, autocast, monkeypatch):
+    """Under bf16 autocast (float32 weights) and for a bf16 model: the matmuls in bf16, the softmax in float32
+    (in blocks of 7 rows), the gradients in the parameters' dtypes, as autograd computes them."""
+    monkeypatch.setattr(linear_cross_entropy, "SOFTMAX_BLOCK_ELEMENTS", 7 * VOCAB)
     head, hidden, targets, weights = case(40, model_dtype, False, True)
     ours = loss_and_gradients(fused(16), head, hidden, targets, weights, autocast)
     expected = loss_and_gradients(reference, head, hidden, targets, weights, autocast)
