@@ -27,17 +27,19 @@ from torch.autograd.function import once_differentiable
 
 from tunesmith.data.collate import IGNORE_INDEX
 
-SoftmaxCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+SoftmaxCrossEntropy = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def softmax_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor
+    logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, workspace: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy of (C, V) logits against (C,) targets, each row's loss times `scale` (C,), and
     the gradient of that sum with respect to the logits, in the logits' dtype. Rows with a zero scale (ignored
-    targets) add nothing and get a zero gradient. The gradient is written over `logits` (no fresh buffer)."""
+    targets) add nothing and get a zero gradient. The gradient is written over `logits` (no fresh buffer).
+    Half-precision logits are worked on in float32: in `workspace` (C, V) where given, else in a new copy."""
     picked = logits.gather(1, targets.clamp(min=0)[:, None]).float()  # (C, 1) the target's logit
-    exps = logits.float()  # (C, V): float32, as cross_entropy(logits.float()); the same tensor if float32
+    # float32, as cross_entropy(logits.float()); float32 logits are worked on in place
+    exps = logits.float() if workspace is None else workspace.copy_(logits)  # (C, V)
     top = exps.amax(-1, keepdim=True)  # (C, 1)
     exps.sub_(top).exp_()
     total = exps.sum(-1, keepdim=True)  # (C, 1)
@@ -48,18 +50,19 @@ def softmax_cross_entropy(
     return (losses.squeeze(1) * scale).sum(), logits.copy_(exps)
 
 
-# On the CPU the float32 softmax of a chunk runs over blocks of at most this many logits (16 MiB): a buffer that
-# size comes back from the heap block after block, where a float32 copy of the whole chunk is a fresh mapping,
-# a page fault per 4 KiB (glibc maps blocks over 32 MiB). 900 positions, vocabulary 49,152, bfloat16, fastest of
-# 5 on this project's CPU: chunk loss 396 -> 330 ms, and no 180 MB float32 copy of the chunk. GPUs take it whole.
+# On the CPU the float32 softmax of half-precision logits runs over blocks of at most this many logits (16 MiB),
+# all in one float32 buffer: a float32 copy of the whole chunk would be a fresh mapping each time (glibc maps
+# large blocks; a page fault per 4 KiB of it). 900 positions, vocabulary 49,152, bfloat16, fastest of 5 on this
+# project's CPU: chunk loss 396 -> 330 ms; in training, micro-batches alternated: 483 -> 386 ms per 1,000 loss
+# positions, and no 180 MB float32 copy of the chunk. GPUs take the chunk whole,
+# and so does the compiled loss (train.compile: no float32 buffer exists in its fused kernels).
 SOFTMAX_BLOCK_ELEMENTS = 1 << 22
 
 
-def _softmax_rows(logits: torch.Tensor) -> int:
+def _softmax_rows(logits: torch.Tensor, chunk_loss: SoftmaxCrossEntropy) -> int:
     """How many rows of (C, V) logits one float32 softmax block takes."""
-    if logits.device.type != "cpu":
-        return max(logits.shape[0], 1)
-    return max(SOFTMAX_BLOCK_ELEMENTS // logits.shape[1], 1)
+    whole = logits.device.type != "cpu" or logits.dtype == torch.float32 or chunk_loss is not softmax_cross_entropy
+    return max(logits.shape[0] if whole else SOFTMAX_BLOCK_ELEMENTS // logits.shape[1], 1)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -89,10 +92,14 @@ def _loss_and_gradients(
         for start, end in _chunk_bounds(hidden.shape[0], chunk_tokens):
             chunk = hidden[start:end].to(dtype)  # (C, H)
             logits = F.linear(chunk, matmul_weight, matmul_bias)  # (C, V)
-            rows = _softmax_rows(logits)
-            for first in range(start, end, rows):  # each block's gradient is written over its logits
+            rows = _softmax_rows(logits, chunk_loss)
+            blocks = range(start, end, rows)
+            workspace = logits.new_empty((rows, logits.shape[1]), dtype=torch.float32) if len(blocks) > 1 else None
+            for first in blocks:  # each block's gradient is written over its logits
                 last = min(first + rows, end)
-                block_sum, _ = chunk_loss(logits[first - start : last - start], targets[first:last], scale[first:last])
+                block = (logits[first - start : last - start], targets[first:last], scale[first:last])
+                block_sum, _ = (chunk_loss(*block) if workspace is None
+                                else chunk_loss(*block, workspace=workspace[: last - first]))
                 loss_sum += block_sum
             grad_logits = logits  # (C, V)
             if grad_hidden is not None:
