@@ -27,10 +27,12 @@ reduce-scattered as in eager mode. Two sharded, compiled processes reach one eag
 (within 8e-8 relative) and LoRA weights (within 1e-7; compiling alone differs from eager as much):
 tests/test_compile.py.
 
-The loss is compiled too (objectives/causal_lm.py `compiled_loss_chunks`): each chunk's head matmul,
-float32 log-softmax and target pick become one graph, so the chunk's (C, V) logits are read once in
-each direction instead of once per elementwise pass. On an H100 (full fine-tuning, bf16, batch 16 x
-2048, 4096-position loss chunks, steady steps): eager 120,052 tokens/s, layers and loss compiled
+The loss is compiled too (objectives/causal_lm.py `compiled_loss_chunks`): for a plain output head, the
+fused loss's float32 softmax, loss and logit gradient of each chunk (objectives/linear_cross_entropy.py);
+for a wrapped head, the chunk's head matmul, float32 log-softmax and target pick. Either becomes one
+graph, so the chunk's (C, V) logits are read a few times instead of once per elementwise pass. On an H100
+(full fine-tuning, bf16, batch 16 x 2048, 4096-position loss chunks, steady steps; measured before the
+fused loss, with the head matmul in the graph): eager 120,052 tokens/s, layers and loss compiled
 174,576 (+45%, peak memory 27.9 -> 18.8 GB); in an earlier run compiling the layers alone gave +7%.
 `train.compile_mode: reduce-overhead` (each compiled piece replayed as a CUDA graph: one launch
 instead of dozens) ran at 173,506 in the same run: no gain at this batch (bench/README.md).
