@@ -37,7 +37,8 @@ def softmax_cross_entropy(
     the gradient of that sum with respect to the logits, in the logits' dtype. Rows with a zero scale (ignored
     targets) add nothing and get a zero gradient. The gradient is written over `logits` (no fresh buffer).
     Half-precision logits are worked on in float32: in `workspace` (C, V) where given, else in a new copy."""
-    picked = logits.gather(1, targets.clamp(min=0)[:, None]).float()  # (C, 1) the target's logit
+    index = targets.clamp(min=0)[:, None]  # (C, 1): ignored targets point at class 0, their scale is 0
+    picked = logits.gather(1, index).float()  # (C, 1) the target's logit
     # float32, as cross_entropy(logits.float()); float32 logits are worked on in place
     exps = logits.float() if workspace is None else workspace.copy_(logits)  # (C, V)
     top = exps.amax(-1, keepdim=True)  # (C, 1)
@@ -45,7 +46,7 @@ def softmax_cross_entropy(
     total = exps.sum(-1, keepdim=True)  # (C, 1)
     losses = top + total.log() - picked  # (C, 1): logsumexp minus the target's logit
     # d loss / d logits = (softmax - onehot(target)) * scale = (exps - total * onehot) * (scale / total)
-    exps.scatter_add_(1, targets.clamp(min=0)[:, None], -total)
+    exps.scatter_add_(1, index, -total)
     exps.mul_(scale[:, None] / total)
     return (losses.squeeze(1) * scale).sum(), logits.copy_(exps)
 
@@ -59,10 +60,13 @@ def softmax_cross_entropy(
 SOFTMAX_BLOCK_ELEMENTS = 1 << 22
 
 
-def _softmax_rows(logits: torch.Tensor, chunk_loss: SoftmaxCrossEntropy) -> int:
-    """How many rows of (C, V) logits one float32 softmax block takes."""
-    whole = logits.device.type != "cpu" or logits.dtype == torch.float32 or chunk_loss is not softmax_cross_entropy
-    return max(logits.shape[0] if whole else SOFTMAX_BLOCK_ELEMENTS // logits.shape[1], 1)
+def _softmax_rows(
+    device: torch.device, dtype: torch.dtype, vocabulary: int, chunk_loss: SoftmaxCrossEntropy
+) -> int | None:
+    """How many rows of (C, V) logits one float32 softmax block takes; None: the whole chunk."""
+    if device.type != "cpu" or dtype == torch.float32 or chunk_loss is not softmax_cross_entropy:
+        return None
+    return max(SOFTMAX_BLOCK_ELEMENTS // vocabulary, 1)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -88,17 +92,20 @@ def _loss_and_gradients(
     grad_weight = torch.zeros_like(weight) if need_weight else None  # (V, H)
     grad_bias = torch.zeros_like(bias) if need_bias else None  # (V,)
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    block_rows = _softmax_rows(hidden.device, dtype, weight.shape[0], chunk_loss)
+    workspace = None  # (block_rows, V) float32, one for every block of every chunk of the call
     with torch.autocast(hidden.device.type, enabled=False):
         for start, end in _chunk_bounds(hidden.shape[0], chunk_tokens):
             chunk = hidden[start:end].to(dtype)  # (C, H)
             logits = F.linear(chunk, matmul_weight, matmul_bias)  # (C, V)
-            rows = _softmax_rows(logits, chunk_loss)
+            rows = block_rows or end - start
             blocks = range(start, end, rows)
-            workspace = logits.new_empty((rows, logits.shape[1]), dtype=torch.float32) if len(blocks) > 1 else None
+            if len(blocks) > 1 and workspace is None:
+                workspace = logits.new_empty((rows, logits.shape[1]), dtype=torch.float32)
             for first in blocks:  # each block's gradient is written over its logits
                 last = min(first + rows, end)
                 block = (logits[first - start : last - start], targets[first:last], scale[first:last])
-                block_sum, _ = (chunk_loss(*block) if workspace is None
+                block_sum, _ = (chunk_loss(*block) if len(blocks) == 1
                                 else chunk_loss(*block, workspace=workspace[: last - first]))
                 loss_sum += block_sum
             grad_logits = logits  # (C, V)

@@ -142,11 +142,11 @@ def causal_attention_by_matmul(
     groups = heads // key_heads
     scale = dim**-0.5 if scaling is None else scaling
     blocks = QUERY_BLOCKS if length >= QUERY_BLOCKS_FROM_LENGTH else 1
-    bounds = [length * index // blocks for index in range(blocks + 1)]
+    spans = list(itertools.pairwise(length * index // blocks for index in range(blocks + 1)))
     # split, not slices: one backward concatenates the blocks' query gradients (a slice's zero-fills all of them)
-    query_blocks = query[0].split([end - start for start, end in itertools.pairwise(bounds)], dim=1)
+    query_blocks = query[0].split([end - start for start, end in spans], dim=1)
     outputs = []
-    for (start, end), rows in zip(itertools.pairwise(bounds), query_blocks, strict=True):
+    for (start, end), rows in zip(spans, query_blocks, strict=True):
         grouped_rows = rows.reshape(key_heads, groups * (end - start), dim)  # (Hkv, G*B, D)
         bias = _record_lengths.causal_bias(start, end, groups, query.dtype, query.device)  # (G*B, end)
         seen = key[0, :, :end].transpose(-1, -2)  # (Hkv, D, end): the keys up to the block's last row
