@@ -60,6 +60,9 @@ def parse_args() -> argparse.Namespace:
                         help="tunesmith's train.compile_mode under --compile 1 (reduce-overhead: CUDA graphs)")
     parser.add_argument("--peer-compile", type=int, choices=(0, 1), default=0,
                         help="1: the peers run with torch_compile=True (transformers compiles the whole model)")
+    parser.add_argument("--parallel-rows", choices=("auto", "on", "off"), default="auto",
+                        help="tunesmith's train.parallel_rows (auto: each micro-batch's rows in parallel threads on "
+                        "CPU where that is exact)")
     parser.add_argument("--loss-chunk-tokens", type=int,
                         help="tunesmith's objective.loss_chunk_tokens (default: the config's, 1024)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -113,7 +116,8 @@ def job_config(args: argparse.Namespace, output_dir: Path, packing: bool):
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "lr": args.lr, "warmup": 1, "scheduler": "cosine", "seed": 0, "eval_before": False,
                   "log_every": 1, "release_memory": bool(args.release_memory), "compile": bool(args.compile),
-                  "compile_mode": args.compile_mode, "mixed_precision": "bf16" if bf16 else "no"},
+                  "compile_mode": args.compile_mode, "mixed_precision": "bf16" if bf16 else "no",
+                  "parallel_rows": {"auto": None, "on": True, "off": False}[args.parallel_rows]},
         "objective": {} if args.loss_chunk_tokens is None else {"loss_chunk_tokens": args.loss_chunk_tokens},
         "output_dir": str(output_dir),
     })
@@ -265,8 +269,8 @@ def run_tool(tool: str, args: argparse.Namespace, data: Path) -> dict:
     options = {"worker": tool, "data": data}
     options |= {name: getattr(args, name) for name in
                 ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "method", "rank", "threads",
-                 "release_memory", "precision", "compile", "compile_mode", "peer_compile", "loss_chunk_tokens",
-                 "memory_budget_mb")
+                 "release_memory", "precision", "compile", "compile_mode", "peer_compile", "parallel_rows",
+                 "loss_chunk_tokens", "memory_budget_mb")
                 if getattr(args, name) is not None}
     figures = run_worker(__file__, options, args.threads)
     if figures is None:

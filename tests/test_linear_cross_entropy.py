@@ -85,12 +85,31 @@ def test_only_the_gradients_asked_for():
     assert head.weight.grad is not None and frozen_hidden.grad is None
 
 
-def test_without_gradients_only_the_loss():
-    head, hidden, targets, weights = case(17, torch.float32, True, True)
-    with torch.no_grad():
+class LogitGradientOps(TorchDispatchMode):
+    """The ops that only the logit gradient needs: the one-hot subtraction and the scaling."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.scatter_add_, torch.ops.aten.mul_):
+            self.calls.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_gradients_only_the_loss(dtype, monkeypatch):
+    """Evaluation computes the loss alone: no logit gradient (in bf16 through float32 blocks of 3 rows)."""
+    monkeypatch.setattr(linear_cross_entropy, "SOFTMAX_BLOCK_ELEMENTS", 3 * VOCAB)
+    head, hidden, targets, weights = case(17, dtype, True, True)
+    with torch.no_grad(), LogitGradientOps() as gradient_ops:
         loss = linear_cross_entropy_sum(hidden, head, targets, 8, weights)
-    assert loss.grad_fn is None
-    torch.testing.assert_close(loss, reference(hidden, head, targets, weights))
+    assert loss.grad_fn is None and gradient_ops.calls == []
+    torch.testing.assert_close(loss, reference(hidden, head, targets, weights), rtol=1e-5, atol=1e-5)
+    with LogitGradientOps() as gradient_ops:  # the control: training computes it
+        linear_cross_entropy_sum(hidden.clone().requires_grad_(), head, targets, 8, weights)
+    assert "scatter_add_" in gradient_ops.calls
 
 
 def test_no_positions_is_a_zero_loss_with_zero_gradients():

@@ -113,7 +113,7 @@ def test_gradient_is_split_invariant(tiny_llama_dir):
 
     def gradient(batch_size: int) -> torch.Tensor:
         model.zero_grad()
-        batches = [collate_padded(examples[i : i + batch_size], 0) for i in range(0, 8, batch_size)]
+        batches = [[collate_padded(examples[i : i + batch_size], 0)] for i in range(0, 8, batch_size)]
         accumulate_gradients(model, objective, None, batches, accelerator)  # fills .grad
         return torch.cat([parameter.grad.flatten() for parameter in model.parameters()])
 

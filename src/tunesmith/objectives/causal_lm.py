@@ -189,5 +189,6 @@ for _name in ("sft", "pretrain"):
             evaluate=evaluate_causal_lm,
             settings=CausalLMSettings,
             supports_packing=True,
+            rows_independent=True,
         )
     )

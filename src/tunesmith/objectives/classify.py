@@ -45,5 +45,6 @@ register(
         collate=collate_classification,
         loss=classification_loss,
         evaluate=evaluate_classification,
+        rows_independent=True,
     )
 )

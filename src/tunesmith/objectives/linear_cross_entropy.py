@@ -31,12 +31,15 @@ SoftmaxCrossEntropy = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def softmax_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, workspace: torch.Tensor | None = None
+    logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, workspace: torch.Tensor | None = None,
+    gradient: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy of (C, V) logits against (C,) targets, each row's loss times `scale` (C,), and
     the gradient of that sum with respect to the logits, in the logits' dtype. Rows with a zero scale (ignored
     targets) add nothing and get a zero gradient. The gradient is written over `logits` (no fresh buffer).
-    Half-precision logits are worked on in float32: in `workspace` (C, V) where given, else in a new copy."""
+    Half-precision logits are worked on in float32: in `workspace` (C, V) where given, else in a new copy.
+    `gradient=False` (evaluation): the loss only; `logits` are then left as they are, or overwritten where they
+    are float32 and serve as the workspace."""
     index = targets.clamp(min=0)[:, None]  # (C, 1): ignored targets point at class 0, their scale is 0
     picked = logits.gather(1, index).float()  # (C, 1) the target's logit
     # float32, as cross_entropy(logits.float()); float32 logits are worked on in place
@@ -45,10 +48,13 @@ def softmax_cross_entropy(
     exps.sub_(top).exp_()
     total = exps.sum(-1, keepdim=True)  # (C, 1)
     losses = top + total.log() - picked  # (C, 1): logsumexp minus the target's logit
+    loss_sum = (losses.squeeze(1) * scale).sum()
+    if not gradient:
+        return loss_sum, logits
     # d loss / d logits = (softmax - onehot(target)) * scale = (exps - total * onehot) * (scale / total)
     exps.scatter_add_(1, index, -total)
     exps.mul_(scale[:, None] / total)
-    return (losses.squeeze(1) * scale).sum(), logits.copy_(exps)
+    return loss_sum, logits.copy_(exps)
 
 
 # On the CPU the float32 softmax of half-precision logits runs over blocks of at most this many logits (16 MiB),
@@ -105,8 +111,8 @@ def _loss_and_gradients(
             for first in blocks:  # each block's gradient is written over its logits
                 last = min(first + rows, end)
                 block = (logits[first - start : last - start], targets[first:last], scale[first:last])
-                block_sum, _ = (chunk_loss(*block) if len(blocks) == 1
-                                else chunk_loss(*block, workspace=workspace[: last - first]))
+                block_workspace = None if len(blocks) == 1 else workspace[: last - first]
+                block_sum, _ = chunk_loss(*block, workspace=block_workspace, gradient=any(needs))
                 loss_sum += block_sum
             grad_logits = logits  # (C, V)
             if grad_hidden is not None:

@@ -36,7 +36,7 @@ from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import MethodSpec
 from tunesmith.models import load_model, load_tokenizer, resolve_dtype
 from tunesmith.objectives import OBJECTIVES
-from tunesmith.objectives.base import ObjectiveSpec
+from tunesmith.objectives.base import LossOutput, ObjectiveSpec
 from tunesmith.objectives.causal_lm import compiled_loss_chunks
 from tunesmith.plan import mixed_precision_of
 from tunesmith.training.checkpoint import (
@@ -53,6 +53,7 @@ from tunesmith.training.memory import return_large_buffers_to_the_os
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import packed_attention
+from tunesmith.training.parallel_rows import RowThreads, balanced_parts, parallel_rows_choice
 from tunesmith.training.recompute import enable_recompute
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs, training_batch
 from tunesmith.training.sharded_export import save_sharded_model, streamable
@@ -241,46 +242,61 @@ def evaluate_examples(
 
 
 def accumulate_gradients(
-    model, objective: ObjectiveSpec, settings, micro_batches: list[dict], accelerator,
+    model, objective: ObjectiveSpec, settings, micro_batches: list[list[dict]], accelerator,
     reference: ReferenceModel | None = None, step_loss_tokens: float | None = None,
     before_backward: Callable[[bool], None] | None = None, cuda_graphs: bool = False,
+    rows: RowThreads | None = None, trainable: list[torch.nn.Parameter] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
-    """Backward over one optimiser step's micro-batches; returns the step's loss and metrics (detached),
-    and for a data mixture each task's summed loss and loss-token count (micro-batches hold one task).
+    """Backward over one optimiser step's micro-batches, each given as its parts (collated groups of its
+    records: one part, or with `rows` one per thread); returns the step's loss and metrics (detached), and for
+    a data mixture each task's summed loss and loss-token count (micro-batches hold one task).
 
-    Each micro-batch's summed loss is divided by the loss-token count of the WHOLE step (across
+    Each part's summed loss is divided by the loss-token count of the WHOLE step (across
     all processes when `step_loss_tokens` is given), so the accumulated gradient is the gradient
-    of the mean over every loss token of the step, whatever the split into micro-batches and
+    of the mean over every loss token of the step, whatever the split into micro-batches, parts and
     processes: batch 8 x accumulation 1 == batch 2 x accumulation 4 == 2 processes x batch 4.
-    `before_backward(last)` runs before each micro-batch's backward (last: the step's final one).
+    `before_backward(last)` runs before each backward (last: the step's final one).
     `cuda_graphs`: the layers were compiled in a CUDA-graph mode (`train.compile_mode`).
+    `rows`: run each micro-batch's parts in parallel threads (training/parallel_rows.py), with the gradients of
+    `trainable` added in part order.
     """
     if step_loss_tokens is None:
-        step_loss_tokens = sum(batch["num_loss_tokens"] for batch in micro_batches)
+        step_loss_tokens = sum(part["num_loss_tokens"] for parts in micro_batches for part in parts)
     step_loss_tokens = max(step_loss_tokens, 1)
     step_loss = torch.zeros((), device=accelerator.device)
     step_metrics: dict[str, torch.Tensor] = {}
     task_losses: dict[str, tuple[torch.Tensor, int]] = {}
-    for index, batch in enumerate(micro_batches):
-        if cuda_graphs:
-            # CUDA graphs reuse their output memory from one replay to the next: each micro-batch starts a new
-            # round of replays. Only then: the first call imports the compiler's backend (3 s on this CPU).
-            torch.compiler.cudagraph_mark_step_begin()
-        batch = training_batch(objective, reference, model, to_device(batch, accelerator.device), settings)
+
+    def part_loss(part: dict) -> tuple[torch.Tensor, tuple[LossOutput, str | None]]:
+        batch = training_batch(objective, reference, model, to_device(part, accelerator.device), settings)
         with accelerator.autocast():
             output = objective.loss(model, batch, settings)
-        loss = output.loss_sum / step_loss_tokens
-        if before_backward is not None:
-            before_backward(index == len(micro_batches) - 1)
-        accelerator.backward(loss)
-        step_loss += loss.detach()
-        # Objectives report summed metrics (reward accuracy, margins, KL); like the loss, they are
-        # divided by the step's unit count, so they are means over the whole step.
-        for name, value in output.metrics.items():
-            step_metrics[name] = step_metrics.get(name, 0) + value.detach() / step_loss_tokens
-        if "task" in batch:
-            task_sum, task_count = task_losses.get(batch["task"], (0.0, 0))
-            task_losses[batch["task"]] = (task_sum + output.loss_sum.detach(), task_count + output.num_loss_tokens)
+        return output.loss_sum / step_loss_tokens, (output, batch.get("task"))
+
+    for index, parts in enumerate(micro_batches):
+        if rows is not None:
+            results = rows.backward(part_loss, parts, trainable)
+        else:
+            results = []
+            for part_index, part in enumerate(parts):
+                if cuda_graphs:
+                    # CUDA graphs reuse their output memory from one replay to the next: each micro-batch starts a
+                    # new round of replays. Only then: the first call imports the compiler's backend (3 s on CPU).
+                    torch.compiler.cudagraph_mark_step_begin()
+                loss, extra = part_loss(part)
+                if before_backward is not None:
+                    before_backward(index == len(micro_batches) - 1 and part_index == len(parts) - 1)
+                accelerator.backward(loss)
+                results.append((loss.detach(), extra))
+        for loss, (output, task) in results:
+            step_loss += loss
+            # Objectives report summed metrics (reward accuracy, margins, KL); like the loss, they are
+            # divided by the step's unit count, so they are means over the whole step.
+            for name, value in output.metrics.items():
+                step_metrics[name] = step_metrics.get(name, 0) + value.detach() / step_loss_tokens
+            if task is not None:
+                task_sum, task_count = task_losses.get(task, (0.0, 0))
+                task_losses[task] = (task_sum + output.loss_sum.detach(), task_count + output.num_loss_tokens)
     return step_loss, step_metrics, task_losses
 
 
@@ -462,6 +478,13 @@ def train(
         before_backward = functools.partial(reduce_gradients, model)
     optimizer = accelerator.prepare_optimizer(build_optimizer(model, train_config, method, config.method))
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    row_threads = parallel_rows_choice(
+        train_config.parallel_rows, device=accelerator.device, processes=group.world, compiled=train_config.compile,
+        mixed_precision=accelerator.mixed_precision, rows_independent=objective.rows_independent,
+        batch_size=train_config.batch_size, model=model, trainable_share=trainable_params / total_params,
+    )
+    if row_threads > 1:
+        console.print(f"parallel rows: each micro-batch's rows split over {row_threads} threads (train.parallel_rows)")
     scheduler = build_scheduler(optimizer, train_config, total_steps)
     device = accelerator.device
     eval_batch_size = train_config.eval_batch_size or train_config.batch_size
@@ -550,30 +573,35 @@ def train(
         compile_layers(model, train_config.compile_mode)
     model.train()
     with (StopSignal() as stop_signal, progress,
-          compiled_loss_chunks() if train_config.compile else nullcontext()):
+          compiled_loss_chunks() if train_config.compile else nullcontext(),
+          RowThreads(row_threads) if row_threads > 1 else nullcontext() as rows):
         bar = progress.add_task("train", total=total_steps, completed=state["step"], loss="-", lr="-", tps="-")
         while state["step"] < total_steps:
             started = time.perf_counter()
             # One optimiser step: collate its micro-batches first, so the loss can be divided by
             # the total number of loss tokens of the whole step (not a mean of micro-batch means).
+            # With parallel rows, each micro-batch is collated as one part per thread (each padded to its own
+            # longest row), parts of nearly equal token counts.
             micro_batches = []
             for _ in range(train_config.grad_accum):
                 indices = next(stream)
-                batch = collate([items[index] for index in indices], pad_id)
-                if tasks is not None:
+                parts = balanced_parts(indices, [lengths[index] for index in indices], row_threads)
+                collated = [collate([items[index] for index in part], pad_id) for part in parts]
+                for batch in collated if tasks is not None else ():
                     batch["task"] = tasks[indices[0]]
-                micro_batches.append(batch)
+                micro_batches.append(collated)
+            parts = [part for collated in micro_batches for part in collated]
             local_counts = [
-                sum(batch["num_loss_tokens"] for batch in micro_batches),
-                sum(batch["num_tokens"] for batch in micro_batches),
-                sum(batch["input_ids"].numel() for batch in micro_batches),
+                sum(part["num_loss_tokens"] for part in parts),
+                sum(part["num_tokens"] for part in parts),
+                sum(part["input_ids"].numel() for part in parts),
             ]
             step_loss_tokens, step_tokens, step_positions = group.sum(local_counts)
             # Packed rows: each record attends within itself through causal kernels, no block mask.
             with packed_attention(model) if config.data.packing else nullcontext():
                 step_loss, step_metrics, task_losses = accumulate_gradients(
                     model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens,
-                    before_backward, cuda_graphs,
+                    before_backward, cuda_graphs, rows, trainable,
                 )
             penalty = continual.penalty(model)
             if penalty is not None:
@@ -653,6 +681,7 @@ def train(
         "processes": group.world,
         "sharding": "fsdp" if sharded else "none",
         "cpu_offload": sharded and train_config.cpu_offload,
+        "row_threads": row_threads,
     }
     if exit_code == 0 and (group.is_main or sharded):
         exported = load_best(checkpoints_dir, model) if state["best"] else None

@@ -114,7 +114,7 @@ def adapt(
     optimizer = build_inner_optimizer(parameters, meta)
     losses = []
     for batch in islice(batches, meta.inner_steps):
-        step_loss, *_ = accumulate_gradients(model, objective, settings, [batch], accelerator)
+        step_loss, *_ = accumulate_gradients(model, objective, settings, [[batch]], accelerator)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss.item())

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import threading
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -58,11 +59,12 @@ def is_packed(position_ids: torch.Tensor | None, query: torch.Tensor, key: torch
     return position_ids is not None and query.shape[2] == key.shape[2] == position_ids.shape[-1]
 
 
-class _RecordLengths:
+class _RecordLengths(threading.local):
     """Each row's record lengths, worked out once per forward: every layer receives the same position_ids
     tensor, so the host sync that reads the record starts happens once, not once per layer (and so does
     the copy of the varlen kernel's offsets to the device, and the building of each record length's causal
-    bias for the CPU matmul kernel)."""
+    bias for the CPU matmul kernel). One per thread: with `train.parallel_rows` each thread runs its own
+    forward on its own rows (training/parallel_rows.py)."""
 
     def __init__(self):
         self.position_ids: weakref.ref | None = None

@@ -1,0 +1,151 @@
+"""A micro-batch's rows in parallel threads on CPU (`train.parallel_rows`).
+
+On a CPU, PyTorch spreads each operation over the cores (OpenMP), but much of a training step is serial:
+allocating each tensor, dispatching each op, the autograd engine's bookkeeping. A profile of the CPU
+benchmark job (bench/train_throughput.py, SmolLM2-135M LoRA, bfloat16, 2 cores; bench/README.md) found the
+second core waiting in OpenMP 25% of the time. Here each thread runs the forward and backward of its own
+part of the micro-batch's rows with one op-thread, so one thread's serial work overlaps the other's matmuls:
+PyTorch releases the GIL inside its ops and during the backward.
+
+The result equals the sequential step's up to rounding (the same loss terms, each divided by the step's
+loss-token count, summed in another order) and is the same from run to run: each part's gradients are
+computed apart from the others (`torch.autograd.grad`) and added into `.grad` in part order, never by
+two threads at once. The first part, run by the calling thread, accumulates into `.grad` directly, so only the
+other parts hold a copy of the trainable parameters' gradients: cheap for adapters, one more copy of the
+model's gradients per extra thread for full fine-tuning (which `auto` therefore leaves sequential).
+
+It applies where that reasoning holds (`parallel_rows_choice`): one process on CPU, eager (not compiled), no
+fp16 loss scaling, an objective whose loss is a sum over its records that needs nothing but the rows
+(`ObjectiveSpec.rows_independent`: no reference model, no rollout), and no active dropout, whose random
+draws from the one generator would come in a different order from run to run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+
+from tunesmith.errors import ConfigError
+
+Item = TypeVar("Item")
+
+# auto leaves runs that train more than this share of the model's parameters sequential: each extra thread
+# holds a copy of their gradients.
+AUTO_MAX_TRAINABLE_SHARE = 0.1
+
+
+def active_dropout(model: torch.nn.Module) -> str | None:
+    """Where the model draws dropout masks in training (a module or a config setting), or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return f"{name} (p={module.p})"
+    configs = [getattr(module, "config", None) for module in model.modules()]
+    for config in filter(None, configs):
+        for key, value in vars(config).items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0:
+                return f"config {key}={value}"
+    return None
+
+
+def parallel_rows_choice(
+    setting: bool | None, *, device: torch.device, processes: int, compiled: bool, mixed_precision: str,
+    rows_independent: bool, batch_size: int, model: torch.nn.Module, trainable_share: float,
+) -> int:
+    """How many threads split each micro-batch's rows: 1 (sequential) or torch's op-thread count. `setting` is
+    `train.parallel_rows`: None (auto) splits where it is exact and cheap; True where it is exact, else a
+    ConfigError saying why not; False never."""
+    threads = torch.get_num_threads()
+    dropout = active_dropout(model)
+    reasons = [
+        (device.type != "cpu", f"it is for CPU runs; this one runs on {device.type}"),
+        (processes > 1, f"it is for one process; this run has {processes}"),
+        (compiled, "train.compile is on"),
+        (mixed_precision == "fp16", "fp16 loss scaling is on"),
+        (not rows_independent, "this task's loss is not a sum of per-record terms computed from the rows alone"),
+        (dropout is not None, f"dropout is active ({dropout}); its random masks would differ from run to run"),
+        (batch_size < 2, "train.batch_size is 1: no rows to split"),
+        (threads < 2, "torch runs with one thread (torch.set_num_threads / OMP_NUM_THREADS)"),
+    ]
+    reason = next((why for applies, why in reasons if applies), None)
+    if setting is False:
+        return 1
+    if setting is True and reason is not None:
+        raise ConfigError(f"train.parallel_rows: {reason}; set it to false or leave it unset")
+    if setting is None and (reason is not None or trainable_share > AUTO_MAX_TRAINABLE_SHARE):
+        return 1
+    return threads
+
+
+def balanced_parts(items: Sequence[Item], lengths: Sequence[int], parts: int) -> list[list[Item]]:
+    """`items` in at most `parts` non-empty groups of nearly equal total length: longest first, each to the
+    lightest group so far (ties to the earliest group), keeping the items' order within each group."""
+    loads = [0] * min(parts, len(items))
+    groups: list[list[int]] = [[] for _ in loads]
+    for index in sorted(range(len(items)), key=lambda index: -lengths[index]):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(index)
+        loads[lightest] += lengths[index]
+    return [[items[index] for index in sorted(group)] for group in groups]
+
+
+class RowThreads:
+    """Runs each part's forward and backward in its own thread (the calling thread takes the first part), with
+    one op-thread each while a micro-batch runs, and adds the gradients in part order."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="tunesmith-rows")
+
+    def __enter__(self) -> RowThreads:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown()
+
+    @contextmanager
+    def one_op_thread_each(self) -> Iterator[None]:
+        """torch's op-thread count at 1 for the calling thread (the others set theirs per part), restored after."""
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved)
+
+    def backward(
+        self, part_loss: Callable[[Any], tuple[torch.Tensor, Any]], parts: Sequence[Any],
+        trainable: Sequence[torch.nn.Parameter],
+    ) -> list[tuple[torch.Tensor, Any]]:
+        """`part_loss(part) -> (loss, anything)` for each part, and the backward of each loss: the gradients of
+        `trainable` end up in `.grad`, added in part order. Returns each part's (loss detached, anything)."""
+        with self.one_op_thread_each():
+            pending = [self._pool.submit(self._gradients_of, part_loss, part, trainable) for part in parts[1:]]
+            try:
+                loss, extra = part_loss(parts[0])
+                loss.backward()
+                results = [(loss.detach(), extra)]
+            finally:
+                finished = [future.result() for future in pending]  # every thread done before anything else runs
+        for loss, extra, gradients in finished:
+            for parameter, gradient in zip(trainable, gradients, strict=True):
+                if gradient is None:
+                    continue
+                if parameter.grad is None:
+                    parameter.grad = gradient
+                else:
+                    parameter.grad += gradient
+            results.append((loss, extra))
+        return results
+
+    @staticmethod
+    def _gradients_of(
+        part_loss: Callable[[Any], tuple[torch.Tensor, Any]], part: Any, trainable: Sequence[torch.nn.Parameter]
+    ) -> tuple[torch.Tensor, Any, tuple[torch.Tensor | None, ...]]:
+        torch.set_num_threads(1)  # this thread's own OpenMP setting; the caller restores its own after the step
+        loss, extra = part_loss(part)
+        gradients = torch.autograd.grad(loss, trainable, allow_unused=True)
+        return loss.detach(), extra, gradients

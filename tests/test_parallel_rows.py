@@ -1,0 +1,148 @@
+"""train.parallel_rows: a micro-batch's rows in parallel threads give the sequential step's gradient (to
+rounding), the same one every run, and training with them resumes to the same weights."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from accelerate import Accelerator
+from helpers import assert_same_weights, chat_records, run_config, write_jsonl
+
+from tunesmith.config import ModelConfig
+from tunesmith.data.collate import collate_padded
+from tunesmith.errors import ConfigError
+from tunesmith.models import load_model
+from tunesmith.objectives import OBJECTIVES
+from tunesmith.training import EXIT_INTERRUPTED, train
+from tunesmith.training.loop import accumulate_gradients
+from tunesmith.training.parallel_rows import RowThreads, balanced_parts, parallel_rows_choice
+
+
+@pytest.fixture
+def two_threads():
+    """Two op-threads, whatever the machine's core count (the suite may run on one core)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_balanced_parts_split_by_length_and_keep_order():
+    items = ["a", "b", "c", "d", "e"]
+    parts = balanced_parts(items, [10, 60, 20, 30, 40], 2)
+    assert parts == [["b", "c"], ["a", "d", "e"]]  # 60 + 20 against 10 + 30 + 40, each in its original order
+    assert balanced_parts(items[:1], [5], 2) == [["a"]]  # never an empty part
+    assert balanced_parts(items, [1] * 5, 1) == [items]
+
+
+def test_rows_in_threads_give_the_sequential_gradient_every_run_the_same(tiny_llama_dir, two_threads):
+    objective = OBJECTIVES.get("sft")
+    model = load_model(ModelConfig(name=str(tiny_llama_dir)), "sft")
+    examples = [
+        {"input_ids": list(range(5, 5 + length)), "labels": [-100] * 2 + list(range(7, 5 + length))}
+        for length in (4, 9, 17, 30, 6, 12, 25, 8)
+    ]
+    lengths = [len(example["input_ids"]) for example in examples]
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    threads_seen: set[str] = set()
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, inputs: threads_seen.add(threading.current_thread().name)
+    )
+
+    def step(micro_batches: list[list[dict]], rows: RowThreads | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss, *_ = accumulate_gradients(
+            model, objective, None, micro_batches, Accelerator(cpu=True), rows=rows, trainable=trainable
+        )
+        return loss, torch.cat([parameter.grad.flatten() for parameter in trainable])
+
+    starts = (0, 4)
+    loss, gradient = step([[collate_padded(examples[start : start + 4], 0)] for start in starts])
+    split = [
+        [collate_padded(part, 0) for part in balanced_parts(examples[start : start + 4], lengths[start : start + 4], 2)]
+        for start in starts
+    ]
+    threads_seen.clear()
+    with RowThreads(2) as rows:
+        parallel_loss, parallel_gradient = step(split, rows)
+        _, again = step(split, rows)
+    assert len(threads_seen) == 2  # the parts really ran in two threads
+    assert torch.get_num_threads() == 2  # the op-thread count is back after each micro-batch
+    torch.testing.assert_close(parallel_loss, loss)
+    torch.testing.assert_close(parallel_gradient, gradient, rtol=1e-4, atol=1e-7)
+    assert torch.equal(again, parallel_gradient)  # summed in part order: no race decides the rounding
+
+
+def choice(model, **changes) -> int:
+    settings = {
+        "device": torch.device("cpu"), "processes": 1, "compiled": False, "mixed_precision": "no",
+        "rows_independent": True, "batch_size": 4, "model": model, "trainable_share": 0.01,
+    }
+    return parallel_rows_choice(changes.pop("setting", None), **{**settings, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"device": torch.device("cuda")}, "for CPU runs"),
+        ({"processes": 2}, "one process"),
+        ({"compiled": True}, "train.compile"),
+        ({"mixed_precision": "fp16"}, "fp16"),
+        ({"rows_independent": False}, "per-record terms"),
+        ({"batch_size": 1}, "train.batch_size is 1"),
+    ],
+)
+def test_parallel_rows_says_why_it_cannot_apply(changes, reason, two_threads):
+    model = torch.nn.Linear(2, 2)
+    assert choice(model) == 2
+    assert choice(model, **changes) == 1  # auto: sequential
+    with pytest.raises(ConfigError, match=f"train.parallel_rows: .*{reason}"):
+        choice(model, setting=True, **changes)
+
+
+def test_parallel_rows_stays_off_for_dropout_and_for_full_fine_tuning_unless_asked(two_threads):
+    with_dropout = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    with pytest.raises(ConfigError, match=r"dropout is active \(1 \(p=0.1\)\)"):
+        choice(with_dropout, setting=True)
+    no_dropout = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0))
+    no_dropout.config = type("Config", (), {})()
+    no_dropout.config.attention_dropout = 0.1  # transformers' attention draws its own masks
+    assert choice(no_dropout) == 1
+    with pytest.raises(ConfigError, match="config attention_dropout=0.1"):
+        choice(no_dropout, setting=True)
+    plain = torch.nn.Linear(2, 2)
+    assert choice(plain, trainable_share=1.0) == 1  # auto: each thread would hold a copy of every gradient
+    assert choice(plain, trainable_share=1.0, setting=True) == 2
+    assert choice(plain, setting=False) == 1
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_packed_lora_training_with_parallel_rows_matches_and_resumes(tiny_llama_dir, tmp_path, two_threads, recompute):
+    """Packed rows (per-thread record lengths in the attention), with and without recomputed layers."""
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(24))
+    sections = {
+        "data": {"packing": True, "max_length": 64},
+        "method": {"name": "lora", "r": 4},
+        "train": {"max_steps": 6, "batch_size": 4, "save_every": 3, "max_grad_norm": None,
+                  "gradient_checkpointing": recompute},
+    }
+
+    def config(name: str, parallel_rows: bool):
+        return run_config(tiny_llama_dir, data, tmp_path / name, **{
+            **sections, "train": {**sections["train"], "parallel_rows": parallel_rows}
+        })
+
+    sequential = train(config("sequential", False))
+    parallel = train(config("parallel", True))
+    assert (sequential.summary["row_threads"], parallel.summary["row_threads"]) == (1, 2)
+    assert_same_weights(sequential.run_dir / "adapter" / "adapter_model.safetensors",
+                        parallel.run_dir / "adapter" / "adapter_model.safetensors", rtol=1e-4, atol=1e-5)
+
+    resumable = config("resumed", True)
+    assert train(resumable, should_stop=lambda step: step == 3).exit_code == EXIT_INTERRUPTED
+    resumed = train(resumable, resume=True)
+    assert resumed.summary["steps"] == 6
+    assert_same_weights(parallel.run_dir / "adapter" / "adapter_model.safetensors",
+                        resumed.run_dir / "adapter" / "adapter_model.safetensors", rtol=0, atol=0)
