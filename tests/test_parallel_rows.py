@@ -17,7 +17,7 @@ from tunesmith.models import load_model
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.training import EXIT_INTERRUPTED, train
 from tunesmith.training.loop import accumulate_gradients
-from tunesmith.training.parallel_rows import RowThreads, balanced_parts, parallel_rows_choice
+from tunesmith.training.parallel_rows import RowThreads, active_dropout, balanced_parts, parallel_rows_choice
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_rows_in_threads_give_the_sequential_gradient_every_run_the_same(tiny_ll
 def choice(model, **changes) -> int:
     settings = {
         "device": torch.device("cpu"), "processes": 1, "compiled": False, "mixed_precision": "no",
-        "rows_independent": True, "batch_size": 4, "model": model, "trainable_share": 0.01,
+        "rows_independent": True, "batch_size": 4, "dropout": active_dropout(model), "trainable_share": 0.01,
     }
     return parallel_rows_choice(changes.pop("setting", None), **{**settings, **changes})
 

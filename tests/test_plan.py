@@ -181,3 +181,33 @@ def test_host_memory_while_loading_follows_how_the_loop_loads(tiny_llama_dir, ch
     offloaded = loading("full", "fsdp", offload=True)
     assert offloaded.private_gib == pytest.approx(sharded.private_gib + sum(layers) / 4 * 4 / GIB)
     assert loading("full", "fsdp", model_dir=tiny_llama_dir).private_gib == 0  # float32 files: nothing converted
+
+
+def test_loss_memory_follows_the_loss_path_and_the_row_threads(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    """A plain head's fused loss holds one float32 (C, V) buffer; in bf16 the bf16 logits and a float32 copy; a
+    LoRA on the head takes the checkpointed chunks: float32 logits and their gradient. Parallel rows (CPU) run
+    a loss chunk per thread and hold one more copy of the gradients per extra thread."""
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    vocab = AutoConfig.from_pretrained(tiny_llama_dir).vocab_size
+    positions = 2 * 64  # batch 2 x max_length 64, one chunk
+
+    def plan(parallel_rows: bool | None = False, **sections):
+        config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", data={"max_length": 64},
+                            train={"batch_size": 2, "parallel_rows": parallel_rows},
+                            objective={"loss_chunk_tokens": None}, **sections)
+        return plan_memory(config, on_gpu=False)
+
+    assert plan().parts_gib["logits + loss"] * GIB == positions * vocab * 4
+    bf16 = plan(model={"name": str(tiny_llama_dir), "dtype": "bfloat16"})
+    assert bf16.parts_gib["logits + loss"] * GIB == positions * vocab * (2 + 4)
+    on_head = plan(method={"name": "lora", "r": 4, "target_modules": ["q_proj", "lm_head"]})
+    assert on_head.parts_gib["logits + loss"] * GIB == positions * vocab * 4 * 2
+
+    lora = {"name": "lora", "r": 2, "target_modules": ["q_proj"]}
+    sequential, parallel = plan(method=lora), plan(parallel_rows=True, method=lora)
+    assert parallel.parts_gib["logits + loss"] == sequential.parts_gib["logits + loss"]  # 2 x half the positions
+    assert parallel.parts_gib["parallel rows: gradient copies"] * GIB == sequential.trainable_params * 4
+    assert "parallel rows: gradient copies" not in sequential.parts_gib
+    assert "parallel rows: gradient copies" not in plan(parallel_rows=None).parts_gib  # auto: full fine-tuning

@@ -11,6 +11,7 @@ CUDA context and the framework add a few hundred MB that no formula sees.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import creates_head
 from tunesmith.models import decoder_layers
 from tunesmith.objectives import OBJECTIVES
+from tunesmith.objectives.linear_cross_entropy import SOFTMAX_BLOCK_ELEMENTS, fusable_head
 from tunesmith.training.launch import launched_shape
+from tunesmith.training.parallel_rows import active_dropout, parallel_rows_choice
 from tunesmith.training.recompute import recomputed_layers
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -75,6 +78,8 @@ class ParameterCounts:
     in_matrices: int  # parameters of 2-D weights (what matmuls use; not norms or biases)
     trainable_in_matrices: int
     has_disabled_adapters: bool = False  # a peft model: its reference is itself with the adapters off, not a copy
+    plain_head: bool = True  # the output head is a plain linear layer: the loss takes the fused path
+    dropout: str | None = None  # where the model draws dropout masks in training (parallel_rows.active_dropout)
 
     def held(self, processes: int, sharded: bool, cpu_offload: bool, trainable: bool = False) -> float:
         """Parameters (or trainable ones) one device holds: all, or with FSDP 1/processes of the layers'
@@ -90,6 +95,7 @@ class ParameterCounts:
 
 def counts_of(model: torch.nn.Module) -> ParameterCounts:
     trainable, total = count_parameters(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers = decoder_layers(model)
     in_layers = [parameter for layer in layers for parameter in layer.parameters()]
     matrices = [parameter for parameter in model.parameters() if parameter.ndim == 2]
@@ -101,6 +107,8 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
         in_matrices=sum(parameter.numel() for parameter in matrices),
         trainable_in_matrices=sum(parameter.numel() for parameter in matrices if parameter.requires_grad),
         has_disabled_adapters=hasattr(model, "disable_adapter"),
+        plain_head=head is None or fusable_head(head),
+        dropout=active_dropout(model),
     )
 
 
@@ -229,12 +237,23 @@ def plan_memory(
     unit_bytes = tokens * hidden * activation_bytes  # one hidden-sized value per token
     recomputed = recomputed_layers(train.checkpoint_layers, layers) if train.gradient_checkpointing else 0
     activations = unit_bytes * activation_units(layers, recomputed)
+    objective = OBJECTIVES.get(config.task)
+    mixed_precision = mixed_precision_of(train.mixed_precision, on_gpu)
+    # On the CPU each micro-batch's rows may run in parallel threads (training/parallel_rows.py): each thread
+    # computes its own loss chunks at the same time, and each but the first holds a copy of the gradients.
+    row_threads = parallel_rows_choice(
+        train.parallel_rows, device=torch.device("cuda" if on_gpu else "cpu"), processes=processes,
+        compiled=train.compile, mixed_precision=mixed_precision, rows_independent=objective.rows_independent,
+        batch_size=train.batch_size, dropout=counts.dropout, trainable_share=trainable / total if total else 1.0,
+    )
     if creates_head(config.task):
         logits = train.batch_size * 4 * 64  # a handful of classes: negligible
     else:
-        # float32 logits (+ softmax gradient) for at most loss_chunk_tokens positions at a time.
-        chunk = getattr(config.objective, "loss_chunk_tokens", None) or tokens
-        logits = min(chunk, tokens) * vocab * 4 * 2
+        # Logits for at most loss_chunk_tokens positions at a time, per row thread.
+        part_tokens = math.ceil(tokens / row_threads)
+        chunk = min(getattr(config.objective, "loss_chunk_tokens", None) or part_tokens, part_tokens)
+        half = mixed_precision != "no" or dtype != "float32"
+        logits = row_threads * loss_chunk_bytes(chunk, vocab, counts.plain_head, half, on_gpu)
 
     # Each process holds 1/processes of the layers when sharded; with cpu_offload none of them (host memory).
     held = counts.held(processes, sharded, train.cpu_offload)
@@ -256,8 +275,9 @@ def plan_memory(
         "activations": activations,
         "logits + loss": logits,
     }
+    if row_threads > 1:
+        parts["parallel rows: gradient copies"] = (row_threads - 1) * held_trainable * weight_bytes
     # A reference model held beside the policy (sharded alike under FSDP), unless its outputs are cached.
-    objective = OBJECTIVES.get(config.task)
     if objective.has_reference and not train.cache_reference:
         if objective.reference_is_starting_model and not counts.has_disabled_adapters:
             parts["reference copy (frozen)"] = held * weight_bytes
@@ -281,6 +301,19 @@ def plan_memory(
         recompute = RecomputeAdvice(layers, fitting, recompute_cost(trainable / total if total else 1.0))
         plan.advice = advice_for(config, plan, recompute, processes, sharded)
     return plan
+
+
+def loss_chunk_bytes(positions: int, vocab: int, plain_head: bool, half: bool, on_gpu: bool) -> int:
+    """Memory of one loss chunk's (C, V) logits (objectives/causal_lm.py). A plain head takes the fused loss
+    (objectives/linear_cross_entropy.py): the logits in the compute dtype, their softmax and gradient worked
+    out in float32 over them (float32 logits) or in a float32 copy (half precision; on the CPU in blocks of
+    SOFTMAX_BLOCK_ELEMENTS). A wrapped head's checkpointed chunk: float32 logits and their gradient."""
+    logits = positions * vocab
+    if not plain_head:
+        return logits * 4 * 2
+    if not half:
+        return logits * 4
+    return logits * 2 + (logits if on_gpu else min(logits, SOFTMAX_BLOCK_ELEMENTS)) * 4
 
 
 def activation_units(layers: int, recomputed: int) -> int:

@@ -53,7 +53,7 @@ from tunesmith.training.memory import return_large_buffers_to_the_os
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import packed_attention
-from tunesmith.training.parallel_rows import RowThreads, balanced_parts, parallel_rows_choice
+from tunesmith.training.parallel_rows import RowThreads, active_dropout, balanced_parts, parallel_rows_choice
 from tunesmith.training.recompute import enable_recompute
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs, training_batch
 from tunesmith.training.sharded_export import save_sharded_model, streamable
@@ -481,7 +481,8 @@ def train(
     row_threads = parallel_rows_choice(
         train_config.parallel_rows, device=accelerator.device, processes=group.world, compiled=train_config.compile,
         mixed_precision=accelerator.mixed_precision, rows_independent=objective.rows_independent,
-        batch_size=train_config.batch_size, model=model, trainable_share=trainable_params / total_params,
+        batch_size=train_config.batch_size, dropout=active_dropout(model),
+        trainable_share=trainable_params / total_params,
     )
     if row_threads > 1:
         console.print(f"parallel rows: each micro-batch's rows split over {row_threads} threads (train.parallel_rows)")

@@ -53,13 +53,12 @@ def active_dropout(model: torch.nn.Module) -> str | None:
 
 def parallel_rows_choice(
     setting: bool | None, *, device: torch.device, processes: int, compiled: bool, mixed_precision: str,
-    rows_independent: bool, batch_size: int, model: torch.nn.Module, trainable_share: float,
+    rows_independent: bool, batch_size: int, dropout: str | None, trainable_share: float,
 ) -> int:
     """How many threads split each micro-batch's rows: 1 (sequential) or torch's op-thread count. `setting` is
     `train.parallel_rows`: None (auto) splits where it is exact and cheap; True where it is exact, else a
-    ConfigError saying why not; False never."""
+    ConfigError saying why not; False never. `dropout`: the model's `active_dropout`."""
     threads = torch.get_num_threads()
-    dropout = active_dropout(model)
     reasons = [
         (device.type != "cpu", f"it is for CPU runs; this one runs on {device.type}"),
         (processes > 1, f"it is for one process; this run has {processes}"),
