@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import assert_same_weights, chat_records, run_config, write_jsonl
+from helpers import assert_same_weights, chat_records, classification_records, run_config, write_jsonl
 
 from tunesmith.config import ModelConfig
 from tunesmith.data.collate import collate_padded
@@ -146,3 +146,18 @@ def test_packed_lora_training_with_parallel_rows_matches_and_resumes(tiny_llama_
     assert resumed.summary["steps"] == 6
     assert_same_weights(parallel.run_dir / "adapter" / "adapter_model.safetensors",
                         resumed.run_dir / "adapter" / "adapter_model.safetensors", rtol=0, atol=0)
+
+
+def test_classification_with_parallel_rows_matches_sequential(tiny_llama_dir, tmp_path, two_threads):
+    """A sequence classifier (the tiny Llama with a new head: no dropout) pools each row's last token: rows
+    split into parts, each padded to its own longest row, pool the same tokens."""
+    data = write_jsonl(tmp_path / "data.jsonl", classification_records(16))
+
+    def run(name: str, parallel_rows: bool):
+        return train(run_config(tiny_llama_dir, data, tmp_path / name, task="classify", method={"name": "lora", "r": 4},
+                                train={"max_steps": 3, "batch_size": 4, "parallel_rows": parallel_rows}))
+
+    sequential, parallel = run("sequential", False), run("parallel", True)
+    assert parallel.summary["row_threads"] == 2
+    assert_same_weights(sequential.run_dir / "adapter" / "adapter_model.safetensors",
+                        parallel.run_dir / "adapter" / "adapter_model.safetensors", rtol=1e-4, atol=1e-5)

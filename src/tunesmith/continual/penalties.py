@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from tunesmith.errors import ConfigError
 from tunesmith.registry import Registry
+from tunesmith.training.distributed import rank_and_world
 from tunesmith.training.dtensors import full_tensor
 from tunesmith.training.sharded_checkpoint import held_rows
 
@@ -158,10 +158,6 @@ Anchor = ParameterAnchor | LoraAnchor
 # --- sharded layers ----------------------------------------------------------------------------------
 
 
-def processes() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def held_part(tensor: torch.Tensor) -> torch.Tensor:
     """The rows of a sharded tensor that this process holds (differentiable); a plain tensor as it is."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -270,7 +266,7 @@ class AnchorPenalty:
             if self.importance is not None:
                 squared = squared * self.importance[index]
             (held_terms if anchor.sharded else whole_terms).append(squared.sum())
-        share = sum(whole_terms, torch.zeros(())) / processes() + sum(held_terms, torch.zeros(()))
+        share = sum(whole_terms, torch.zeros(())) / rank_and_world()[1] + sum(held_terms, torch.zeros(()))
         return 0.5 * self.weight * share
 
 
@@ -334,7 +330,7 @@ class OrthogonalSubspacePenalty:
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
         # Each (R, r) before the sum, from the whole A on every process: each counts 1/processes.
         overlaps = [(old @ full_tensor(new, sum_gradients=True).float().T).abs().sum() for old, new in self.pairs]
-        return self.weight * torch.stack(overlaps).sum() / processes()
+        return self.weight * torch.stack(overlaps).sum() / rank_and_world()[1]
 
     def after_sharding(self, model: torch.nn.Module) -> None:
         """Follow each new A into FSDP's parameter; the old subspaces go to the device it is gathered on."""

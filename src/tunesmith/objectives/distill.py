@@ -64,6 +64,7 @@ from tunesmith.files import write_file_atomically
 from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings, ObjectiveSpec, register
 from tunesmith.objectives.causal_lm import _language_model, loss_position_logits
 from tunesmith.registry import Registry
+from tunesmith.training.distributed import rank_and_world
 
 # --- divergences -----------------------------------------------------------------------------------------
 
@@ -353,10 +354,6 @@ def _progress(total: int, quiet: bool = False) -> tuple[Progress, int]:
     return progress, progress.add_task("teacher", total=total, rate="-")
 
 
-def _rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def _say(message: str) -> None:
     Console(stderr=True).print(message)
 
@@ -424,7 +421,7 @@ def compute_teacher_log_probs_sharded(
     left without a batch runs the shortest one again and discards it. Each round's results are gathered to
     process 0, which alone holds them all (as the one computing process does unsharded). Returns the same
     tensors on process 0, None on the others."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     tokenizer = teacher_tokenizer(settings.teacher)  # no weights: the teacher itself is `teacher`
     vocabulary_size, pad_id = len(tokenizer), _padding_id(tokenizer)
     batches = list(eval_batches([len(example["input_ids"]) for example in examples], settings.teacher_batch_size))
@@ -478,7 +475,7 @@ def _store_from_sharded_teacher(
     would hang the run); a stored pass is read without loading the teacher at all. The folder must
     be one the processes share (one node, or a shared file system). Another run storing the same key at the
     same time computes the same values and replaces the file atomically: no lock is held across collectives."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     found = None
     if rank == 0:
         path = folder / f"{cache_key(settings.teacher, examples, settings.teacher_top_k, device)}.safetensors"
@@ -526,7 +523,7 @@ def cache_teacher_log_probs(
             computed = not path.is_file()
             if computed:
                 _store(path, compute_teacher_log_probs(settings, examples, device), settings)
-    if not computed and _rank_and_world()[0] == 0:
+    if not computed and rank_and_world()[0] == 0:
         _say(f"teacher log-probs: read from {path}")
     stored = load_file(str(path))
     positions = stored["loss_positions"].tolist()

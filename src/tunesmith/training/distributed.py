@@ -17,6 +17,12 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes in the default group: (0, 1) without one. For code that
+    runs outside the loop's ProcessGroup (an objective's hooks, a continual penalty)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 class ProcessGroup:
     def __init__(self, accelerator):
         self.accelerator = accelerator
