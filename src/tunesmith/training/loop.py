@@ -15,7 +15,7 @@ import math
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +245,7 @@ def accumulate_gradients(
     model, objective: ObjectiveSpec, settings, micro_batches: list[list[dict]], accelerator,
     reference: ReferenceModel | None = None, step_loss_tokens: float | None = None,
     before_backward: Callable[[bool], None] | None = None, cuda_graphs: bool = False,
-    rows: RowThreads | None = None, trainable: list[torch.nn.Parameter] = (),
+    rows: RowThreads | None = None, trainable: Sequence[torch.nn.Parameter] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
     """Backward over one optimiser step's micro-batches, each given as its parts (collated groups of its
     records: one part, or with `rows` one per thread); returns the step's loss and metrics (detached), and for
@@ -586,10 +586,11 @@ def train(
             micro_batches = []
             for _ in range(train_config.grad_accum):
                 indices = next(stream)
-                parts = balanced_parts(indices, [lengths[index] for index in indices], row_threads)
-                collated = [collate([items[index] for index in part], pad_id) for part in parts]
-                for batch in collated if tasks is not None else ():
-                    batch["task"] = tasks[indices[0]]
+                groups = balanced_parts(indices, [lengths[index] for index in indices], row_threads)
+                collated = [collate([items[index] for index in group], pad_id) for group in groups]
+                if tasks is not None:
+                    for batch in collated:
+                        batch["task"] = tasks[indices[0]]
                 micro_batches.append(collated)
             parts = [part for collated in micro_batches for part in collated]
             local_counts = [
