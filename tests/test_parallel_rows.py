@@ -75,6 +75,22 @@ def test_rows_in_threads_give_the_sequential_gradient_every_run_the_same(tiny_ll
     assert torch.equal(again, parallel_gradient)  # summed in part order: no race decides the rounding
 
 
+def test_parts_share_out_the_op_threads():
+    """Fewer parts than threads (a micro-batch of 2 rows on 4 cores): 2 op-threads each, and restored after."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    seen = []
+
+    def part_loss(part: torch.Tensor) -> tuple[torch.Tensor, None]:
+        seen.append(torch.get_num_threads())
+        return (weight * part).sum(), None
+
+    saved = torch.get_num_threads()
+    with RowThreads(4) as rows:
+        rows.backward(part_loss, [torch.ones(3), torch.full((3,), 2.0)], [weight])
+    assert seen == [2, 2] and torch.get_num_threads() == saved
+    assert weight.grad.tolist() == [3.0, 3.0, 3.0]
+
+
 def choice(model, **changes) -> int:
     settings = {
         "device": torch.device("cpu"), "processes": 1, "compiled": False, "mixed_precision": "no",

@@ -4,8 +4,9 @@ On a CPU, PyTorch spreads each operation over the cores (OpenMP), but much of a 
 allocating each tensor, dispatching each op, the autograd engine's bookkeeping. A profile of the CPU
 benchmark job (bench/train_throughput.py, SmolLM2-135M LoRA, bfloat16, 2 cores; bench/README.md) found the
 second core waiting in OpenMP 25% of the time. Here each thread runs the forward and backward of its own
-part of the micro-batch's rows with one op-thread, so one thread's serial work overlaps the other's matmuls:
-PyTorch releases the GIL inside its ops and during the backward.
+part of the micro-batch's rows with its share of the op-threads (one each: as many parts as op-threads, at most
+one per row), so one thread's serial work overlaps the other's matmuls: PyTorch releases the GIL inside its ops
+and during the backward. Measured on 2 cores only (bench/README.md).
 
 The result equals the sequential step's up to rounding (the same loss terms, each divided by the step's
 loss-token count, summed in another order) and is the same from run to run: each part's gradients are
@@ -92,8 +93,10 @@ def balanced_parts(items: Sequence[Item], lengths: Sequence[int], parts: int) ->
 
 
 class RowThreads:
-    """Runs each part's forward and backward in its own thread (the calling thread takes the first part), with
-    one op-thread each while a micro-batch runs, and adds the gradients in part order."""
+    """Runs each part's forward and backward in its own thread (the calling thread takes the first part), and adds
+    the gradients in part order. While a micro-batch runs, the op-threads are shared out among its parts: one each
+    when there are as many parts as threads (2 cores, batch >= 2), more when a micro-batch has fewer rows than
+    there are threads, so every core stays busy."""
 
     def __init__(self, threads: int):
         self.threads = threads
@@ -105,11 +108,13 @@ class RowThreads:
     def __exit__(self, *exc) -> None:
         self._pool.shutdown()
 
+    @staticmethod
     @contextmanager
-    def one_op_thread_each(self) -> Iterator[None]:
-        """torch's op-thread count at 1 for the calling thread (the others set theirs per part), restored after."""
+    def op_threads(count: int) -> Iterator[None]:
+        """torch's op-thread count at `count` for the calling thread (the others set theirs per part), restored
+        after."""
         saved = torch.get_num_threads()
-        torch.set_num_threads(1)
+        torch.set_num_threads(count)
         try:
             yield
         finally:
@@ -121,8 +126,10 @@ class RowThreads:
     ) -> list[tuple[torch.Tensor, Any]]:
         """`part_loss(part) -> (loss, anything)` for each part, and the backward of each loss: the gradients of
         `trainable` end up in `.grad`, added in part order. Returns each part's (loss detached, anything)."""
-        with self.one_op_thread_each():
-            pending = [self._pool.submit(self._gradients_of, part_loss, part, trainable) for part in parts[1:]]
+        op_threads = max(self.threads // len(parts), 1)
+        with self.op_threads(op_threads):
+            pending = [self._pool.submit(self._gradients_of, part_loss, part, trainable, op_threads)
+                       for part in parts[1:]]
             try:
                 loss, extra = part_loss(parts[0])
                 loss.backward()
@@ -142,9 +149,10 @@ class RowThreads:
 
     @staticmethod
     def _gradients_of(
-        part_loss: Callable[[Any], tuple[torch.Tensor, Any]], part: Any, trainable: Sequence[torch.nn.Parameter]
+        part_loss: Callable[[Any], tuple[torch.Tensor, Any]], part: Any, trainable: Sequence[torch.nn.Parameter],
+        op_threads: int,
     ) -> tuple[torch.Tensor, Any, tuple[torch.Tensor | None, ...]]:
-        torch.set_num_threads(1)  # this thread's own OpenMP setting; the caller restores its own after the step
+        torch.set_num_threads(op_threads)  # this thread's own OpenMP setting; the caller restores its own after
         loss, extra = part_loss(part)
         gradients = torch.autograd.grad(loss, trainable, allow_unused=True)
         return loss.detach(), extra, gradients
