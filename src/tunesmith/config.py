@@ -210,12 +210,13 @@ class TrainConfig(Section):
     )
     parallel_rows: bool | None = Field(
         None,
-        description="CPU, one process: run each micro-batch's rows in parallel threads (one per core, each its "
-        "ops on one core), so one thread's serial work (allocation, dispatch, autograd) overlaps another's "
-        "matmuls; the same gradients up to rounding, the same from run to run. null (auto): on where that holds "
-        "(sft, pretrain, classify; batch_size >= 2; no dropout; not compiled) and at most 10% of the parameters "
-        "train (each extra thread holds a copy of their gradients); true: on, or an error saying why it cannot "
-        "be. CPU benchmark, bf16 LoRA: ~+15% tokens/s (bench/README.md).",
+        description="CPU, one process: run each micro-batch's rows in parallel threads (one per op-thread, at "
+        "most one per row; the op-threads shared out among them), so one thread's serial work (allocation, "
+        "dispatch, autograd) overlaps another's matmuls; the same gradients up to rounding, the same from run to "
+        "run. null (auto): on where that holds (sft, pretrain, classify; batch_size >= 2; no dropout; not "
+        "compiled) and at most 10% of the parameters train (each extra thread holds a copy of their gradients); "
+        "true: on, or an error saying why it cannot be. CPU benchmark (2 cores), bf16 LoRA: +8% tokens/s by "
+        "medians (bench/README.md).",
     )
     release_memory: bool = Field(
         False,
