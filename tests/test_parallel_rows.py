@@ -65,7 +65,7 @@ def test_rows_in_threads_give_the_sequential_gradient_every_run_the_same(tiny_ll
         for start in starts
     ]
     threads_seen.clear()
-    with RowThreads(2) as rows:
+    with RowThreads(2, 2) as rows:
         parallel_loss, parallel_gradient = step(split, rows)
         _, again = step(split, rows)
     assert len(threads_seen) == 2  # the parts really ran in two threads
@@ -85,7 +85,7 @@ def test_parts_share_out_the_op_threads():
         return (weight * part).sum(), None
 
     saved = torch.get_num_threads()
-    with RowThreads(4) as rows:
+    with RowThreads(2, 4) as rows:
         rows.backward(part_loss, [torch.ones(3), torch.full((3,), 2.0)], [weight])
     assert seen == [2, 2] and torch.get_num_threads() == saved
     assert weight.grad.tolist() == [3.0, 3.0, 3.0]
@@ -132,6 +132,16 @@ def test_parallel_rows_stays_off_for_dropout_and_for_full_fine_tuning_unless_ask
     assert choice(plain, trainable_share=1.0) == 1  # auto: each thread would hold a copy of every gradient
     assert choice(plain, trainable_share=1.0, setting=True) == 2
     assert choice(plain, setting=False) == 1
+
+
+def test_auto_keeps_the_gradient_copies_small(monkeypatch):
+    """On many cores auto runs as many parts as keep the extra gradient copies within 10% of the model."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    plain = torch.nn.Linear(2, 2)
+    assert choice(plain, trainable_share=0.035, batch_size=16) == 3  # 2 copies: 7% of the model
+    assert choice(plain, trainable_share=0.001, batch_size=16) == 16
+    assert choice(plain, trainable_share=0.11, batch_size=16) == 1
+    assert choice(plain, trainable_share=0.11, batch_size=16, setting=True) == 16
 
 
 @pytest.mark.parametrize("recompute", [False, True])

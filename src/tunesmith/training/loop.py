@@ -575,7 +575,7 @@ def train(
     model.train()
     with (StopSignal() as stop_signal, progress,
           compiled_loss_chunks() if train_config.compile else nullcontext(),
-          RowThreads(row_threads) if row_threads > 1 else nullcontext() as rows):
+          RowThreads(row_threads, torch.get_num_threads()) if row_threads > 1 else nullcontext() as rows):
         bar = progress.add_task("train", total=total_steps, completed=state["step"], loss="-", lr="-", tps="-")
         while state["step"] < total_steps:
             started = time.perf_counter()

@@ -23,6 +23,7 @@ draws from the one generator would come in a different order from run to run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,9 +35,9 @@ from tunesmith.errors import ConfigError
 
 Item = TypeVar("Item")
 
-# auto leaves runs that train more than this share of the model's parameters sequential: each extra thread
-# holds a copy of their gradients.
-AUTO_MAX_TRAINABLE_SHARE = 0.1
+# auto runs as many parts as keep the extra gradient copies (one per part but the first) within this share of the
+# model's parameter count: 2 parts for up to 10% trainable (LoRA, adapters), none for full fine-tuning.
+AUTO_MAX_GRADIENT_COPIES = 0.1
 
 
 def active_dropout(model: torch.nn.Module) -> str | None:
@@ -56,9 +57,10 @@ def parallel_rows_choice(
     setting: bool | None, *, device: torch.device, processes: int, compiled: bool, mixed_precision: str,
     rows_independent: bool, batch_size: int, dropout: str | None, trainable_share: float,
 ) -> int:
-    """How many threads split each micro-batch's rows: 1 (sequential) or torch's op-thread count. `setting` is
-    `train.parallel_rows`: None (auto) splits where it is exact and cheap; True where it is exact, else a
-    ConfigError saying why not; False never. `dropout`: the model's `active_dropout`."""
+    """How many parts (threads) split each micro-batch's rows: 1 (sequential) up to torch's op-thread count.
+    `setting` is `train.parallel_rows`: None (auto) splits where it is exact, into as many parts as keep the
+    gradient copies within AUTO_MAX_GRADIENT_COPIES of the model; True into one part per op-thread where it is
+    exact, else a ConfigError saying why not; False never. `dropout`: the model's `active_dropout`."""
     threads = torch.get_num_threads()
     reasons = [
         (device.type != "cpu", f"it is for CPU runs; this one runs on {device.type}"),
@@ -75,9 +77,12 @@ def parallel_rows_choice(
         return 1
     if setting is True and reason is not None:
         raise ConfigError(f"train.parallel_rows: {reason}; set it to false or leave it unset")
-    if setting is None and (reason is not None or trainable_share > AUTO_MAX_TRAINABLE_SHARE):
+    if setting is True:
+        return threads
+    if reason is not None:
         return 1
-    return threads
+    affordable = 1 + math.floor(AUTO_MAX_GRADIENT_COPIES / trainable_share) if trainable_share > 0 else threads
+    return max(min(threads, affordable), 1)
 
 
 def balanced_parts(items: Sequence[Item], lengths: Sequence[int], parts: int) -> list[list[Item]]:
@@ -98,9 +103,10 @@ class RowThreads:
     when there are as many parts as threads (2 cores, batch >= 2), more when a micro-batch has fewer rows than
     there are threads, so every core stays busy."""
 
-    def __init__(self, threads: int):
+    def __init__(self, parts: int, threads: int):
+        """At most `parts` parts per micro-batch, sharing `threads` op-threads."""
         self.threads = threads
-        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="tunesmith-rows")
+        self._pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="tunesmith-rows")
 
     def __enter__(self) -> RowThreads:
         return self
