@@ -91,6 +91,23 @@ def test_parts_share_out_the_op_threads():
     assert weight.grad.tolist() == [3.0, 3.0, 3.0]
 
 
+def test_an_error_in_a_part_reaches_the_caller_after_every_part_finished():
+    weight = torch.nn.Parameter(torch.ones(3))
+    finished = []
+
+    def part_loss(part: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if part.sum() > 5:
+            raise ValueError("a bad part")
+        finished.append(threading.current_thread().name)
+        return (weight * part).sum(), None
+
+    saved = torch.get_num_threads()
+    with RowThreads(2, 2) as rows, pytest.raises(ValueError, match="a bad part"):
+        rows.backward(part_loss, [torch.ones(3), torch.full((3,), 2.0)], [weight])
+    assert finished == [threading.main_thread().name] and torch.get_num_threads() == saved
+    assert weight.grad.tolist() == [1.0, 1.0, 1.0]  # the finished part's gradient only: the step is abandoned
+
+
 def choice(model, **changes) -> int:
     settings = {
         "device": torch.device("cpu"), "processes": 1, "compiled": False, "mixed_precision": "no",
