@@ -4,9 +4,9 @@ On a CPU, PyTorch spreads each operation over the cores (OpenMP), but much of a 
 allocating each tensor, dispatching each op, the autograd engine's bookkeeping. A profile of the CPU
 benchmark job (bench/train_throughput.py, SmolLM2-135M LoRA, bfloat16, 2 cores; bench/README.md) found the
 second core waiting in OpenMP 25% of the time. Here each thread runs the forward and backward of its own
-part of the micro-batch's rows with its share of the op-threads (one each: as many parts as op-threads, at most
-one per row), so one thread's serial work overlaps the other's matmuls: PyTorch releases the GIL inside its ops
-and during the backward. Measured on 2 cores only (bench/README.md).
+part of the micro-batch's rows with its share of the op-threads (one each on 2 cores; where there are fewer parts
+than op-threads, several each), so one thread's serial work overlaps the other's matmuls: PyTorch releases the
+GIL inside its ops and during the backward. Measured on 2 cores only (bench/README.md).
 
 The result equals the sequential step's up to rounding (the same loss terms, each divided by the step's
 loss-token count, summed in another order) and is the same from run to run: each part's gradients are
