@@ -8,7 +8,14 @@ import threading
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import assert_same_weights, chat_records, classification_records, run_config, write_jsonl
+from helpers import (
+    assert_same_weights,
+    chat_records,
+    classification_records,
+    preference_records,
+    run_config,
+    write_jsonl,
+)
 
 from tunesmith.config import ModelConfig
 from tunesmith.data.collate import collate_padded
@@ -111,7 +118,8 @@ def test_an_error_in_a_part_reaches_the_caller_after_every_part_finished():
 def choice(model, **changes) -> int:
     settings = {
         "device": torch.device("cpu"), "processes": 1, "compiled": False, "mixed_precision": "no",
-        "rows_independent": True, "batch_size": 4, "dropout": active_dropout(model), "trainable_share": 0.01,
+        "rows_independent": True, "reference_per_batch": False, "batch_size": 4, "dropout": active_dropout(model),
+        "trainable_share": 0.01,
     }
     return parallel_rows_choice(changes.pop("setting", None), **{**settings, **changes})
 
@@ -124,6 +132,7 @@ def choice(model, **changes) -> int:
         ({"compiled": True}, "train.compile"),
         ({"mixed_precision": "fp16"}, "fp16"),
         ({"rows_independent": False}, "per-record terms"),
+        ({"reference_per_batch": True}, "train.cache_reference: true"),
         ({"batch_size": 1}, "train.batch_size is 1"),
     ],
 )
@@ -204,3 +213,34 @@ def test_classification_with_parallel_rows_matches_sequential(tiny_llama_dir, tm
     assert parallel.summary["row_threads"] == 2
     assert_same_weights(sequential.run_dir / "adapter" / "adapter_model.safetensors",
                         parallel.run_dir / "adapter" / "adapter_model.safetensors", rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("task", "train_settings"),
+    [("simpo", {}), ("orpo", {}), ("reward", {}), ("dpo", {"cache_reference": True})],
+)
+def test_pairwise_tasks_with_parallel_rows_match_sequential(task, train_settings, tiny_llama_dir, tmp_path,
+                                                            two_threads):
+    """Pairs split into parts keep each pair whole (chosen and rejected rows collated together); dpo with its
+    reference outputs stored on the records needs no reference model per batch."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_records(12))
+
+    def run(name: str, parallel_rows: bool):
+        return train(run_config(tiny_llama_dir, pairs, tmp_path / name, task=task, method={"name": "lora", "r": 4},
+                                train={"max_steps": 3, "batch_size": 4, "parallel_rows": parallel_rows,
+                                       **train_settings}))
+
+    sequential, parallel = run("sequential", False), run("parallel", True)
+    assert parallel.summary["row_threads"] == 2
+    assert_same_weights(sequential.run_dir / "adapter" / "adapter_model.safetensors",
+                        parallel.run_dir / "adapter" / "adapter_model.safetensors", rtol=1e-4, atol=1e-5)
+
+
+def test_dpo_with_a_reference_model_per_batch_stays_sequential(tiny_llama_dir, tmp_path, two_threads):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_records(8))
+    config = run_config(tiny_llama_dir, pairs, tmp_path / "run", task="dpo", method={"name": "lora", "r": 4},
+                        train={"max_steps": 1, "batch_size": 4})
+    assert train(config).summary["row_threads"] == 1
+    with pytest.raises(ConfigError, match="train.parallel_rows: a reference model runs per batch"):
+        train(config.model_copy(update={"train": config.train.model_copy(update={"parallel_rows": True})}),
+              overwrite=True)

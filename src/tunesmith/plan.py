@@ -244,7 +244,8 @@ def plan_memory(
     row_threads = parallel_rows_choice(
         train.parallel_rows, device=torch.device("cuda" if on_gpu else "cpu"), processes=processes,
         compiled=train.compile, mixed_precision=mixed_precision, rows_independent=objective.rows_independent,
-        batch_size=train.batch_size, dropout=counts.dropout, trainable_share=trainable / total if total else 1.0,
+        reference_per_batch=objective.has_reference and not train.cache_reference, batch_size=train.batch_size,
+        dropout=counts.dropout, trainable_share=trainable / total if total else 1.0,
     )
     if creates_head(config.task):
         logits = train.batch_size * 4 * 64  # a handful of classes: negligible

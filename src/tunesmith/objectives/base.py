@@ -50,9 +50,11 @@ class ObjectiveSpec:
     settings: type[ObjectiveSettings] = ObjectiveSettings
     supports_packing: bool = False
     rows_independent: bool = False
-    """The loss is a sum of per-record terms, each computed from its own record's rows alone (no reference
-    model, rollout or batch-wide statistic): splitting a micro-batch's records into parts and summing the
-    parts' losses changes nothing but rounding, so `train.parallel_rows` may run the parts in threads."""
+    """The loss is a sum of per-record terms (tokens, examples or pairs), each computed from its own record's
+    rows alone, or with reference outputs stored on the record (`train.cache_reference`), never from a
+    batch-wide statistic or a rollout: splitting a micro-batch's records into parts and summing the parts'
+    losses changes nothing but rounding, so `train.parallel_rows` may run the parts in threads (not while a
+    reference model runs per batch)."""
     reference: Callable[[torch.nn.Module, dict, Any], dict[str, torch.Tensor]] | None = None
     """For objectives that compare against the starting model (DPO, KL penalties):
     reference(reference_model, batch, settings) -> tensors added to the batch before `loss`.

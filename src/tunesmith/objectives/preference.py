@@ -407,16 +407,17 @@ _dpo_loss, _dpo_evaluate = pairwise_objective(dpo_loss_function)
 register(ObjectiveSpec(
     name="dpo", model_kind="causal_lm", collate=collate_pairs, loss=_dpo_loss, evaluate=_dpo_evaluate,
     settings=DPOSettings, reference=reference_pair_logps, cache_reference=reference_cache_hook("dpo"),
+    rows_independent=True,
 ))
 _simpo_loss, _simpo_evaluate = pairwise_objective(simpo_loss)
 register(ObjectiveSpec(
     name="simpo", model_kind="causal_lm", collate=collate_pairs, loss=_simpo_loss, evaluate=_simpo_evaluate,
-    settings=SimPOSettings,
+    settings=SimPOSettings, rows_independent=True,
 ))
 _orpo_loss, _orpo_evaluate = pairwise_objective(orpo_loss)
 register(ObjectiveSpec(
     name="orpo", model_kind="causal_lm", collate=collate_pairs, loss=_orpo_loss, evaluate=_orpo_evaluate,
-    settings=ORPOSettings,
+    settings=ORPOSettings, rows_independent=True,
 ))
 
 

@@ -83,5 +83,5 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
 
 register(ObjectiveSpec(
     name="reward", model_kind="sequence_classification", collate=collate_pairs, loss=reward_loss,
-    evaluate=evaluate_reward,
+    evaluate=evaluate_reward, rows_independent=True,
 ))

@@ -481,7 +481,7 @@ def train(
     row_threads = parallel_rows_choice(
         train_config.parallel_rows, device=accelerator.device, processes=group.world, compiled=train_config.compile,
         mixed_precision=accelerator.mixed_precision, rows_independent=objective.rows_independent,
-        batch_size=train_config.batch_size, dropout=active_dropout(model),
+        reference_per_batch=reference is not None, batch_size=train_config.batch_size, dropout=active_dropout(model),
         trainable_share=trainable_params / total_params,
     )
     if row_threads > 1:

@@ -17,7 +17,8 @@ model's gradients per extra thread for full fine-tuning (which `auto` therefore 
 
 It applies where that reasoning holds (`parallel_rows_choice`): one process on CPU, eager (not compiled), no
 fp16 loss scaling, an objective whose loss is a sum over its records that needs nothing but the rows
-(`ObjectiveSpec.rows_independent`: no reference model, no rollout), and no active dropout, whose random
+(`ObjectiveSpec.rows_independent`; a reference model only through outputs stored before training), and no
+active dropout, whose random
 draws from the one generator would come in a different order from run to run.
 """
 
@@ -55,12 +56,14 @@ def active_dropout(model: torch.nn.Module) -> str | None:
 
 def parallel_rows_choice(
     setting: bool | None, *, device: torch.device, processes: int, compiled: bool, mixed_precision: str,
-    rows_independent: bool, batch_size: int, dropout: str | None, trainable_share: float,
+    rows_independent: bool, reference_per_batch: bool, batch_size: int, dropout: str | None,
+    trainable_share: float,
 ) -> int:
     """How many parts (threads) split each micro-batch's rows: 1 (sequential) up to torch's op-thread count.
     `setting` is `train.parallel_rows`: None (auto) splits where it is exact, into as many parts as keep the
     gradient copies within AUTO_MAX_GRADIENT_COPIES of the model; True into one part per op-thread where it is
-    exact, else a ConfigError saying why not; False never. `dropout`: the model's `active_dropout`."""
+    exact, else a ConfigError saying why not; False never. `dropout`: the model's `active_dropout`;
+    `reference_per_batch`: a reference (or teacher) model runs in each step, alongside the parts."""
     threads = torch.get_num_threads()
     reasons = [
         (device.type != "cpu", f"it is for CPU runs; this one runs on {device.type}"),
@@ -68,6 +71,7 @@ def parallel_rows_choice(
         (compiled, "train.compile is on"),
         (mixed_precision == "fp16", "fp16 loss scaling is on"),
         (not rows_independent, "this task's loss is not a sum of per-record terms computed from the rows alone"),
+        (reference_per_batch, "a reference model runs per batch (train.cache_reference: true stores its outputs once)"),
         (dropout is not None, f"dropout is active ({dropout}); its random masks would differ from run to run"),
         (batch_size < 2, "train.batch_size is 1: no rows to split"),
         (threads < 2, "torch runs with one thread (torch.set_num_threads / OMP_NUM_THREADS)"),
