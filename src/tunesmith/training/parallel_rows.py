@@ -18,8 +18,7 @@ model's gradients per extra thread for full fine-tuning (which `auto` therefore 
 It applies where that reasoning holds (`parallel_rows_choice`): one process on CPU, eager (not compiled), no
 fp16 loss scaling, an objective whose loss is a sum over its records that needs nothing but the rows
 (`ObjectiveSpec.rows_independent`; a reference model only through outputs stored before training), and no
-active dropout, whose random
-draws from the one generator would come in a different order from run to run.
+active dropout, whose random draws from the one generator would come in a different order from run to run.
 """
 
 from __future__ import annotations
