@@ -244,3 +244,24 @@ def test_dpo_with_a_reference_model_per_batch_stays_sequential(tiny_llama_dir, t
     with pytest.raises(ConfigError, match="train.parallel_rows: a reference model runs per batch"):
         train(config.model_copy(update={"train": config.train.model_copy(update={"parallel_rows": True})}),
               overwrite=True)
+
+
+def test_distillation_from_stored_teacher_outputs_with_parallel_rows_matches_sequential(
+    tiny_llama_dir, teacher_dir, tmp_path, monkeypatch, two_threads
+):
+    """With train.cache_reference the teacher's top-k log-probs are stored on each record: the parts need no
+    teacher, and the per-token terms split with the rows."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
+
+    def run(name: str, parallel_rows: bool):
+        return train(run_config(
+            tiny_llama_dir, chats, tmp_path / name, task="distill", method={"name": "lora", "r": 4},
+            objective={"teacher": str(teacher_dir), "teacher_top_k": 8, "alpha": 0.5},
+            train={"max_steps": 3, "batch_size": 4, "cache_reference": True, "parallel_rows": parallel_rows},
+        ))
+
+    sequential, parallel = run("sequential", False), run("parallel", True)
+    assert parallel.summary["row_threads"] == 2
+    assert_same_weights(sequential.run_dir / "adapter" / "adapter_model.safetensors",
+                        parallel.run_dir / "adapter" / "adapter_model.safetensors", rtol=1e-4, atol=1e-5)

@@ -213,8 +213,8 @@ class TrainConfig(Section):
         description="CPU, one process: run each micro-batch's rows in parallel threads (one per op-thread, at "
         "most one per row; the op-threads shared out among them), so one thread's serial work (allocation, "
         "dispatch, autograd) overlaps another's matmuls; the same gradients up to rounding, the same from run to "
-        "run. null (auto): on where that holds (sft, pretrain, classify, reward, simpo, orpo, dpo with "
-        "cache_reference; batch_size >= 2; no dropout; not compiled), in as many parts as keep the extra "
+        "run. null (auto): on where that holds (sft, pretrain, classify, reward, simpo, orpo; dpo and distill "
+        "with cache_reference; batch_size >= 2; no dropout; not compiled), in as many parts as keep the extra "
         "gradient copies (one per part but the first) within 10% of the model's parameters: adapters yes, full "
         "fine-tuning no; true: one part per op-thread, or an error saying why it cannot be. CPU benchmark "
         "(2 cores), bf16 LoRA: +8% tokens/s by medians (bench/README.md).",

@@ -633,5 +633,6 @@ register(
         shard_reference=shard_teacher,
         reference_is_starting_model=False,
         cache_reference=cache_teacher_log_probs,
+        rows_independent=True,
     )
 )
