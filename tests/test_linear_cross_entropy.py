@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tunesmith.data.collate import IGNORE_INDEX
 from tunesmith.objectives import linear_cross_entropy
 from tunesmith.objectives.causal_lm import chunked_cross_entropy_sum
-from tunesmith.objectives.linear_cross_entropy import fusable_head, linear_cross_entropy_sum
+from tunesmith.objectives.linear_cross_entropy import fusable_head, linear_cross_entropy_eval, linear_cross_entropy_sum
 
 HIDDEN, VOCAB = 24, 70
 
@@ -173,3 +174,19 @@ def test_wrapped_head_equals_the_fused_loss():
         results.append([loss.detach(), leaf.grad, head.weight.grad])
     for value, wanted in zip(*results, strict=True):
         torch.testing.assert_close(value, wanted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evaluation_counts_the_argmax_hits(dtype, monkeypatch):
+    """Evaluation's loss and token-accuracy count, chunks of 6 (bf16: float32 blocks of 4 rows), against the whole
+    logits: argmax taken before the softmax works over them, ignored targets counted in neither."""
+    monkeypatch.setattr(linear_cross_entropy, "SOFTMAX_BLOCK_ELEMENTS", 4 * VOCAB)
+    head, hidden, targets, _ = case(21, dtype, True, False)
+    logits = head(hidden)  # (N, V)
+    targets[:9] = logits[:9].argmax(-1)  # some hits
+    targets[1] = IGNORE_INDEX  # a hit that must not count
+    with torch.no_grad():
+        loss, correct = linear_cross_entropy_eval(hidden, head, targets, 6)
+    kept = targets != IGNORE_INDEX
+    assert int(correct) == int((logits[kept].argmax(-1) == targets[kept]).sum()) == 8
+    torch.testing.assert_close(loss, reference(hidden, head, targets, None), rtol=1e-5, atol=1e-5)

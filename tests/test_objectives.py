@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from tunesmith.data.collate import (
@@ -15,7 +16,7 @@ from tunesmith.data.collate import (
     pack_examples,
     shift_labels,
 )
-from tunesmith.objectives.causal_lm import causal_lm_loss
+from tunesmith.objectives.causal_lm import CausalLMSettings, causal_lm_loss, evaluate_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,46 @@ def test_chunked_loss_equals_one_piece_in_value_and_gradient(tiny_lm):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for chunked, whole in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
+
+
+class LogitRows(TorchDispatchMode):
+    """The most positions any (C, V) logits matmul computed at once."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.most = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and out.shape[-1] == self.vocab:
+            self.most = max(self.most, out.shape[0])
+        return out
+
+
+@pytest.mark.parametrize("wrapped_head", [False, True])
+def test_evaluation_in_chunks_equals_the_whole_logits(tiny_lm, wrapped_head):
+    """Eval loss and token accuracy over chunks of 7 positions equal those of the whole (N, V) logits, and no
+    logits matmul covers more than 7 positions: a plain head through the fused loss, a head with a hook (as an
+    adapter makes it) through its own forward, chunk by chunk."""
+    vocab = tiny_lm.config.vocab_size
+    batches = [collate_padded(make_examples(4, vocab, seed=seed), pad_id=0) for seed in (5, 6)]
+    loss_sum, correct, tokens = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = tiny_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            has_target = batch["targets"] != IGNORE_INDEX
+            loss_sum += F.cross_entropy(logits[has_target], batch["targets"][has_target], reduction="sum").item()
+            correct += int((logits[has_target].argmax(-1) == batch["targets"][has_target]).sum())
+            tokens += int(has_target.sum())
+    head = tiny_lm.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, output: None) if wrapped_head else None
+    try:
+        with LogitRows(vocab) as rows:
+            metrics = evaluate_causal_lm(tiny_lm, batches, CausalLMSettings(loss_chunk_tokens=7))
+    finally:
+        if hook is not None:
+            hook.remove()
+    assert tokens > 7 * 4 and 0 < rows.most <= 7
+    assert metrics["eval_tokens"] == tokens
+    assert metrics["token_accuracy"] == correct / tokens
+    assert metrics["eval_loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)

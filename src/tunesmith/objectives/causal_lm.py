@@ -20,7 +20,12 @@ from torch.utils.checkpoint import checkpoint
 from tunesmith.data.collate import IGNORE_INDEX, collate_padded
 from tunesmith.models import unwrapped_model
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, model_inputs, register
-from tunesmith.objectives.linear_cross_entropy import fusable_head, linear_cross_entropy_sum, softmax_cross_entropy
+from tunesmith.objectives.linear_cross_entropy import (
+    fusable_head,
+    linear_cross_entropy_eval,
+    linear_cross_entropy_sum,
+    softmax_cross_entropy,
+)
 
 _language_model = unwrapped_model
 """The transformers *ForCausalLM under any peft wrapper."""
@@ -159,25 +164,53 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict, settings: CausalLMSettin
     return LossOutput(loss_sum=loss_sum, num_loss_tokens=batch["num_loss_tokens"])
 
 
+def loss_and_correct(
+    model: torch.nn.Module, batch: dict, chunk_tokens: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation: the summed cross-entropy over the batch's loss positions and how many of them the model's most
+    likely token gets right, with the logits of at most `chunk_tokens` positions at a time (as the training loss
+    holds them), so evaluating never needs more memory for logits than a training step."""
+    if _can_skip_unused_logits(model):
+        hidden, head = loss_position_hidden(model, batch)  # (N, H)
+        targets = batch["targets"][batch["targets"] != IGNORE_INDEX]  # (N,)
+        if fusable_head(head):
+            return linear_cross_entropy_eval(hidden, head, targets, chunk_tokens)
+        pieces = ((head(piece), piece_targets) for piece, piece_targets in
+                  zip(_chunks(hidden, chunk_tokens), _chunks(targets, chunk_tokens), strict=True))
+    else:  # the full forward made every position's logits already; the loss's own buffers stay bounded
+        logits, targets = loss_position_logits(model, batch)  # (N, V), (N,)
+        pieces = zip(_chunks(logits, chunk_tokens), _chunks(targets, chunk_tokens), strict=True)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=batch["targets"].device)
+    correct = torch.zeros((), dtype=torch.long, device=batch["targets"].device)
+    for logits, targets in pieces:  # (C, V), (C,)
+        correct += (logits.argmax(-1) == targets).sum()
+        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss_sum, correct
+
+
+def _chunks(tensor: torch.Tensor, chunk_tokens: int | None) -> tuple[torch.Tensor, ...]:
+    return (tensor,) if chunk_tokens is None else tensor.split(chunk_tokens)
+
+
 @torch.no_grad()
 def evaluate_causal_lm(model: torch.nn.Module, batches: Iterable[dict], settings=None) -> dict[str, float]:
-    """Token-weighted loss over the whole eval set (not a mean of batch means) and its perplexity."""
-    total_loss = 0.0
+    """Token-weighted loss over the whole eval set (not a mean of batch means), its perplexity and token accuracy.
+    The sums stay on the device until the end: no batch waits for the host."""
+    chunk_tokens = settings.loss_chunk_tokens if settings is not None else None
+    total_loss = total_correct = 0
     total_tokens = 0
-    correct = 0
     for batch in batches:
-        logits, targets = loss_position_logits(model, batch)
-        total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
-        correct += int((logits.argmax(-1) == targets).sum())
+        loss_sum, correct = loss_and_correct(model, batch, chunk_tokens)
+        total_loss = total_loss + loss_sum.double()
+        total_correct = total_correct + correct
         total_tokens += batch["num_loss_tokens"]
-    eval_loss = total_loss / max(total_tokens, 1)
+    eval_loss = float(total_loss) / max(total_tokens, 1)
     return {
         "eval_loss": eval_loss,
         "perplexity": math.exp(min(eval_loss, 50.0)),
-        "token_accuracy": correct / max(total_tokens, 1),
+        "token_accuracy": int(total_correct) / max(total_tokens, 1),
         "eval_tokens": total_tokens,
     }
-
 
 for _name in ("sft", "pretrain"):
     register(

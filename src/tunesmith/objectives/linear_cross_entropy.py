@@ -88,8 +88,10 @@ def _chunk_bounds(positions: int, chunk_tokens: int | None) -> list[tuple[int, i
 def _loss_and_gradients(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     scale: torch.Tensor, chunk_tokens: int | None, needs: tuple[bool, bool, bool], chunk_loss: SoftmaxCrossEntropy,
+    correct: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The summed loss and the gradients of it that `needs` asks for (hidden, weight, bias), chunk by chunk."""
+    """The summed loss and the gradients of it that `needs` asks for (hidden, weight, bias), chunk by chunk.
+    `correct` (evaluation), a counter: the positions whose most likely token is their target are added to it."""
     dtype = _compute_dtype(hidden)
     matmul_weight = weight.to(dtype)  # (V, H): cast once, not per chunk (autocast caches no frozen weight)
     matmul_bias = None if bias is None else bias.to(dtype)
@@ -104,6 +106,8 @@ def _loss_and_gradients(
         for start, end in _chunk_bounds(hidden.shape[0], chunk_tokens):
             chunk = hidden[start:end].to(dtype)  # (C, H)
             logits = F.linear(chunk, matmul_weight, matmul_bias)  # (C, V)
+            if correct is not None:  # before the softmax works over the logits
+                correct += (logits.argmax(-1) == targets[start:end]).sum()
             rows = block_rows or end - start
             blocks = range(start, end, rows)
             if len(blocks) > 1 and workspace is None:
@@ -174,3 +178,19 @@ def linear_cross_entropy_sum(
         hidden, head.weight, head.bias, targets, scale, chunk_tokens, (False, False, False), chunk_loss
     )
     return loss_sum
+
+
+def linear_cross_entropy_eval(
+    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk_tokens: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation, without gradients: the summed cross-entropy of `head(hidden)` (N, H) against `targets` (N,)
+    and how many of the N positions' most likely tokens (argmax: the first of tied maxima) are their targets
+    (ignored targets add to neither), with the logits of at most `chunk_tokens` positions at a time, as in training."""
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    scale = (targets != IGNORE_INDEX).float()  # (N,)
+    with torch.no_grad():
+        loss_sum, *_ = _loss_and_gradients(
+            hidden, head.weight, head.bias, targets, scale, chunk_tokens, (False, False, False),
+            softmax_cross_entropy, correct,
+        )
+    return loss_sum, correct
