@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from helpers import chat_records, run_config, write_jsonl
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tunesmith.config import build_config
 from tunesmith.data import prepare_data
@@ -96,6 +97,20 @@ def test_settings_are_checked_with_the_key_in_the_message(tiny_llama_dir, data_f
 # --- the loss ---------------------------------------------------------------------------------------------------
 
 
+class HeadRows(TorchDispatchMode):
+    """The most positions any matmul with vocabulary-wide output (the logits) computed at once."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.most = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and out.shape[-1] == self.vocab:
+            self.most = max(self.most, out.shape[0])
+        return out
+
+
 def test_alpha_one_is_exactly_the_sft_loss(tiny_llama_dir, teacher_dir, data_files, tmp_path):
     config = _distill_config(tiny_llama_dir, teacher_dir, data_files, tmp_path, {"alpha": 1.0})
     tokenizer = load_tokenizer(config.model)
@@ -110,6 +125,40 @@ def test_alpha_one_is_exactly_the_sft_loss(tiny_llama_dir, teacher_dir, data_fil
     # ... and alpha < 1 is not: the teacher's distributions differ from the student's
     mixed = distill_loss(model, batch, config.objective.model_copy(update={"alpha": 0.5}))
     assert not torch.equal(mixed.loss_sum, sft.loss_sum)
+
+
+@pytest.mark.parametrize("objective", [
+    {"divergence": "forward_kl", "alpha": 0.3, "temperature": 2.0},
+    {"divergence": "reverse_kl"},
+    {"divergence": "jsd", "beta": 0.3, "teacher_top_k": 8, "alpha": 0.5},
+])
+def test_chunked_terms_equal_the_whole_batch_in_value_and_gradient(
+    tiny_llama_dir, teacher_dir, data_files, tmp_path, objective
+):
+    """Loss positions in checkpointed chunks of 7 (the last one shorter) give the loss, every term and every
+    parameter's gradient of the whole batch at once; and the whole (N, V) logits never exist: no output-head
+    matmul covers more than 7 positions."""
+    config = _distill_config(tiny_llama_dir, teacher_dir, data_files, tmp_path, objective)
+    tokenizer = load_tokenizer(config.model)
+    batch = collate_padded(prepare_data(config, tokenizer).train[:6], tokenizer.pad_token_id)
+    batch = {**batch, **teacher_logits(None, batch, config.objective)}
+    model = load_model(config.model, "distill")
+    vocab = model.config.vocab_size
+    results = []
+    for chunk in (None, 7):
+        model.zero_grad()
+        with HeadRows(vocab) as rows:
+            output = distill_loss(model, batch, config.objective.model_copy(update={"loss_chunk_tokens": chunk}))
+            output.loss_sum.backward()
+        gradients = [parameter.grad.clone() for parameter in model.parameters()]
+        results.append((output.loss_sum.detach(), output.metrics, gradients, rows.most))
+    (whole_loss, whole_terms, whole_grads, whole_rows), (loss, terms, grads, chunk_rows) = results
+    assert batch["num_loss_tokens"] > 3 * 7 and whole_rows == batch["num_loss_tokens"] and 0 < chunk_rows <= 7
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-6)
+    for name, value in whole_terms.items():
+        torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-6)
+    for chunked, whole in zip(grads, whole_grads, strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
 
 
 def test_distilling_lowers_the_kl_to_the_teacher_on_held_out_data(tiny_llama_dir, teacher_dir, data_files, tmp_path):

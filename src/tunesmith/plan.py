@@ -254,7 +254,11 @@ def plan_memory(
         part_tokens = math.ceil(tokens / row_threads)
         chunk = min(getattr(config.objective, "loss_chunk_tokens", None) or part_tokens, part_tokens)
         half = mixed_precision != "no" or dtype != "float32"
-        logits = row_threads * loss_chunk_bytes(chunk, vocab, counts.plain_head, half, on_gpu)
+        if config.task == "distill":
+            logits = row_threads * distill_chunk_bytes(chunk, vocab, config.objective) + teacher_side_bytes(
+                tokens, vocab, config.objective)
+        else:
+            logits = row_threads * loss_chunk_bytes(chunk, vocab, counts.plain_head, half, on_gpu)
 
     # Each process holds 1/processes of the layers when sharded; with cpu_offload none of them (host memory).
     held = counts.held(processes, sharded, train.cpu_offload)
@@ -315,6 +319,28 @@ def loss_chunk_bytes(positions: int, vocab: int, plain_head: bool, half: bool, o
     if not half:
         return logits * 4
     return logits * 2 + (logits if on_gpu else min(logits, SOFTMAX_BLOCK_ELEMENTS)) * 4
+
+
+# (C, V) float32 buffers one distillation chunk holds at its peak (objectives/distill.py: the student's logits,
+# their log-softmaxes, the teacher's at the temperature, the divergence's elementwise terms and, in the backward
+# pass, their gradients). Measured on the CPU (peak resident memory of one chunk's terms, forward and backward,
+# C = 512, V = 49,152, T = 2, alpha = 0.5): forward or reverse KL 9.2-10.0, jsd 14.0, the teacher's top-k 4.0.
+DISTILL_CHUNK_BUFFERS = {"jsd": 14, "top_k": 4}
+DISTILL_CHUNK_BUFFERS_KL = 10
+
+
+def distill_chunk_bytes(positions: int, vocab: int, settings) -> int:
+    """Memory of one distillation chunk of `positions` loss positions at its peak."""
+    key = "top_k" if settings.teacher_top_k is not None else settings.divergence
+    return positions * vocab * 4 * DISTILL_CHUNK_BUFFERS.get(key, DISTILL_CHUNK_BUFFERS_KL)
+
+
+def teacher_side_bytes(positions: int, vocab: int, settings) -> int:
+    """The teacher's side of a micro-batch, held for the whole batch: (N, V) float32 logits, or with
+    teacher_top_k its log-probs (float32) and token ids (int64), (N, k) each."""
+    if settings.teacher_top_k is not None:
+        return positions * settings.teacher_top_k * (4 + 8)
+    return positions * vocab * 4
 
 
 def activation_units(layers: int, recomputed: int) -> int:

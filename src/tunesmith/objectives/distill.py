@@ -34,9 +34,11 @@ the student being trained, so that neither path needs a copy of the student).
 Normalisation: `loss` returns sums over loss tokens and their count; the loop divides by the tokens of
 the whole optimiser step, as for sft.
 
-Memory: student and teacher logits are held as (N, V) float32 at the N loss positions (sft's chunked
-loss does not apply to a loss between two distributions); with a large vocabulary, `teacher_top_k`
-keeps the teacher's side at (N, k).
+Memory: the student's logits and the loss terms are computed over chunks of `loss_chunk_tokens` loss
+positions, each chunk recomputed in the backward pass, so the student's (C, V) float32 logits and the
+divergence's (C, V) intermediates exist for one chunk at a time (sft's fused loss does not apply to a loss
+between two distributions). The teacher's side is held for the whole batch: (N, V) float32 logits on the
+fly, or with `teacher_top_k` (N, k).
 """
 
 from __future__ import annotations
@@ -56,13 +58,19 @@ from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.collate import IGNORE_INDEX, collate_padded, eval_batches
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.filelock import file_lock
 from tunesmith.files import write_file_atomically
 from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings, ObjectiveSpec, register
-from tunesmith.objectives.causal_lm import _language_model, loss_position_logits
+from tunesmith.objectives.causal_lm import (
+    _can_skip_unused_logits,
+    _language_model,
+    loss_position_hidden,
+    loss_position_logits,
+)
 from tunesmith.registry import Registry
 from tunesmith.training.distributed import rank_and_world
 
@@ -134,6 +142,12 @@ class DistillSettings(ObjectiveSettings):
     teacher_top_k: int | None = Field(
         None, ge=1, description="Compare on the teacher's k most likely tokens only (both renormalised there); "
         "null: the whole vocabulary. Required with train.cache_reference, which stores these k per token."
+    )
+    loss_chunk_tokens: int | None = Field(
+        256, ge=1, description="Compute the student's logits and the loss terms over chunks of this many loss "
+        "positions, each chunk recomputed in the backward pass (one more head matmul), so the (N, V) float32 "
+        "logits and the divergence's (N, V) intermediates never exist at once (exact). null: the whole batch at "
+        "once, nothing recomputed."
     )
     teacher_batch_size: int = Field(
         8, ge=1, description="train.cache_reference: records per teacher forward pass (on each process of a "
@@ -548,43 +562,89 @@ def collate_distill(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
 # --- loss ----------------------------------------------------------------------------------------------------------
 
 
-def matched_logits(student_logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def matched_logits(student_logits: torch.Tensor, teacher: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Student logits and teacher logits (or log-probs: the same up to a constant per row) over the same
-    K tokens: the shared vocabulary, or the teacher's top k.
+    K tokens: the shared vocabulary, or the teacher's top k. `teacher`: a batch, or its `TEACHER_KEYS`.
 
     Departure with teacher_top_k: both distributions are renormalised over the teacher's k tokens, so the
     soft term does not see the student's mass outside them (the hard-label term, alpha > 0, does). This
     keeps every divergence a proper one (reverse KL is infinite where the teacher has no mass).
     """
-    if "teacher_top_ids" in batch:
-        return student_logits.gather(-1, batch["teacher_top_ids"]), batch["teacher_top_log_probs"]  # (N, k) each
-    if "teacher_logits" not in batch:  # the loop collates packed rows itself, without the stored values
+    if "teacher_top_ids" in teacher:
+        return student_logits.gather(-1, teacher["teacher_top_ids"]), teacher["teacher_top_log_probs"]  # (N, k) each
+    if "teacher_logits" not in teacher:  # the loop collates packed rows itself, without the stored values
         raise ConfigError("data.packing: packed batches do not carry the teacher log-probs that "
                           "train.cache_reference stores per record; set data.packing: false")
-    teacher = batch["teacher_logits"]  # (N, V_teacher)
-    width = min(student_logits.shape[-1], teacher.shape[-1])
-    return student_logits[:, :width], teacher[:, :width]  # (N, V) each
+    teacher_logits = teacher["teacher_logits"]  # (N, V_teacher)
+    width = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    return student_logits[:, :width], teacher_logits[:, :width]  # (N, V) each
 
 
-def distill_terms(model: torch.nn.Module, batch: dict, settings: DistillSettings) -> dict[str, torch.Tensor]:
-    """Summed terms over the batch's loss tokens: hard (sft CE), divergence (at temperature T), teacher_kl
-    (forward KL at T = 1, what the tests and eval track), correct (student argmax == data token)."""
-    check_shared_tokenizer(model, settings.teacher)
-    logits, targets = loss_position_logits(model, batch)  # (N, V) float32, (N,)
-    hard = F.cross_entropy(logits, targets, reduction="sum")  # exactly sft's loss (alpha = 1 test)
-    student, teacher = matched_logits(logits, batch)  # (N, K) each
+TEACHER_KEYS = ("teacher_logits", "teacher_top_log_probs", "teacher_top_ids")
+"""What the batch carries of the teacher, row for row the batch's N loss positions."""
+
+
+def chunk_terms(
+    student_logits: torch.Tensor, targets: torch.Tensor, teacher: dict[str, torch.Tensor], settings: DistillSettings
+) -> dict[str, torch.Tensor]:
+    """The summed terms over C loss positions, from the student's (C, V) float32 logits, the data tokens (C,)
+    and the teacher's rows for those positions (`TEACHER_KEYS`)."""
+    hard = F.cross_entropy(student_logits, targets, reduction="sum")  # exactly sft's loss (alpha = 1 test)
+    student, teacher_side = matched_logits(student_logits, teacher)  # (C, K) each
     temperature = settings.temperature
     divergence = DIVERGENCES.get(settings.divergence, "objective.divergence")(
-        F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1), settings
-    )  # (N,)
+        F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher_side / temperature, dim=-1), settings
+    )  # (C,)
     with torch.no_grad():
-        teacher_kl = kl_divergence(F.log_softmax(teacher, dim=-1), F.log_softmax(student, dim=-1))  # (N,)
+        teacher_kl = kl_divergence(F.log_softmax(teacher_side, dim=-1), F.log_softmax(student, dim=-1))  # (C,)
     return {
         "hard": hard,
         "divergence": divergence.sum(),
         "teacher_kl": teacher_kl.sum(),
-        "correct": (logits.argmax(-1) == targets).sum().float(),
+        "correct": (student_logits.argmax(-1) == targets).sum().float(),
     }
+
+
+def _head_chunk_terms(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, teacher: dict[str, torch.Tensor],
+    settings: DistillSettings,
+) -> dict[str, torch.Tensor]:
+    return chunk_terms(head(hidden).float(), targets, teacher, settings)  # (C, H) -> (C, V) float32
+
+
+def distill_terms(model: torch.nn.Module, batch: dict, settings: DistillSettings) -> dict[str, torch.Tensor]:
+    """Summed terms over the batch's loss tokens: hard (sft CE), divergence (at temperature T), teacher_kl
+    (forward KL at T = 1, what the tests and eval track), correct (student argmax == data token).
+
+    With `loss_chunk_tokens`, over chunks of that many positions: the student's logits are computed from its
+    final hidden states chunk by chunk, and with gradients each chunk is checkpointed (its logits and the
+    divergence's intermediates are recomputed in the backward pass instead of kept), so they exist for one
+    chunk at a time. A model whose logits need its full forward (prompt learning, soft-capped heads) makes
+    them all at once; only the terms' intermediates are chunked then."""
+    check_shared_tokenizer(model, settings.teacher)
+    chunk_tokens = settings.loss_chunk_tokens
+    teacher = {key: batch[key] for key in TEACHER_KEYS if key in batch}
+    if chunk_tokens is None:
+        logits, targets = loss_position_logits(model, batch)  # (N, V) float32, (N,)
+        return chunk_terms(logits, targets, teacher, settings)
+    if _can_skip_unused_logits(model):
+        hidden, head = loss_position_hidden(model, batch)  # (N, H)
+        targets = batch["targets"][batch["targets"] != IGNORE_INDEX]  # (N,)
+        student, terms_of = hidden, functools.partial(_head_chunk_terms, head=head, settings=settings)
+    else:
+        student, targets = loss_position_logits(model, batch)  # (N, V) float32, (N,)
+        terms_of = functools.partial(chunk_terms, settings=settings)
+    totals = None
+    for start in range(0, max(targets.shape[0], 1), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        teacher_piece = {key: value[piece] for key, value in teacher.items()}
+        if torch.is_grad_enabled():
+            terms = checkpoint(terms_of, student[piece], targets=targets[piece], teacher=teacher_piece,
+                               use_reentrant=False)
+        else:
+            terms = terms_of(student[piece], targets=targets[piece], teacher=teacher_piece)
+        totals = terms if totals is None else {name: totals[name] + value for name, value in terms.items()}
+    return totals
 
 
 def combined_loss(terms: dict[str, torch.Tensor], settings: DistillSettings) -> torch.Tensor:
