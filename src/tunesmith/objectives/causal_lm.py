@@ -212,6 +212,7 @@ def evaluate_causal_lm(model: torch.nn.Module, batches: Iterable[dict], settings
         "eval_tokens": total_tokens,
     }
 
+
 for _name in ("sft", "pretrain"):
     register(
         ObjectiveSpec(
