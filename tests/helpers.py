@@ -6,7 +6,26 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from tunesmith.config import build_config, merge
+
+MATMULS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+
+
+class LogitRows(TorchDispatchMode):
+    """The most positions any matmul with a vocabulary-wide output (logits) computed at once, under this mode."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.most = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in MATMULS and out.shape[-1] == self.vocab:
+            self.most = max(self.most, out.numel() // self.vocab)
+        return out
 
 
 def prompt_examples(tokenizer, questions: list[str], answers: list[str | None] | None = None,

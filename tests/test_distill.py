@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import chat_records, run_config, write_jsonl
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import LogitRows, chat_records, run_config, write_jsonl
 
 from tunesmith.config import build_config
 from tunesmith.data import prepare_data
@@ -97,20 +96,6 @@ def test_settings_are_checked_with_the_key_in_the_message(tiny_llama_dir, data_f
 # --- the loss ---------------------------------------------------------------------------------------------------
 
 
-class HeadRows(TorchDispatchMode):
-    """The most positions any matmul with vocabulary-wide output (the logits) computed at once."""
-
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.vocab, self.most = vocab, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and out.shape[-1] == self.vocab:
-            self.most = max(self.most, out.shape[0])
-        return out
-
-
 def test_alpha_one_is_exactly_the_sft_loss(tiny_llama_dir, teacher_dir, data_files, tmp_path):
     config = _distill_config(tiny_llama_dir, teacher_dir, data_files, tmp_path, {"alpha": 1.0})
     tokenizer = load_tokenizer(config.model)
@@ -147,7 +132,7 @@ def test_chunked_terms_equal_the_whole_batch_in_value_and_gradient(
     results = []
     for chunk in (None, 7):
         model.zero_grad()
-        with HeadRows(vocab) as rows:
+        with LogitRows(vocab) as rows:
             output = distill_loss(model, batch, config.objective.model_copy(update={"loss_chunk_tokens": chunk}))
             output.loss_sum.backward()
         gradients = [parameter.grad.clone() for parameter in model.parameters()]

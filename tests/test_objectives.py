@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import LogitRows
 from transformers import AutoModelForCausalLM
 
 from tunesmith.data.collate import (
@@ -140,20 +140,6 @@ def test_chunked_loss_equals_one_piece_in_value_and_gradient(tiny_lm):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for chunked, whole in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
-
-
-class LogitRows(TorchDispatchMode):
-    """The most positions any (C, V) logits matmul computed at once."""
-
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.vocab, self.most = vocab, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and out.shape[-1] == self.vocab:
-            self.most = max(self.most, out.shape[0])
-        return out
 
 
 @pytest.mark.parametrize("wrapped_head", [False, True])

@@ -231,3 +231,24 @@ def test_distillation_counts_its_chunks_and_the_teacher_side(tiny_llama_dir, cha
     assert loss_bytes(loss_chunk_tokens=None) == (positions * 10 + positions) * vocab * 4
     assert loss_bytes(loss_chunk_tokens=16, divergence="jsd") == (16 * 14 + positions) * vocab * 4
     assert loss_bytes(loss_chunk_tokens=16, teacher_top_k=8) == 16 * 4 * vocab * 4 + positions * 8 * 12
+
+
+def test_online_rl_counts_every_sampled_sequence_and_its_log_prob_chunks(tiny_llama_dir, chat_file, tmp_path):
+    """grpo / ppo: the activations of batch_size x group_size sequences of prompt + completion, and one chunk of
+    completion log-probs (float32 logits, their log-softmax and gradient) at a time."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_llama_dir).vocab_size
+
+    def plan(task: str = "grpo", **objective):
+        config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", task=task, data={"max_length": 32},
+                            train={"batch_size": 2}, objective={"max_new_tokens": 16, **objective})
+        return plan_memory(config, on_gpu=False)
+
+    four, eight = plan(group_size=4), plan(group_size=8)
+    assert eight.parts_gib["activations"] == 2 * four.parts_gib["activations"]
+    completions = 2 * 4 * 16
+    assert plan(group_size=4, loss_chunk_tokens=None).parts_gib["logits + loss"] * GIB == completions * vocab * 12
+    assert four.parts_gib["logits + loss"] * GIB == completions * vocab * 12  # default 512 > 128 positions
+    assert plan(group_size=4, loss_chunk_tokens=50).parts_gib["logits + loss"] * GIB == 50 * vocab * 12
+    assert plan("ppo", group_size=1, loss_chunk_tokens=8).parts_gib["logits + loss"] * GIB == 8 * vocab * 12

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import prompt_examples, run_config, train_online_rl, write_jsonl
+from helpers import LogitRows, prompt_examples, run_config, train_online_rl, write_jsonl
 
 from tunesmith.config import ModelConfig
 from tunesmith.models import load_model, load_tokenizer
@@ -126,3 +126,36 @@ def test_unknown_reward_function_is_a_config_error(tiny_llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"question": "q", "answer": "#### 1"}])
     with pytest.raises(ConfigError, match="did you mean 'gsm8k_correctness'"):
         run_config(tiny_llama_dir, data, tmp_path / "run", task="grpo", objective={"rewards": ["gsm8k_corectness"]})
+
+
+def test_chunked_log_probs_equal_the_whole_batch(tiny_llama_dir):
+    """Completion log-probs over chunks of 5 positions give the reference's and the policy's log-probs, grpo's loss
+    and every gradient of the whole (BG, C, V) logits at once, and no logits matmul covers more than 5 positions."""
+    from tunesmith.methods import METHODS
+
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    tokenizer = load_tokenizer(model_config)
+    batch = collate_prompts(prompt_examples(tokenizer, ["Count to 3", "Count to 4"]), tokenizer.pad_token_id)
+    settings = GRPOSettings(rewards=["test_digits"], group_size=3, max_new_tokens=6, beta=0.1)
+    torch.manual_seed(0)
+    lora = METHODS.get("lora")
+    model = lora.apply(load_model(model_config, "grpo"), lora.settings(r=4, dropout=0.0), "grpo").train()
+    experience = rollout(model, ReferenceModel(model), batch, settings.model_copy(update={"loss_chunk_tokens": None}))
+    vocab = model.config.vocab_size
+    results = []
+    for chunk in (None, 5):
+        model.zero_grad()
+        with LogitRows(vocab) as rows:
+            with torch.no_grad():
+                no_grad = completion_logps(model, experience["samples"], chunk)
+            output = grpo_loss(model, experience, settings.model_copy(update={"loss_chunk_tokens": chunk}))
+            output.loss_sum.backward()
+        gradients = [parameter.grad.clone() for parameter in model.parameters() if parameter.requires_grad]
+        results.append((no_grad, output.loss_sum.detach(), output.metrics["kl"], gradients, rows.most))
+    (whole_logps, whole_loss, whole_kl, whole_grads, whole_rows), (logps, loss, kl, grads, chunk_rows) = results
+    assert whole_rows >= experience["samples"]["completion_mask"].numel() > 2 * 5 and 0 < chunk_rows <= 5
+    torch.testing.assert_close(logps, whole_logps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kl, whole_kl, rtol=1e-5, atol=1e-6)
+    for chunked, whole in zip(grads, whole_grads, strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import prompt_examples, run_config, train_online_rl, write_jsonl
+from helpers import LogitRows, prompt_examples, run_config, train_online_rl, write_jsonl
 
 from tunesmith.config import ModelConfig
 from tunesmith.errors import ConfigError
@@ -179,3 +179,30 @@ def test_full_fine_tuning_exports_the_policy_without_the_value_head(tiny_llama_d
     reloaded = load_model(ModelConfig(name=str(result.run_dir / "model")), "ppo")
     assert not hasattr(reloaded, "value_head")
     assert set(exported) <= set(reloaded.state_dict())
+
+
+def test_chunked_log_probs_give_the_same_update(tiny_llama_dir):
+    """ppo's policy log-probs over chunks of 5 positions: the loss, its metrics and every gradient (value head
+    included) of the whole (BG, C, V) logits at once, with no logits matmul over more than 5 positions."""
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    tokenizer = load_tokenizer(model_config)
+    settings = PPOSettings(rewards=["test_ppo_digits"], group_size=2, max_new_tokens=6, beta=0.0)
+    torch.manual_seed(0)
+    model = load_model(model_config, "ppo").train()
+    OBJECTIVES.get("ppo").prepare_model(model, settings)
+    experience = rollout(model, None, prompt_batch(tokenizer, count=3), settings)
+    results = []
+    for chunk in (None, 5):
+        model.zero_grad()
+        with LogitRows(model.config.vocab_size) as rows:
+            output = ppo_loss(model, experience, settings.model_copy(update={"loss_chunk_tokens": chunk}))
+            output.loss_sum.backward()
+        results.append((output.loss_sum.detach(), output.metrics, [p.grad.clone() for p in model.parameters()],
+                        rows.most))
+    (whole_loss, whole_metrics, whole_grads, whole_rows), (loss, metrics, grads, chunk_rows) = results
+    assert whole_rows >= experience["samples"]["completion_mask"].numel() > 2 * 5 and 0 < chunk_rows <= 5
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-6)
+    for name, value in whole_metrics.items():
+        torch.testing.assert_close(metrics[name], value, rtol=1e-5, atol=1e-6)
+    for chunked, whole in zip(grads, whole_grads, strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)

@@ -232,6 +232,10 @@ def plan_memory(
     layers = getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "n_layer", 0)
     vocab = getattr(model_config, "vocab_size", 0)
     tokens = train.batch_size * config.data.max_length  # per micro-batch, per process
+    completion = getattr(config.objective, "max_new_tokens", None)
+    if completion is not None:  # grpo, ppo: group_size sampled completions per prompt, each after its prompt
+        sequences = train.batch_size * config.objective.group_size
+        tokens = sequences * (config.data.max_length + completion)
     activation_bytes = 2 if (on_gpu or dtype != "float32") else 4
 
     unit_bytes = tokens * hidden * activation_bytes  # one hidden-sized value per token
@@ -254,7 +258,11 @@ def plan_memory(
         part_tokens = math.ceil(tokens / row_threads)
         chunk = min(getattr(config.objective, "loss_chunk_tokens", None) or part_tokens, part_tokens)
         half = mixed_precision != "no" or dtype != "float32"
-        if config.task == "distill":
+        if completion is not None:
+            positions = sequences * completion  # each completion token's log-prob, in chunks
+            chunk = min(getattr(config.objective, "loss_chunk_tokens", None) or positions, positions)
+            logits = chunk * vocab * SAMPLED_LOGPS_BYTES_PER_LOGIT
+        elif config.task == "distill":
             logits = row_threads * distill_chunk_bytes(chunk, vocab, config.objective) + teacher_side_bytes(
                 tokens, vocab, config.objective)
         else:
@@ -320,6 +328,10 @@ def loss_chunk_bytes(positions: int, vocab: int, plain_head: bool, half: bool, o
         return logits * 4
     return logits * 2 + (logits if on_gpu else min(logits, SOFTMAX_BLOCK_ELEMENTS)) * 4
 
+
+# One chunk of grpo / ppo's completion log-probs (objectives/rl.py, checkpointed): its float32 logits, their
+# log-softmax kept for the backward pass, and the gradient that pass makes, 4 bytes each per logit.
+SAMPLED_LOGPS_BYTES_PER_LOGIT = 3 * 4
 
 # (C, V) float32 buffers one distillation chunk holds at its peak (objectives/distill.py: the student's logits,
 # their log-softmaxes, the teacher's at the temperature, the divergence's elementwise terms and, in the backward

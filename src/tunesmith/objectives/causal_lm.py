@@ -148,6 +148,27 @@ def chunked_cross_entropy_sum(
     return total
 
 
+def _chunk_token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")  # (C,): log softmax at the target
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_tokens: int | None
+) -> torch.Tensor:
+    """log softmax(head(hidden))[target] at each of N positions (N,) in float32, from hidden states (N, H) and
+    targets (N,), holding at most chunk_tokens x V logits at a time. With gradients each chunk is checkpointed:
+    its logits and log-softmax are recomputed in the backward pass (one more head matmul) instead of kept, since
+    a per-token log-prob (a policy ratio's) has no gradient known in the forward pass to fuse as sft's loss does."""
+    if chunk_tokens is None:
+        return _chunk_token_logps(hidden, head, targets)
+    pieces = [
+        checkpoint(_chunk_token_logps, piece, head, piece_targets, use_reentrant=False)
+        if torch.is_grad_enabled() else _chunk_token_logps(piece, head, piece_targets)
+        for piece, piece_targets in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens), strict=True)
+    ]
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: dict, settings: CausalLMSettings | None = None) -> LossOutput:
     chunk_tokens = settings.loss_chunk_tokens if settings is not None else None
     targets = batch["targets"]  # (B, T)

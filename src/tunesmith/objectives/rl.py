@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 
 from tunesmith.errors import ConfigError
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, register
-from tunesmith.objectives.causal_lm import _can_skip_unused_logits, _language_model
+from tunesmith.objectives.causal_lm import _can_skip_unused_logits, _language_model, chunked_token_logps
 from tunesmith.registry import Registry, closest
 from tunesmith.training.reference import ReferenceModel
 from tunesmith.training.sharding import sharded_across_processes
@@ -108,6 +108,11 @@ class SamplingSettings(ObjectiveSettings):
     )
     reward_weights: list[float] | None = Field(None, description="Weight of each reward function; default 1 each.")
     reward_run: Path | None = Field(None, description="A `reward` run whose model scores completions (added).")
+    loss_chunk_tokens: int | None = Field(
+        512, ge=1, description="Compute the completion tokens' log-probs (policy and reference) over chunks of this "
+        "many positions, each chunk recomputed in the backward pass (one more head matmul), so the (BG, C, V) float32 "
+        "logits and log-softmax never exist at once (exact). null: all at once, nothing recomputed."
+    )
 
     @field_validator("rewards")
     @classmethod
@@ -279,13 +284,27 @@ def gather_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def completion_logps(model, samples: dict) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) of each completion token (BG, C), in float32."""
+def completion_logps(model, samples: dict, chunk_tokens: int | None = None) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) of each completion token (BG, C), in float32; the head runs over at most
+    `chunk_tokens` positions at a time where it can be run apart from the model (`chunked_token_logps`)."""
     completion_length = samples["completion_mask"].shape[1]
+    targets = samples["sequences"][:, -completion_length:]  # (BG, C)
+    if chunk_tokens is not None and _can_skip_unused_logits(model):
+        hidden, head = completion_hidden(model, samples)  # (BG, C, H)
+        return chunked_token_logps(hidden.flatten(0, 1), head, targets.flatten(), chunk_tokens).view_as(targets)
     logits = model(
         **sequence_inputs(samples), use_cache=False, logits_to_keep=completion_length + 1
     ).logits[:, :-1]  # (BG, C, V): the position before each completion token predicts it
-    return gather_logps(logits, samples["sequences"][:, -completion_length:])
+    return gather_logps(logits, targets)
+
+
+def completion_hidden(model, samples: dict) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The policy's last hidden states at the position before each completion token (BG, C, H), and its head."""
+    completion_length = samples["completion_mask"].shape[1]
+    language_model = _language_model(model)
+    backbone = getattr(language_model, language_model.base_model_prefix)
+    hidden = backbone(**sequence_inputs(samples), use_cache=False).last_hidden_state  # (BG, P + C, H)
+    return hidden[:, -completion_length - 1:-1], language_model.get_output_embeddings()
 
 
 def grpo_token_losses(
@@ -314,7 +333,7 @@ def rollout(model: torch.nn.Module, reference: ReferenceModel | None, batch: dic
     reference_logps = None
     if reference is not None and settings.beta > 0:
         with reference.active(model) as reference_model:  # peft: the policy with its adapters disabled
-            reference_logps = completion_logps(reference_model, samples)  # (BG, C)
+            reference_logps = completion_logps(reference_model, samples, settings.loss_chunk_tokens)  # (BG, C)
     return {**batch, "samples": samples, "rewards": rewards.to(samples["sequences"].device), "reward_parts": parts,
             "reference_logps": reference_logps}
 
@@ -324,7 +343,7 @@ def grpo_loss(model: torch.nn.Module, batch: dict, settings: GRPOSettings) -> Lo
     detached log-probs, so the ratio is 1 where the gradient is taken; the clip is written out as in eq. 3."""
     samples, rewards, parts = batch["samples"], batch["rewards"], batch["reward_parts"]
     advantages = group_advantages(rewards, samples["group"], settings.scale_rewards)  # (BG,)
-    logps = completion_logps(model, samples)  # (BG, C)
+    logps = completion_logps(model, samples, settings.loss_chunk_tokens)  # (BG, C)
     token_losses, kl = grpo_token_losses(logps, logps.detach(), batch["reference_logps"], advantages, settings)
     mask = samples["completion_mask"].float()  # (BG, C)
     lengths = mask.sum(-1).clamp(min=1)  # (BG,)
@@ -407,16 +426,15 @@ def add_value_head(model: torch.nn.Module, settings: PPOSettings) -> None:
         language_model._keys_to_ignore_on_save = ignored | {"value_head.weight", "value_head.bias"}
 
 
-def policy_logps_and_values(model, samples: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_logps_and_values(
+    model, samples: dict, chunk_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(o_t | q, o_<t) (BG, C) and V(q, o_<t) (BG, C), in float32, from ONE forward of the policy:
-    the head and the value head both read the last hidden state at the position before each token."""
-    completion_length = samples["completion_mask"].shape[1]
-    language_model = _language_model(model)
-    backbone = getattr(language_model, language_model.base_model_prefix)
-    hidden = backbone(**sequence_inputs(samples), use_cache=False).last_hidden_state  # (BG, P + C, H)
-    hidden = hidden[:, -completion_length - 1:-1]  # (BG, C, H)
-    logits = language_model.get_output_embeddings()(hidden)  # (BG, C, V)
-    logps = gather_logps(logits, samples["sequences"][:, -completion_length:])  # (BG, C)
+    the head (over chunks of `chunk_tokens` positions) and the value head both read the last hidden state at
+    the position before each token."""
+    targets = samples["sequences"][:, -samples["completion_mask"].shape[1]:]  # (BG, C)
+    hidden, head = completion_hidden(model, samples)  # (BG, C, H)
+    logps = chunked_token_logps(hidden.flatten(0, 1), head, targets.flatten(), chunk_tokens).view_as(targets)
     values = model.value_head(hidden).squeeze(-1).float()  # (BG, C)
     return logps, values
 
@@ -494,7 +512,7 @@ def ppo_loss(model: torch.nn.Module, batch: dict, settings: PPOSettings) -> Loss
     """
     samples, rewards, parts = batch["samples"], batch["rewards"], batch["reward_parts"]
     mask = samples["completion_mask"].float()  # (BG, C)
-    logps, values = policy_logps_and_values(model, samples)  # (BG, C), (BG, C)
+    logps, values = policy_logps_and_values(model, samples, settings.loss_chunk_tokens)  # (BG, C), (BG, C)
     old_logps, old_values = logps.detach(), values.detach()
     token_rewards, kl = kl_penalised_rewards(rewards, old_logps, batch["reference_logps"], mask,
                                              settings.beta)  # (BG, C)
