@@ -146,6 +146,28 @@ def test_chunked_terms_equal_the_whole_batch_in_value_and_gradient(
         torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
 
 
+def test_a_bf16_teacher_keeps_bf16_logits_and_the_same_loss(tiny_llama_dir, bf16_llama_dir, data_files, tmp_path):
+    """On the fly, a bf16 teacher's logits are held in bf16 for the batch (half a float32 copy's memory), and
+    the loss and its gradients are those of their float32 upcast, which the loss held before."""
+    config = _distill_config(tiny_llama_dir, bf16_llama_dir, data_files, tmp_path, {"temperature": 2.0})
+    tokenizer = load_tokenizer(config.model)
+    batch = collate_padded(prepare_data(config, tokenizer).train[:6], tokenizer.pad_token_id)
+    teacher = load_model(config.model.model_copy(update={"name": str(bf16_llama_dir), "dtype": "bfloat16"}),
+                         "distill")
+    held = teacher_logits(teacher, batch, config.objective)["teacher_logits"]
+    assert held.dtype == torch.bfloat16
+    model = load_model(config.model, "distill")
+    results = []
+    for logits in (held, held.float()):
+        model.zero_grad()
+        output = distill_loss(model, {**batch, "teacher_logits": logits}, config.objective)
+        output.loss_sum.backward()
+        results.append((output.loss_sum.detach(), [parameter.grad.clone() for parameter in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    for bf16_held, float_held in zip(results[0][1], results[1][1], strict=True):
+        assert torch.equal(bf16_held, float_held)
+
+
 def test_distilling_lowers_the_kl_to_the_teacher_on_held_out_data(tiny_llama_dir, teacher_dir, data_files, tmp_path):
     config = _distill_config(
         tiny_llama_dir, teacher_dir, data_files, tmp_path / "run",

@@ -215,15 +215,16 @@ def test_loss_memory_follows_the_loss_path_and_the_row_threads(tiny_llama_dir, c
 
 def test_distillation_counts_its_chunks_and_the_teacher_side(tiny_llama_dir, chat_file, tmp_path):
     """distill: each chunk holds several (C, V) float32 buffers (more for jsd, fewer against the teacher's top-k)
-    and the teacher's side is held for the whole micro-batch: (N, V) float32 logits, or (N, k) values and ids."""
+    and the teacher's side is held for the whole micro-batch: (N, V) logits (float32, or bf16 under autocast), or
+    (N, k) values and ids."""
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(tiny_llama_dir).vocab_size
     positions = 2 * 64  # batch 2 x max_length 64
 
-    def loss_bytes(**objective) -> float:
+    def loss_bytes(mixed_precision: str = "no", **objective) -> float:
         config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", task="distill", data={"max_length": 64},
-                            train={"batch_size": 2, "parallel_rows": False},
+                            train={"batch_size": 2, "parallel_rows": False, "mixed_precision": mixed_precision},
                             objective={"teacher": str(tiny_llama_dir), **objective})
         return plan_memory(config, on_gpu=False).parts_gib["logits + loss"] * GIB
 
@@ -231,6 +232,8 @@ def test_distillation_counts_its_chunks_and_the_teacher_side(tiny_llama_dir, cha
     assert loss_bytes(loss_chunk_tokens=None) == (positions * 10 + positions) * vocab * 4
     assert loss_bytes(loss_chunk_tokens=16, divergence="jsd") == (16 * 14 + positions) * vocab * 4
     assert loss_bytes(loss_chunk_tokens=16, teacher_top_k=8) == 16 * 4 * vocab * 4 + positions * 8 * 12
+    # under bf16 autocast the teacher's logits are bf16
+    assert loss_bytes(loss_chunk_tokens=16, mixed_precision="bf16") == (16 * 10 * 4 + positions * 2) * vocab
 
 
 def test_online_rl_counts_every_sampled_sequence_and_its_log_prob_chunks(tiny_llama_dir, chat_file, tmp_path):

@@ -263,8 +263,10 @@ def plan_memory(
             chunk = min(getattr(config.objective, "loss_chunk_tokens", None) or positions, positions)
             logits = chunk * vocab * SAMPLED_LOGPS_BYTES_PER_LOGIT
         elif config.task == "distill":
+            # The teacher computes in bf16 where it is loaded so (GPUs) or runs under autocast.
+            teacher_half = on_gpu or mixed_precision != "no"
             logits = row_threads * distill_chunk_bytes(chunk, vocab, config.objective) + teacher_side_bytes(
-                tokens, vocab, config.objective)
+                tokens, vocab, config.objective, teacher_half)
         else:
             logits = row_threads * loss_chunk_bytes(chunk, vocab, counts.plain_head, half, on_gpu)
 
@@ -347,12 +349,12 @@ def distill_chunk_bytes(positions: int, vocab: int, settings) -> int:
     return positions * vocab * 4 * DISTILL_CHUNK_BUFFERS.get(key, DISTILL_CHUNK_BUFFERS_KL)
 
 
-def teacher_side_bytes(positions: int, vocab: int, settings) -> int:
-    """The teacher's side of a micro-batch, held for the whole batch: (N, V) float32 logits, or with
-    teacher_top_k its log-probs (float32) and token ids (int64), (N, k) each."""
+def teacher_side_bytes(positions: int, vocab: int, settings, half: bool) -> int:
+    """The teacher's side of a micro-batch, held for the whole batch: (N, V) logits in its compute dtype
+    (`half`: bf16), or with teacher_top_k its log-probs (float32) and token ids (int64), (N, k) each."""
     if settings.teacher_top_k is not None:
         return positions * settings.teacher_top_k * (4 + 8)
-    return positions * vocab * 4
+    return positions * vocab * (2 if half else 4)
 
 
 def activation_units(layers: int, recomputed: int) -> int:

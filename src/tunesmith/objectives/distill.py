@@ -37,8 +37,8 @@ the whole optimiser step, as for sft.
 Memory: the student's logits and the loss terms are computed over chunks of `loss_chunk_tokens` loss
 positions, each chunk recomputed in the backward pass, so the student's (C, V) float32 logits and the
 divergence's (C, V) intermediates exist for one chunk at a time (sft's fused loss does not apply to a loss
-between two distributions). The teacher's side is held for the whole batch: (N, V) float32 logits on the
-fly, or with `teacher_top_k` (N, k).
+between two distributions). The teacher's side is held for the whole batch: (N, V) logits on the fly, in
+the teacher's compute dtype (each chunk upcasts its rows), or with `teacher_top_k` (N, k).
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def top_k_log_probs(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
 def teacher_logits(
     reference_model: torch.nn.Module | None, batch: dict, settings: DistillSettings
 ) -> dict[str, torch.Tensor]:
-    """The `reference` hook: the teacher's logits at the batch's loss positions (N, V) in float32, or with
+    """The `reference` hook: the teacher's logits at the batch's loss positions (N, V) in its compute dtype, or with
     teacher_top_k the top-k log-probabilities (N, k) and their token ids (N, k). The loop runs it without
     gradients; `reference_model` is None (the spec says reference_is_starting_model=False, so the loop
     keeps no copy of the student: the teacher is this objective's own model, loaded once per process),
@@ -287,13 +287,19 @@ def teacher_logits(
     if teacher is None:
         teacher = cached_teacher(settings.teacher, str(batch["input_ids"].device))
     with torch.no_grad():
-        logits, _ = loss_position_logits(teacher, batch)  # (N, V_teacher)
+        if _can_skip_unused_logits(teacher):
+            # In the head's compute dtype: held for the whole batch, so a bf16 teacher's take half the memory
+            # of a float32 copy; each chunk of the loss upcasts its own rows (`matched_logits`), the same values.
+            hidden, head = loss_position_hidden(teacher, batch)  # (N, H_teacher)
+            logits = head(hidden)  # (N, V_teacher)
+        else:
+            logits, _ = loss_position_logits(teacher, batch)  # (N, V_teacher) float32
     # Same tokenizer, but embedding matrices may be padded past it to different widths (Qwen 0.5B vs 7B):
     # those columns are never real tokens, so the teacher's side is cut to the tokenizer.
     logits = logits[:, : len(teacher_tokenizer(settings.teacher))]  # (N, V)
     if settings.teacher_top_k is None:
         return {"teacher_logits": logits}
-    return top_k_log_probs(logits, settings.teacher_top_k)
+    return top_k_log_probs(logits.float(), settings.teacher_top_k)
 
 
 # --- the teacher's top-k log-probs, computed once and stored (train.cache_reference) --------------------------
@@ -575,9 +581,9 @@ def matched_logits(student_logits: torch.Tensor, teacher: dict) -> tuple[torch.T
     if "teacher_logits" not in teacher:  # the loop collates packed rows itself, without the stored values
         raise ConfigError("data.packing: packed batches do not carry the teacher log-probs that "
                           "train.cache_reference stores per record; set data.packing: false")
-    teacher_logits = teacher["teacher_logits"]  # (N, V_teacher)
+    teacher_logits = teacher["teacher_logits"]  # (N, V_teacher), in the teacher's compute dtype
     width = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    return student_logits[:, :width], teacher_logits[:, :width]  # (N, V) each
+    return student_logits[:, :width], teacher_logits[:, :width].float()  # (N, V) each, float32
 
 
 TEACHER_KEYS = ("teacher_logits", "teacher_top_log_probs", "teacher_top_ids")
