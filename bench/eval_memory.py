@@ -5,27 +5,22 @@ whole (N, V) logits at once (tunesmith before 2026-11-23, and what a hand-writte
     python bench/eval_memory.py --precision fp32 --batch-size 8
 
 Each way runs in its own process on the same records and prints how far its resident memory rose over the
-loaded model's during evaluation (sampled every 2 ms), its seconds per batch and the metrics (which must be the
-same).
+loaded model's during evaluation (the kernel's peak, VmHWM, reset before it), its seconds per batch and the
+metrics (which must be the same).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import resource
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workers import report, run_worker, status_mb
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,29 +51,6 @@ def evaluate_whole(model, batches) -> dict[str, float]:
             "token_accuracy": correct / tokens, "eval_tokens": tokens}
 
 
-def resident_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
-
-
-class PeakResident:
-    """The highest resident memory (MB) seen every 2 ms from start to stop: the peak of this stretch alone (the
-    process's own peak, ru_maxrss, is the model loading's)."""
-
-    def __init__(self):
-        self.peak, self.done = resident_mb(), threading.Event()
-        self.thread = threading.Thread(target=self.watch, daemon=True)
-        self.thread.start()
-
-    def watch(self) -> None:
-        while not self.done.wait(0.002):
-            self.peak = max(self.peak, resident_mb())
-
-    def stop(self) -> float:
-        self.done.set()
-        self.thread.join()
-        return max(self.peak, resident_mb())
-
-
 def worker(args: argparse.Namespace) -> None:
     from tunesmith.config import build_config
     from tunesmith.data import prepare_data
@@ -97,8 +69,8 @@ def worker(args: argparse.Namespace) -> None:
     lengths = [len(example["input_ids"]) for example in examples]
     batches = [collate_padded([examples[index] for index in indices], tokenizer.pad_token_id)
                for indices in eval_batches(lengths, args.batch_size)]
-    loaded = resident_mb()
-    sampler = PeakResident()
+    loaded = status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current resident size
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         if args.way == "chunked":
@@ -106,9 +78,9 @@ def worker(args: argparse.Namespace) -> None:
         else:
             metrics = evaluate_whole(model, batches)
     seconds = time.perf_counter() - start
-    peak = sampler.stop()
-    print(json.dumps({"way": args.way, "peak_over_model_mb": peak - loaded, "peak_mb": peak,
-                      "seconds_per_batch": seconds / len(batches), "batches": len(batches), **metrics}))
+    peak = status_mb("VmHWM")
+    report({"way": args.way, "peak_over_model_mb": peak - loaded, "peak_mb": peak,
+            "seconds_per_batch": seconds / len(batches), "batches": len(batches), **metrics})
 
 
 def main() -> None:
@@ -120,14 +92,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         data = write_job_data(Path(folder) / "eval.jsonl", args.records)
-        results = []
-        for way in ("whole", "chunked"):
-            command = [sys.executable, __file__, "--way", way, "--data", str(data), "--model", args.model,
-                       "--records", str(args.records), "--max-length", str(args.max_length),
-                       "--batch-size", str(args.batch_size), "--precision", args.precision,
-                       "--loss-chunk-tokens", str(args.loss_chunk_tokens)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results.append(json.loads(output.strip().splitlines()[-1]))
+        options = {"data": data, "model": args.model, "records": args.records, "max_length": args.max_length,
+                   "batch_size": args.batch_size, "precision": args.precision,
+                   "loss_chunk_tokens": args.loss_chunk_tokens}
+        results = [run_worker(__file__, {"way": way, **options}) for way in ("whole", "chunked")]
+    if None in results:
+        sys.exit("a worker failed (its error is above)")
     print(f"{args.model}, {args.precision}, {args.records} records, eval batch {args.batch_size}, max length "
           f"{args.max_length}, loss_chunk_tokens {args.loss_chunk_tokens}")
     print(f"{'way':10} {'peak over model MB':>19} {'s/batch':>8} {'eval_loss':>10} {'token_acc':>10}")

@@ -7,22 +7,19 @@ what trl's GRPOTrainer holds).
 
 Each way runs in its own process on the same sampled-like sequences (random tokens: memory and time do not
 depend on them) and prints how far resident memory rose over the loaded model's during grpo's loss and its
-backward pass (sampled every 2 ms), the seconds it took, and the gradient's norm (which must be the same; the
-loss itself is 0 at a policy ratio of 1, as group advantages sum to 0).
+backward pass (the kernel's peak, VmHWM, reset before it), the seconds it took, and the gradient's norm (which
+must be the same; the loss itself is 0 at a policy ratio of 1, as group advantages sum to 0).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workers import report, run_worker, status_mb
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,8 +34,6 @@ def parse_args() -> argparse.Namespace:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from eval_memory import PeakResident, resident_mb
-
     from tunesmith.config import ModelConfig
     from tunesmith.models import load_model
     from tunesmith.objectives.rl import GRPOSettings, grpo_loss
@@ -55,16 +50,16 @@ def worker(args: argparse.Namespace) -> None:
     batch = {"samples": samples, "rewards": torch.randn(rows, generator=generator), "reward_parts": {},
              "reference_logps": None, "prompts": [""] * (rows // 4), "num_loss_tokens": rows // 4}
     settings = GRPOSettings(loss_chunk_tokens=args.chunk if args.way == "chunked" else None)
-    loaded = resident_mb()
-    sampler = PeakResident()
+    loaded = status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current resident size
     start = time.perf_counter()
     output = grpo_loss(model, batch, settings)
     output.loss_sum.backward()
     seconds = time.perf_counter() - start
-    peak = sampler.stop()
+    peak = status_mb("VmHWM")
     gradients = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
-    print(json.dumps({"way": args.way, "rise_mb": peak - loaded, "seconds": seconds,
-                      "gradient_norm": float(torch.linalg.vector_norm(torch.stack([g.norm() for g in gradients])))}))
+    report({"way": args.way, "rise_mb": peak - loaded, "seconds": seconds,
+            "gradient_norm": float(torch.linalg.vector_norm(torch.stack([g.norm() for g in gradients])))})
 
 
 def main() -> None:
@@ -72,13 +67,11 @@ def main() -> None:
     if args.way:
         worker(args)
         return
-    results = []
-    for way in ("whole", "chunked"):
-        command = [sys.executable, __file__, "--way", way, "--model", args.model, "--completions",
-                   str(args.completions), "--prompt-length", str(args.prompt_length), "--completion-length",
-                   str(args.completion_length), "--chunk", str(args.chunk)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
+    options = {"model": args.model, "completions": args.completions, "prompt_length": args.prompt_length,
+               "completion_length": args.completion_length, "chunk": args.chunk}
+    results = [run_worker(__file__, {"way": way, **options}) for way in ("whole", "chunked")]
+    if None in results:
+        sys.exit("a worker failed (its error is above)")
     print(f"{args.model}, grpo, {args.completions} completions of {args.completion_length} tokens after "
           f"{args.prompt_length}-token prompts, float32, chunks of {args.chunk} positions")
     print(f"{'way':10} {'memory rise MB':>15} {'seconds':>8} {'gradient norm':>14}")
