@@ -70,8 +70,11 @@ def loss_position_hidden(model: torch.nn.Module, batch: dict) -> tuple[torch.Ten
     return hidden[batch["targets"] != IGNORE_INDEX], language_model.get_output_embeddings()
 
 
-def loss_position_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, V) in float32 at the N positions that have a target, and those targets (N,)."""
+def loss_position_logits(
+    model: torch.nn.Module, batch: dict, float32: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, V) at the N positions that have a target, in float32 (else in the head's compute dtype), and
+    those targets (N,)."""
     targets = batch["targets"]  # (B, T)
     has_target = targets != IGNORE_INDEX  # (B, T)
     if _can_skip_unused_logits(model):
@@ -82,7 +85,7 @@ def loss_position_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Ten
         # Prompt and p-tuning prepend P virtual tokens to the input (prefix tuning puts them in
         # the attention cache instead, P = 0 here); targets are (B, T) for the real tokens only.
         logits = logits[:, logits.shape[1] - targets.shape[1]:][has_target]  # (N, V)
-    return logits.float(), targets[has_target]
+    return logits.float() if float32 else logits, targets[has_target]
 
 
 def _chunk_cross_entropy_sum(

@@ -287,13 +287,9 @@ def teacher_logits(
     if teacher is None:
         teacher = cached_teacher(settings.teacher, str(batch["input_ids"].device))
     with torch.no_grad():
-        if _can_skip_unused_logits(teacher):
-            # In the head's compute dtype: held for the whole batch, so a bf16 teacher's take half the memory
-            # of a float32 copy; each chunk of the loss upcasts its own rows (`matched_logits`), the same values.
-            hidden, head = loss_position_hidden(teacher, batch)  # (N, H_teacher)
-            logits = head(hidden)  # (N, V_teacher)
-        else:
-            logits, _ = loss_position_logits(teacher, batch)  # (N, V_teacher) float32
+        # In the head's compute dtype: held for the whole batch, so a bf16 teacher's take half the memory of a
+        # float32 copy; each chunk of the loss upcasts its own rows (`matched_logits`), the same values.
+        logits, _ = loss_position_logits(teacher, batch, float32=False)  # (N, V_teacher)
     # Same tokenizer, but embedding matrices may be padded past it to different widths (Qwen 0.5B vs 7B):
     # those columns are never real tokens, so the teacher's side is cut to the tokenizer.
     logits = logits[:, : len(teacher_tokenizer(settings.teacher))]  # (N, V)
