@@ -254,13 +254,11 @@ def plan_memory(
     if creates_head(config.task):
         logits = train.batch_size * 4 * 64  # a handful of classes: negligible
     else:
-        # Logits for at most loss_chunk_tokens positions at a time, per row thread.
-        part_tokens = math.ceil(tokens / row_threads)
-        chunk = min(getattr(config.objective, "loss_chunk_tokens", None) or part_tokens, part_tokens)
-        half = mixed_precision != "no" or dtype != "float32"
+        # Logits for at most loss_chunk_tokens positions at a time: of each row thread's part, or of grpo / ppo's
+        # completion tokens (each one's log-prob).
+        positions = sequences * completion if completion is not None else math.ceil(tokens / row_threads)
+        chunk = min(getattr(config.objective, "loss_chunk_tokens", None) or positions, positions)
         if completion is not None:
-            positions = sequences * completion  # each completion token's log-prob, in chunks
-            chunk = min(getattr(config.objective, "loss_chunk_tokens", None) or positions, positions)
             logits = chunk * vocab * SAMPLED_LOGPS_BYTES_PER_LOGIT
         elif config.task == "distill":
             # The teacher computes in bf16 where it is loaded so (GPUs) or runs under autocast.
@@ -268,6 +266,7 @@ def plan_memory(
             logits = row_threads * distill_chunk_bytes(chunk, vocab, config.objective) + teacher_side_bytes(
                 tokens, vocab, config.objective, teacher_half)
         else:
+            half = mixed_precision != "no" or dtype != "float32"
             logits = row_threads * loss_chunk_bytes(chunk, vocab, counts.plain_head, half, on_gpu)
 
     # Each process holds 1/processes of the layers when sharded; with cpu_offload none of them (host memory).
