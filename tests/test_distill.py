@@ -13,6 +13,7 @@ from tunesmith.config import build_config
 from tunesmith.data import prepare_data
 from tunesmith.data.collate import collate_padded
 from tunesmith.errors import ConfigError
+from tunesmith.methods import METHODS
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.objectives.causal_lm import CausalLMSettings, causal_lm_loss
 from tunesmith.objectives.distill import DIVERGENCES, DistillSettings, distill_loss, teacher_logits
@@ -120,9 +121,10 @@ def test_alpha_one_is_exactly_the_sft_loss(tiny_llama_dir, teacher_dir, data_fil
 def test_chunked_terms_equal_the_whole_batch_in_value_and_gradient(
     tiny_llama_dir, teacher_dir, data_files, tmp_path, objective
 ):
-    """Loss positions in checkpointed chunks of 7 (the last one shorter) give the loss, every term and every
-    parameter's gradient of the whole batch at once; and the whole (N, V) logits never exist: no output-head
-    matmul covers more than 7 positions."""
+    """Loss positions in chunks of 7 (the last one shorter) give the loss, every term and every parameter's
+    gradient of the whole batch at once; the whole (N, V) logits never exist, the student's nor the teacher's
+    (no output-head matmul covers more than 7 positions), and each chunk's gradients are made in the forward
+    pass: no head matmul runs in the backward pass."""
     config = _distill_config(tiny_llama_dir, teacher_dir, data_files, tmp_path, objective)
     tokenizer = load_tokenizer(config.model)
     batch = collate_padded(prepare_data(config, tokenizer).train[:6], tokenizer.pad_token_id)
@@ -134,11 +136,13 @@ def test_chunked_terms_equal_the_whole_batch_in_value_and_gradient(
         model.zero_grad()
         with LogitRows(vocab) as rows:
             output = distill_loss(model, batch, config.objective.model_copy(update={"loss_chunk_tokens": chunk}))
+        with LogitRows(vocab) as backward_rows:
             output.loss_sum.backward()
         gradients = [parameter.grad.clone() for parameter in model.parameters()]
-        results.append((output.loss_sum.detach(), output.metrics, gradients, rows.most))
-    (whole_loss, whole_terms, whole_grads, whole_rows), (loss, terms, grads, chunk_rows) = results
+        results.append((output.loss_sum.detach(), output.metrics, gradients, rows.most, backward_rows.most))
+    (whole_loss, whole_terms, whole_grads, whole_rows, _), (loss, terms, grads, chunk_rows, backward_rows) = results
     assert batch["num_loss_tokens"] > 3 * 7 and whole_rows == batch["num_loss_tokens"] and 0 < chunk_rows <= 7
+    assert backward_rows == 0
     torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-6)
     for name, value in whole_terms.items():
         torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-6)
@@ -146,26 +150,60 @@ def test_chunked_terms_equal_the_whole_batch_in_value_and_gradient(
         torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
 
 
-def test_a_bf16_teacher_keeps_bf16_logits_and_the_same_loss(tiny_llama_dir, bf16_llama_dir, data_files, tmp_path):
-    """On the fly, a bf16 teacher's logits are held in bf16 for the batch (half a float32 copy's memory), and
-    the loss and its gradients are those of their float32 upcast, which the loss held before."""
-    config = _distill_config(tiny_llama_dir, bf16_llama_dir, data_files, tmp_path, {"temperature": 2.0})
+def test_a_lora_students_head_adapter_gets_its_gradients_from_the_chunks(
+    tiny_llama_dir, teacher_dir, data_files, tmp_path
+):
+    """A wrapped head (LoRA on lm_head, frozen hidden states of a frozen base before it): the chunks' gradients
+    reach the head's adapter weights as autograd through the whole batch gives them."""
+    config = _distill_config(
+        tiny_llama_dir, teacher_dir, data_files, tmp_path, {"temperature": 2.0, "alpha": 0.4},
+        method={"name": "lora", "r": 4, "target_modules": ["lm_head", "q_proj"]},
+    )
+    tokenizer = load_tokenizer(config.model)
+    batch = collate_padded(prepare_data(config, tokenizer).train[:6], tokenizer.pad_token_id)
+    batch = {**batch, **teacher_logits(None, batch, config.objective)}
+    model = METHODS.get("lora").apply(load_model(config.model, "distill"), config.method, "distill")
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.02)  # LoRA's B starts at zero: its A would get no gradient
+    results = []
+    for chunk in (None, 7):
+        model.zero_grad()
+        output = distill_loss(model, batch, config.objective.model_copy(update={"loss_chunk_tokens": chunk}))
+        output.loss_sum.backward()
+        results.append((output.loss_sum.detach(), {name: parameter.grad.clone() for name, parameter
+                                                   in model.named_parameters() if parameter.requires_grad}))
+    (whole_loss, whole_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-6)
+    assert any("lm_head" in name for name in grads) and grads.keys() == whole_grads.keys()
+    for name, gradient in grads.items():
+        assert gradient.abs().sum() > 0, name
+        torch.testing.assert_close(gradient, whole_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_bf16_teacher_keeps_bf16_states_and_the_loss_of_its_whole_logits(
+    tiny_llama_dir, bf16_llama_dir, data_files, tmp_path
+):
+    """On the fly, a bf16 teacher's hidden states are held in bf16 for the batch, and the loss and its gradients
+    from its logits made chunk by chunk are those of its whole logits upcast to float32."""
+    config = _distill_config(tiny_llama_dir, bf16_llama_dir, data_files, tmp_path,
+                             {"temperature": 2.0, "loss_chunk_tokens": 7})
     tokenizer = load_tokenizer(config.model)
     batch = collate_padded(prepare_data(config, tokenizer).train[:6], tokenizer.pad_token_id)
     teacher = load_model(config.model.model_copy(update={"name": str(bf16_llama_dir), "dtype": "bfloat16"}),
                          "distill")
-    held = teacher_logits(teacher, batch, config.objective)["teacher_logits"]
-    assert held.dtype == torch.bfloat16
+    states = teacher_logits(teacher, batch, config.objective)["teacher_states"]
+    assert states.hidden.dtype == torch.bfloat16 and states.hidden.shape[0] == batch["num_loss_tokens"]
     model = load_model(config.model, "distill")
     results = []
-    for logits in (held, held.float()):
+    for teacher_side in ({"teacher_states": states}, {"teacher_logits": states.logits().float()}):
         model.zero_grad()
-        output = distill_loss(model, {**batch, "teacher_logits": logits}, config.objective)
+        output = distill_loss(model, {**batch, **teacher_side}, config.objective)
         output.loss_sum.backward()
         results.append((output.loss_sum.detach(), [parameter.grad.clone() for parameter in model.parameters()]))
     assert torch.equal(results[0][0], results[1][0])
-    for bf16_held, float_held in zip(results[0][1], results[1][1], strict=True):
-        assert torch.equal(bf16_held, float_held)
+    for chunked, whole in zip(results[0][1], results[1][1], strict=True):
+        assert torch.equal(chunked, whole)
 
 
 def test_distilling_lowers_the_kl_to_the_teacher_on_held_out_data(tiny_llama_dir, teacher_dir, data_files, tmp_path):

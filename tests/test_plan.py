@@ -214,26 +214,46 @@ def test_loss_memory_follows_the_loss_path_and_the_row_threads(tiny_llama_dir, c
 
 
 def test_distillation_counts_its_chunks_and_the_teacher_side(tiny_llama_dir, chat_file, tmp_path):
-    """distill: each chunk holds several (C, V) float32 buffers (more for jsd, fewer against the teacher's top-k)
-    and the teacher's side is held for the whole micro-batch: (N, V) logits (float32, or bf16 under autocast), or
-    (N, k) values and ids."""
+    """distill: each chunk holds several (C, V) float32 buffers (more for reverse KL and jsd, fewer against the
+    teacher's top-k), whatever the precision, and the teacher's side is held for the whole micro-batch: its (N, H_t)
+    hidden states, in the dtype it loads in (float32 on the CPU, bf16 on a GPU)."""
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(tiny_llama_dir).vocab_size
+    model_config = AutoConfig.from_pretrained(tiny_llama_dir)
+    vocab, hidden = model_config.vocab_size, model_config.hidden_size
     positions = 2 * 64  # batch 2 x max_length 64
 
-    def loss_bytes(mixed_precision: str = "no", **objective) -> float:
+    def loss_bytes(mixed_precision: str = "no", on_gpu: bool = False, **objective) -> float:
         config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", task="distill", data={"max_length": 64},
                             train={"batch_size": 2, "parallel_rows": False, "mixed_precision": mixed_precision},
                             objective={"teacher": str(tiny_llama_dir), **objective})
-        return plan_memory(config, on_gpu=False).parts_gib["logits + loss"] * GIB
+        return plan_memory(config, on_gpu=on_gpu).parts_gib["logits + loss"] * GIB
 
-    assert loss_bytes(loss_chunk_tokens=16) == (16 * 10 + positions) * vocab * 4
-    assert loss_bytes(loss_chunk_tokens=None) == (positions * 10 + positions) * vocab * 4
-    assert loss_bytes(loss_chunk_tokens=16, divergence="jsd") == (16 * 14 + positions) * vocab * 4
-    assert loss_bytes(loss_chunk_tokens=16, teacher_top_k=8) == 16 * 4 * vocab * 4 + positions * 8 * 12
-    # under bf16 autocast the teacher's logits are bf16
-    assert loss_bytes(loss_chunk_tokens=16, mixed_precision="bf16") == (16 * 10 * 4 + positions * 2) * vocab
+    teacher_side = positions * hidden * 4
+    assert loss_bytes(loss_chunk_tokens=16) == 16 * 10 * vocab * 4 + teacher_side
+    assert loss_bytes(loss_chunk_tokens=None) == positions * 10 * vocab * 4 + teacher_side
+    assert loss_bytes(loss_chunk_tokens=16, divergence="reverse_kl") == 16 * 11 * vocab * 4 + teacher_side
+    assert loss_bytes(loss_chunk_tokens=16, divergence="jsd") == 16 * 15 * vocab * 4 + teacher_side
+    assert loss_bytes(loss_chunk_tokens=16, teacher_top_k=8) == 16 * 4 * vocab * 4 + teacher_side
+    # the teacher runs outside the student's autocast: float32 as it loads on the CPU, bf16 on a GPU
+    assert loss_bytes(loss_chunk_tokens=16, mixed_precision="bf16") == 16 * 10 * vocab * 4 + teacher_side
+    assert loss_bytes(loss_chunk_tokens=16, on_gpu=True) == 16 * 10 * vocab * 4 + teacher_side // 2
+
+
+def test_a_soft_capped_teacher_side_is_its_whole_logits(tiny_llama_dir, chat_file, tmp_path):
+    """A teacher whose logits need its full forward (soft-capped head) gives the (N, V) logits, or its top-k."""
+    from types import SimpleNamespace
+
+    from tunesmith.plan import teacher_side_bytes
+
+    capped = SimpleNamespace(hidden_size=64, vocab_size=1000, final_logit_softcapping=30.0)
+    plain = SimpleNamespace(hidden_size=64, vocab_size=1000)
+    config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", task="distill",
+                        objective={"teacher": str(tiny_llama_dir)})
+    top_k = config.objective.model_copy(update={"teacher_top_k": 8})
+    assert teacher_side_bytes(10, plain, config.objective, 2) == 10 * 64 * 2
+    assert teacher_side_bytes(10, capped, config.objective, 2) == 10 * 1000 * 2
+    assert teacher_side_bytes(10, capped, top_k, 4) == 10 * 8 * 12
 
 
 def test_online_rl_counts_every_sampled_sequence_and_its_log_prob_chunks(tiny_llama_dir, chat_file, tmp_path):

@@ -127,9 +127,9 @@ def parameter_counts(config: RunConfig) -> tuple[ParameterCounts, object]:
     return counts_of(model), model_config
 
 
-def teacher_counts(teacher: str) -> ParameterCounts:
-    """Parameter counts of a distillation teacher (a model name or folder, or a run: its model, or the base
-    of its adapter, whose own few parameters are left out), built on the meta device."""
+def teacher_counts(teacher: str) -> tuple[ParameterCounts, object]:
+    """Parameter counts and model config of a distillation teacher (a model name or folder, or a run: its model,
+    or the base of its adapter, whose own few parameters are left out), built on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunesmith.config import ModelConfig
@@ -141,8 +141,9 @@ def teacher_counts(teacher: str) -> ParameterCounts:
         folder = resolve_model(run.model) if run.is_adapter else run.weights_dir
     else:
         folder = resolve_model(ModelConfig(name=teacher))
+    model_config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
-        return counts_of(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)))
+        return counts_of(AutoModelForCausalLM.from_config(model_config)), model_config
 
 
 def model_flops_per_token(config: RunConfig, record_length: float) -> float:
@@ -261,10 +262,9 @@ def plan_memory(
         if completion is not None:
             logits = chunk * vocab * SAMPLED_LOGPS_BYTES_PER_LOGIT
         elif config.task == "distill":
-            # The teacher computes in bf16 where it is loaded so (GPUs) or runs under autocast.
-            teacher_half = on_gpu or mixed_precision != "no"
+            _, teacher_config = teacher_counts(config.objective.teacher)
             logits = row_threads * distill_chunk_bytes(chunk, vocab, config.objective) + teacher_side_bytes(
-                tokens, vocab, config.objective, teacher_half)
+                tokens, teacher_config, config.objective, teacher_bytes(on_gpu))
         else:
             half = mixed_precision != "no" or dtype != "float32"
             logits = row_threads * loss_chunk_bytes(chunk, vocab, counts.plain_head, half, on_gpu)
@@ -297,9 +297,8 @@ def plan_memory(
             parts["reference copy (frozen)"] = held * weight_bytes
         teacher = getattr(config.objective, "teacher", None)
         if not objective.reference_is_starting_model and teacher:
-            teacher_bytes = 2 if on_gpu else 4  # model.dtype auto, as load_teacher loads it
-            parts["teacher (frozen)"] = teacher_counts(teacher).held(processes, sharded, train.cpu_offload) * (
-                teacher_bytes)
+            held_teacher = teacher_counts(teacher)[0].held(processes, sharded, train.cpu_offload)
+            parts["teacher (frozen)"] = held_teacher * teacher_bytes(on_gpu)
     if gathered:
         parts["fsdp: one layer gathered"] = gathered
     if whole_layer_gradients:
@@ -335,10 +334,11 @@ def loss_chunk_bytes(positions: int, vocab: int, plain_head: bool, half: bool, o
 SAMPLED_LOGPS_BYTES_PER_LOGIT = 3 * 4
 
 # (C, V) float32 buffers one distillation chunk holds at its peak (objectives/distill.py: the student's logits,
-# their log-softmaxes, the teacher's at the temperature, the divergence's elementwise terms and, in the backward
-# pass, their gradients). Measured on the CPU (peak resident memory of one chunk's terms, forward and backward,
-# C = 512, V = 49,152, T = 2, alpha = 0.5): forward or reverse KL 9.2-10.0, jsd 14.0, the teacher's top-k 4.0.
-DISTILL_CHUNK_BUFFERS = {"jsd": 14, "top_k": 4}
+# the teacher's, their log-softmaxes at the temperature, the divergence's elementwise terms and their gradients,
+# all made in the forward pass). Measured on the CPU (peak resident memory of one chunk's terms and gradients, the
+# backward pass after them, C = 512, V = 49,152, T = 2, alpha = 0.5, a float32 or bf16 teacher): forward KL 10,
+# reverse KL 11, jsd 15, the teacher's top-k 4.
+DISTILL_CHUNK_BUFFERS = {"reverse_kl": 11, "jsd": 15, "top_k": 4}
 DISTILL_CHUNK_BUFFERS_KL = 10
 
 
@@ -348,12 +348,23 @@ def distill_chunk_bytes(positions: int, vocab: int, settings) -> int:
     return positions * vocab * 4 * DISTILL_CHUNK_BUFFERS.get(key, DISTILL_CHUNK_BUFFERS_KL)
 
 
-def teacher_side_bytes(positions: int, vocab: int, settings, half: bool) -> int:
-    """The teacher's side of a micro-batch, held for the whole batch: (N, V) logits in its compute dtype
-    (`half`: bf16), or with teacher_top_k its log-probs (float32) and token ids (int64), (N, k) each."""
+def teacher_bytes(on_gpu: bool) -> int:
+    """Bytes per value of the teacher's weights and outputs: it loads in model.dtype auto (load_teacher) and runs
+    outside the student's autocast."""
+    return 2 if on_gpu else 4
+
+
+def teacher_side_bytes(positions: int, teacher_config, settings, value_bytes: int) -> int:
+    """The teacher's side of a micro-batch, held for the whole batch: its final hidden states (N, H_t), whose
+    logits each chunk makes; or where its logits need its full forward (soft-capped heads), (N, V) logits, or with
+    teacher_top_k its log-probs (float32) and token ids (int64), (N, k) each."""
+    plain_head = not (getattr(teacher_config, "final_logit_softcapping", None)
+                      or getattr(teacher_config, "logit_scale", None))
+    if plain_head:
+        return positions * (getattr(teacher_config, "hidden_size", 0) or teacher_config.d_model) * value_bytes
     if settings.teacher_top_k is not None:
         return positions * settings.teacher_top_k * (4 + 8)
-    return positions * vocab * (2 if half else 4)
+    return positions * teacher_config.vocab_size * value_bytes
 
 
 def activation_units(layers: int, recomputed: int) -> int:

@@ -35,10 +35,12 @@ Normalisation: `loss` returns sums over loss tokens and their count; the loop di
 the whole optimiser step, as for sft.
 
 Memory: the student's logits and the loss terms are computed over chunks of `loss_chunk_tokens` loss
-positions, each chunk recomputed in the backward pass, so the student's (C, V) float32 logits and the
-divergence's (C, V) intermediates exist for one chunk at a time (sft's fused loss does not apply to a loss
-between two distributions). The teacher's side is held for the whole batch: (N, V) logits on the fly, in
-the teacher's compute dtype (each chunk upcasts its rows), or with `teacher_top_k` (N, k).
+positions, the teacher's logits too (from its final hidden states, held for the batch: (N, H_t)), and with
+gradients each chunk's gradients are computed in the forward pass (as sft's fused loss does), so the student's
+and the teacher's (C, V) logits and the divergence's (C, V) intermediates exist for one chunk at a time and no
+head runs again in the backward pass (sft's fused softmax does not apply to a loss between two
+distributions). A teacher whose logits need its full forward (soft-capped heads) gives its (N, V) logits, in its
+compute dtype (each chunk upcasts its rows), or with `teacher_top_k` its (N, k) top-k.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import math
 import time
 from array import array
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,6 +61,7 @@ from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.collate import IGNORE_INDEX, collate_padded, eval_batches
@@ -144,10 +148,9 @@ class DistillSettings(ObjectiveSettings):
         "null: the whole vocabulary. Required with train.cache_reference, which stores these k per token."
     )
     loss_chunk_tokens: int | None = Field(
-        256, ge=1, description="Compute the student's logits and the loss terms over chunks of this many loss "
-        "positions, each chunk recomputed in the backward pass (one more head matmul), so the (N, V) float32 "
-        "logits and the divergence's (N, V) intermediates never exist at once (exact). null: the whole batch at "
-        "once, nothing recomputed."
+        256, ge=1, description="Compute the student's and the teacher's logits and the loss terms over chunks of this "
+        "many loss positions, each chunk's gradients at once, so the (N, V) logits and the divergence's (N, V) "
+        "intermediates never exist at once (exact). null: the whole batch at once."
     )
     teacher_batch_size: int = Field(
         8, ge=1, description="train.cache_reference: records per teacher forward pass (on each process of a "
@@ -274,28 +277,62 @@ def top_k_log_probs(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     return {"teacher_top_log_probs": values - logits.logsumexp(dim=-1, keepdim=True), "teacher_top_ids": token_ids}
 
 
+@dataclass(frozen=True)
+class TeacherStates:
+    """The teacher's side of a batch on the fly: its final hidden states at the batch's N loss positions (N, H_t),
+    in its compute dtype, and its output head. Its logits are made from them a chunk of positions at a time
+    (`rows`), so the (N, V) logits never exist at once."""
+
+    hidden: torch.Tensor  # (N, H_t)
+    head: torch.nn.Module
+    vocabulary: int  # the shared tokenizer's size: the head's columns past it are embedding padding
+
+    def __getitem__(self, positions: slice) -> TeacherStates:
+        return TeacherStates(self.hidden[positions], self.head, self.vocabulary)
+
+    def logits(self) -> torch.Tensor:
+        """(C, V) logits of these C positions in the head's compute dtype, as the teacher's forward made them
+        (outside the student's autocast)."""
+        with torch.no_grad(), torch.autocast(self.hidden.device.type, enabled=False):
+            return self.head(self.hidden)[:, : self.vocabulary]
+
+
 def teacher_logits(
     reference_model: torch.nn.Module | None, batch: dict, settings: DistillSettings
-) -> dict[str, torch.Tensor]:
-    """The `reference` hook: the teacher's logits at the batch's loss positions (N, V) in its compute dtype, or with
-    teacher_top_k the top-k log-probabilities (N, k) and their token ids (N, k). The loop runs it without
-    gradients; `reference_model` is None (the spec says reference_is_starting_model=False, so the loop
-    keeps no copy of the student: the teacher is this objective's own model, loaded once per process),
-    or the teacher sharded by the loop (`shard_teacher`) in a run with sharded layers.
+) -> dict[str, torch.Tensor | TeacherStates]:
+    """The `reference` hook: the teacher's side of the batch at its N loss positions. Its final hidden states and
+    head (`TeacherStates`, whose logits the loss makes chunk by chunk) where its logits are a plain head over
+    them, else its logits (N, V) in its compute dtype; with teacher_top_k in that case the top-k
+    log-probabilities (N, k) and their token ids (N, k). The loop runs it without gradients;
+    `reference_model` is None (the spec says reference_is_starting_model=False, so the loop keeps no copy of
+    the student: the teacher is this objective's own model, loaded once per process), or the teacher sharded
+    by the loop (`shard_teacher`) in a run with sharded layers.
     """
     teacher = reference_model
     if teacher is None:
         teacher = cached_teacher(settings.teacher, str(batch["input_ids"].device))
-    with torch.no_grad():
-        # In the head's compute dtype: held for the whole batch, so a bf16 teacher's take half the memory of a
-        # float32 copy; each chunk of the loss upcasts its own rows (`matched_logits`), the same values.
-        logits, _ = loss_position_logits(teacher, batch, float32=False)  # (N, V_teacher)
     # Same tokenizer, but embedding matrices may be padded past it to different widths (Qwen 0.5B vs 7B):
     # those columns are never real tokens, so the teacher's side is cut to the tokenizer.
-    logits = logits[:, : len(teacher_tokenizer(settings.teacher))]  # (N, V)
-    if settings.teacher_top_k is None:
-        return {"teacher_logits": logits}
-    return top_k_log_probs(logits.float(), settings.teacher_top_k)
+    vocabulary = len(teacher_tokenizer(settings.teacher))
+    with torch.no_grad():
+        if _can_skip_unused_logits(teacher):
+            hidden, head = loss_position_hidden(teacher, batch)  # (N, H_t)
+            return {"teacher_states": TeacherStates(hidden, head, vocabulary)}
+        # In the head's compute dtype: a bf16 teacher's take half the memory of a float32 copy; each chunk of the
+        # loss upcasts its own rows (`matched_logits`), the same values.
+        logits, _ = loss_position_logits(teacher, batch, float32=False)  # (N, V_teacher)
+    return teacher_rows({"teacher_logits": logits[:, :vocabulary]}, settings)
+
+
+def teacher_rows(teacher: dict, settings: DistillSettings) -> dict[str, torch.Tensor]:
+    """The teacher's rows for some loss positions as the loss compares them (`matched_logits`): its logits (C, V)
+    in its compute dtype, or with teacher_top_k its top-k log-probabilities and their token ids (C, k) each.
+    `teacher`: those positions' `TEACHER_KEYS`; stored top-k rows are returned as they are."""
+    if "teacher_states" in teacher:
+        teacher = {"teacher_logits": teacher["teacher_states"].logits()}
+    if settings.teacher_top_k is None or "teacher_logits" not in teacher:
+        return teacher
+    return top_k_log_probs(teacher["teacher_logits"].float(), settings.teacher_top_k)
 
 
 # --- the teacher's top-k log-probs, computed once and stored (train.cache_reference) --------------------------
@@ -582,47 +619,98 @@ def matched_logits(student_logits: torch.Tensor, teacher: dict) -> tuple[torch.T
     return student_logits[:, :width], teacher_logits[:, :width].float()  # (N, V) each, float32
 
 
-TEACHER_KEYS = ("teacher_logits", "teacher_top_log_probs", "teacher_top_ids")
+TEACHER_KEYS = ("teacher_states", "teacher_logits", "teacher_top_log_probs", "teacher_top_ids")
 """What the batch carries of the teacher, row for row the batch's N loss positions."""
 
 
 def chunk_terms(
-    student_logits: torch.Tensor, targets: torch.Tensor, teacher: dict[str, torch.Tensor], settings: DistillSettings
+    student_logits: torch.Tensor, targets: torch.Tensor, teacher: dict, settings: DistillSettings
 ) -> dict[str, torch.Tensor]:
     """The summed terms over C loss positions, from the student's (C, V) float32 logits, the data tokens (C,)
-    and the teacher's rows for those positions (`TEACHER_KEYS`)."""
+    and the teacher's rows for those positions (`TEACHER_KEYS`): hard (sft CE), divergence (at temperature T),
+    teacher_kl (forward KL at T = 1, what the tests and eval track), correct (student argmax == data token), and
+    loss, the two combined (`combined_loss`)."""
     hard = F.cross_entropy(student_logits, targets, reduction="sum")  # exactly sft's loss (alpha = 1 test)
-    student, teacher_side = matched_logits(student_logits, teacher)  # (C, K) each
+    student, teacher_side = matched_logits(student_logits, teacher_rows(teacher, settings))  # (C, K) each
     temperature = settings.temperature
     divergence = DIVERGENCES.get(settings.divergence, "objective.divergence")(
         F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher_side / temperature, dim=-1), settings
-    )  # (C,)
+    ).sum()
     with torch.no_grad():
         teacher_kl = kl_divergence(F.log_softmax(teacher_side, dim=-1), F.log_softmax(student, dim=-1))  # (C,)
     return {
+        "loss": combined_loss(hard, divergence, settings),
         "hard": hard,
-        "divergence": divergence.sum(),
+        "divergence": divergence,
         "teacher_kl": teacher_kl.sum(),
         "correct": (student_logits.argmax(-1) == targets).sum().float(),
     }
 
 
 def _head_chunk_terms(
-    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, teacher: dict[str, torch.Tensor],
-    settings: DistillSettings,
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, teacher: dict, settings: DistillSettings
 ) -> dict[str, torch.Tensor]:
     return chunk_terms(head(hidden).float(), targets, teacher, settings)  # (C, H) -> (C, V) float32
 
 
+class _KnownGradients(torch.autograd.Function):
+    """`value`, whose gradients with respect to `inputs` were computed with it in the forward pass: the backward
+    pass only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, value, gradients, *inputs):
+        ctx.gradients = gradients
+        return value.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.gradients is None:
+            raise RuntimeError("distillation's chunked loss computed its gradients once: backward through it once "
+                               "(retain_graph is not supported)")
+        gradients, ctx.gradients = ctx.gradients, None  # freed with this pass; scaled in place
+        return None, None, *(None if gradient is None else gradient.mul_(grad_output) for gradient in gradients)
+
+
+def head_chunks_with_gradients(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, teacher: dict, settings: DistillSettings
+) -> dict[str, torch.Tensor]:
+    """The terms of `chunk_terms` summed over chunks of loss positions, each chunk's logits made from the student's
+    hidden states (N, H) by its `head` and the teacher's rows, and the gradients of the combined loss with respect
+    to the hidden states and the head's trained parameters computed chunk by chunk in this (forward) pass, as sft's
+    fused loss does: the logits and the divergence's intermediates exist for one chunk at a time, and neither the
+    student's nor the teacher's head runs again in the backward pass. `loss` carries those gradients; the other
+    terms are detached."""
+    weights = [parameter for parameter in head.parameters() if parameter.requires_grad]
+    grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None  # (N, H)
+    grad_weights = [torch.zeros_like(weight) for weight in weights]
+    totals: dict[str, torch.Tensor] = {}
+    for start in range(0, max(hidden.shape[0], 1), settings.loss_chunk_tokens):
+        piece = slice(start, start + settings.loss_chunk_tokens)
+        with torch.enable_grad():
+            chunk = hidden[piece].detach().requires_grad_(grad_hidden is not None)  # (C, H)
+            teacher_piece = {key: value[piece] for key, value in teacher.items()}
+            terms = _head_chunk_terms(chunk, head, targets[piece], teacher_piece, settings)
+            inputs = [chunk] * (grad_hidden is not None) + weights
+            gradients = torch.autograd.grad(terms["loss"], inputs, allow_unused=True, materialize_grads=True)
+        if grad_hidden is not None:
+            grad_hidden[piece], gradients = gradients[0], gradients[1:]
+        for total, gradient in zip(grad_weights, gradients, strict=True):
+            total += gradient
+        totals = {name: totals.get(name, 0) + value.detach() for name, value in terms.items()}
+    inputs = [hidden] * (grad_hidden is not None) + weights
+    loss = _KnownGradients.apply(totals["loss"], [grad_hidden] * (grad_hidden is not None) + grad_weights, *inputs)
+    return {**totals, "loss": loss}
+
+
 def distill_terms(model: torch.nn.Module, batch: dict, settings: DistillSettings) -> dict[str, torch.Tensor]:
-    """Summed terms over the batch's loss tokens: hard (sft CE), divergence (at temperature T), teacher_kl
-    (forward KL at T = 1, what the tests and eval track), correct (student argmax == data token).
+    """Summed terms over the batch's loss tokens (`chunk_terms`).
 
     With `loss_chunk_tokens`, over chunks of that many positions: the student's logits are computed from its
-    final hidden states chunk by chunk, and with gradients each chunk is checkpointed (its logits and the
-    divergence's intermediates are recomputed in the backward pass instead of kept), so they exist for one
-    chunk at a time. A model whose logits need its full forward (prompt learning, soft-capped heads) makes
-    them all at once; only the terms' intermediates are chunked then."""
+    final hidden states chunk by chunk (the teacher's too, from its `TeacherStates`), and with gradients each
+    chunk's gradients are computed at once (`head_chunks_with_gradients`), so the logits exist for one chunk at a
+    time. A model whose logits need its full forward (prompt learning, soft-capped heads) makes them all at once;
+    only the terms' intermediates are chunked then, each chunk checkpointed (recomputed in the backward pass)."""
     check_shared_tokenizer(model, settings.teacher)
     chunk_tokens = settings.loss_chunk_tokens
     teacher = {key: batch[key] for key in TEACHER_KEYS if key in batch}
@@ -632,6 +720,9 @@ def distill_terms(model: torch.nn.Module, batch: dict, settings: DistillSettings
     if _can_skip_unused_logits(model):
         hidden, head = loss_position_hidden(model, batch)  # (N, H)
         targets = batch["targets"][batch["targets"] != IGNORE_INDEX]  # (N,)
+        trained = hidden.requires_grad or any(parameter.requires_grad for parameter in head.parameters())
+        if torch.is_grad_enabled() and trained:
+            return head_chunks_with_gradients(hidden, head, targets, teacher, settings)
         student, terms_of = hidden, functools.partial(_head_chunk_terms, head=head, settings=settings)
     else:
         student, targets = loss_position_logits(model, batch)  # (N, V) float32, (N,)
@@ -649,19 +740,19 @@ def distill_terms(model: torch.nn.Module, batch: dict, settings: DistillSettings
     return totals
 
 
-def combined_loss(terms: dict[str, torch.Tensor], settings: DistillSettings) -> torch.Tensor:
+def combined_loss(hard: torch.Tensor, divergence: torch.Tensor, settings: DistillSettings) -> torch.Tensor:
     """alpha * hard + (1 - alpha) * T^2 * divergence, summed over the loss tokens."""
     if settings.alpha == 1:
-        return terms["hard"]  # not 1 * hard + 0 * soft: exactly sft's loss, whatever the soft term holds
-    soft = settings.temperature**2 * terms["divergence"]
-    return settings.alpha * terms["hard"] + (1 - settings.alpha) * soft
+        return hard  # not 1 * hard + 0 * soft: exactly sft's loss, whatever the soft term holds
+    soft = settings.temperature**2 * divergence
+    return settings.alpha * hard + (1 - settings.alpha) * soft
 
 
 def distill_loss(model: torch.nn.Module, batch: dict, settings: DistillSettings) -> LossOutput:
     terms = distill_terms(model, batch, settings)
     metrics = {"hard_loss": terms["hard"].detach(), "divergence": terms["divergence"].detach(),
                "teacher_kl": terms["teacher_kl"]}
-    return LossOutput(combined_loss(terms, settings), batch["num_loss_tokens"], metrics)
+    return LossOutput(terms["loss"], batch["num_loss_tokens"], metrics)
 
 
 @torch.no_grad()
@@ -672,7 +763,7 @@ def evaluate_distill(model: torch.nn.Module, batches: Iterable[dict], settings: 
     tokens = 0
     for batch in batches:
         terms = distill_terms(model, batch, settings)
-        totals["eval_loss"] += float(combined_loss(terms, settings))
+        totals["eval_loss"] += float(terms["loss"])
         totals["hard_loss"] += float(terms["hard"])
         totals["divergence"] += float(terms["divergence"])
         totals["teacher_kl"] += float(terms["teacher_kl"])
