@@ -61,7 +61,6 @@ from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.collate import IGNORE_INDEX, collate_padded, eval_batches
@@ -75,6 +74,7 @@ from tunesmith.objectives.causal_lm import (
     loss_position_hidden,
     loss_position_logits,
 )
+from tunesmith.objectives.linear_cross_entropy import with_known_gradients
 from tunesmith.registry import Registry
 from tunesmith.training.distributed import rank_and_world
 
@@ -653,25 +653,6 @@ def _head_chunk_terms(
     return chunk_terms(head(hidden).float(), targets, teacher, settings)  # (C, H) -> (C, V) float32
 
 
-class _KnownGradients(torch.autograd.Function):
-    """`value`, whose gradients with respect to `inputs` were computed with it in the forward pass: the backward
-    pass only scales them by the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, value, gradients, *inputs):
-        ctx.gradients = gradients
-        return value.clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        if ctx.gradients is None:
-            raise RuntimeError("distillation's chunked loss computed its gradients once: backward through it once "
-                               "(retain_graph is not supported)")
-        gradients, ctx.gradients = ctx.gradients, None  # freed with this pass; scaled in place
-        return None, None, *(None if gradient is None else gradient.mul_(grad_output) for gradient in gradients)
-
-
 def head_chunks_with_gradients(
     hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, teacher: dict, settings: DistillSettings
 ) -> dict[str, torch.Tensor]:
@@ -698,8 +679,7 @@ def head_chunks_with_gradients(
         for total, gradient in zip(grad_weights, gradients, strict=True):
             total += gradient
         totals = {name: totals.get(name, 0) + value.detach() for name, value in terms.items()}
-    inputs = [hidden] * (grad_hidden is not None) + weights
-    loss = _KnownGradients.apply(totals["loss"], [grad_hidden] * (grad_hidden is not None) + grad_weights, *inputs)
+    loss = with_known_gradients(totals["loss"], [hidden, *weights], [grad_hidden, *grad_weights])
     return {**totals, "loss": loss}
 
 

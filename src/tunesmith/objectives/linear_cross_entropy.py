@@ -18,7 +18,7 @@ hidden states' dtype), the softmax in float32, and the gradients are rounded whe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -128,25 +128,29 @@ def _loss_and_gradients(
     return loss_sum, grad_hidden, grad_weight, grad_bias
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+class _KnownGradients(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, chunk_tokens, chunk_loss):
-        needs = tuple(ctx.needs_input_grad[:3])
-        loss_sum, *gradients = _loss_and_gradients(
-            hidden, weight, bias, targets, scale, chunk_tokens, needs, chunk_loss
-        )
+    def forward(ctx, value, gradients, *inputs):
         ctx.gradients = gradients
-        return loss_sum
+        return value.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         if ctx.gradients is None:
-            raise RuntimeError("the fused linear cross-entropy's gradients were already used: backward through it "
-                               "once (retain_graph is not supported)")
+            raise RuntimeError("a fused loss's gradients were already used: backward through it once (retain_graph "
+                               "is not supported)")
         gradients, ctx.gradients = ctx.gradients, None  # freed with this pass; scaled in place
-        scaled = [None if gradient is None else gradient.mul_(grad_output) for gradient in gradients]
-        return (*scaled, None, None, None, None)
+        return None, None, *(None if gradient is None else gradient.mul_(grad_output) for gradient in gradients)
+
+
+def with_known_gradients(
+    value: torch.Tensor, inputs: Sequence[torch.Tensor | None], gradients: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
+    """`value` (computed without a graph) differentiable in `inputs`, whose gradients of it, `gradients`, were
+    computed with it in the forward pass (None: not needed): the backward pass only scales them by the incoming
+    gradient, once."""
+    return _KnownGradients.apply(value, list(gradients), *inputs)
 
 
 def fusable_head(head: torch.nn.Module) -> bool:
@@ -173,7 +177,13 @@ def linear_cross_entropy_sum(
         tensor is not None and tensor.requires_grad for tensor in (hidden, head.weight, head.bias)
     )
     if differentiable:
-        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, scale, chunk_tokens, chunk_loss)
+        inputs = (hidden, head.weight, head.bias)
+        needs = tuple(tensor is not None and tensor.requires_grad for tensor in inputs)
+        with torch.no_grad():
+            loss_sum, *gradients = _loss_and_gradients(
+                hidden, head.weight, head.bias, targets, scale, chunk_tokens, needs, chunk_loss
+            )
+        return with_known_gradients(loss_sum, inputs, gradients)
     loss_sum, *_ = _loss_and_gradients(
         hidden, head.weight, head.bias, targets, scale, chunk_tokens, (False, False, False), chunk_loss
     )
