@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.collate import IGNORE_INDEX
 from tunesmith.objectives import linear_cross_entropy
-from tunesmith.objectives.causal_lm import chunked_cross_entropy_sum
+from tunesmith.objectives.causal_lm import _chunk_cross_entropy_sum, chunked_cross_entropy_sum
 from tunesmith.objectives.linear_cross_entropy import fusable_head, linear_cross_entropy_eval, linear_cross_entropy_sum
 
 HIDDEN, VOCAB = 24, 70
@@ -144,23 +145,34 @@ class VocabularyMatmuls(TorchDispatchMode):
 
 
 def test_the_backward_pass_runs_no_head_matmul():
-    """The forward pass computes logits for at most a chunk of positions at a time. The checkpointed chunks
-    recomputed each chunk's logits in the backward pass; the fused loss has none to recompute. A head that is
-    not a plain Linear, or has a forward hook, takes the checkpointed path: the control, which does."""
+    """The forward pass computes logits for at most a chunk of positions at a time, and each chunk's gradients
+    with them: the backward pass runs no head matmul (checkpointed chunks recomputed each chunk's logits there).
+    Both for the fused loss and for a head that is not a plain Linear, or has a forward hook, which runs through
+    autograd a chunk at a time; the control, checkpointed chunks, recomputes them last one first."""
     head, hidden, targets, _ = case(30, torch.float32, False, False)
     hooked = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
     hooked.load_state_dict(head.state_dict())
-    hooked.register_forward_hook(lambda module, inputs, output: None)
+    calls = []
+    hooked.register_forward_hook(lambda module, inputs, output: calls.append(output.shape[0]))
     assert fusable_head(head) and not fusable_head(torch.nn.Sequential(head)) and not fusable_head(hooked)
+
+    def checkpointed(hidden, module, targets, chunk_tokens):
+        pieces = zip(hidden.split(chunk_tokens), targets.split(chunk_tokens), strict=True)
+        return sum(checkpoint(_chunk_cross_entropy_sum, piece, piece_targets, module, use_reentrant=False)
+                   for piece, piece_targets in pieces)
+
     matmuls = {}
-    for name, module in (("fused", head), ("checkpointed", hooked)):
+    for name, module, loss_of in (("fused", head, chunked_cross_entropy_sum),
+                                  ("wrapped", hooked, chunked_cross_entropy_sum),
+                                  ("checkpointed", hooked, checkpointed)):
         with VocabularyMatmuls() as forward:
-            loss = chunked_cross_entropy_sum(hidden.clone().requires_grad_(), module, targets, 8)
+            loss = loss_of(hidden.clone().requires_grad_(), module, targets, 8)
         with VocabularyMatmuls() as backward:
             loss.backward()
         matmuls[name] = (forward.positions, backward.positions)
-    # the backward pass recomputes the checkpointed chunks last one first
-    assert matmuls == {"fused": ([8, 8, 8, 6], []), "checkpointed": ([8, 8, 8, 6], [6, 8, 8, 8])}
+    assert matmuls == {"fused": ([8, 8, 8, 6], []), "wrapped": ([8, 8, 8, 6], []),
+                       "checkpointed": ([8, 8, 8, 6], [6, 8, 8, 8])}
+    assert calls == [8, 8, 8, 6] + [8, 8, 8, 6, 6, 8, 8, 8]  # the hook saw each chunk's forward once when wrapped
 
 
 def test_wrapped_head_equals_the_fused_loss():

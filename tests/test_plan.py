@@ -203,7 +203,7 @@ def test_loss_memory_follows_the_loss_path_and_the_row_threads(tiny_llama_dir, c
     bf16 = plan(model={"name": str(tiny_llama_dir), "dtype": "bfloat16"})
     assert bf16.parts_gib["logits + loss"] * GIB == positions * vocab * (2 + 4)
     on_head = plan(method={"name": "lora", "r": 4, "target_modules": ["q_proj", "lm_head"]})
-    assert on_head.parts_gib["logits + loss"] * GIB == positions * vocab * 4 * 2
+    assert on_head.parts_gib["logits + loss"] * GIB == positions * vocab * 4 * 3
 
     lora = {"name": "lora", "r": 2, "target_modules": ["q_proj"]}
     sequential, parallel = plan(method=lora), plan(parallel_rows=True, method=lora)

@@ -320,10 +320,11 @@ def loss_chunk_bytes(positions: int, vocab: int, plain_head: bool, half: bool, o
     """Memory of one loss chunk's (C, V) logits (objectives/causal_lm.py). A plain head takes the fused loss
     (objectives/linear_cross_entropy.py): the logits in the compute dtype, their softmax and gradient worked
     out in float32 over them (float32 logits) or in a float32 copy (half precision; on the CPU in blocks of
-    SOFTMAX_BLOCK_ELEMENTS). A wrapped head's checkpointed chunk: float32 logits and their gradient."""
+    SOFTMAX_BLOCK_ELEMENTS). A wrapped head's chunk, run through autograd with its gradients: float32 logits, their
+    log-softmax and its gradient (measured: 3.0 (C, V) float32 buffers at its peak, C = 512, V = 49,152)."""
     logits = positions * vocab
     if not plain_head:
-        return logits * 4 * 2
+        return logits * 4 * 3
     if not half:
         return logits * 4
     return logits * 2 + (logits if on_gpu else min(logits, SOFTMAX_BLOCK_ELEMENTS)) * 4

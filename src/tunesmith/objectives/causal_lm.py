@@ -25,6 +25,7 @@ from tunesmith.objectives.linear_cross_entropy import (
     linear_cross_entropy_eval,
     linear_cross_entropy_sum,
     softmax_cross_entropy,
+    with_known_gradients,
 )
 
 _language_model = unwrapped_model
@@ -53,8 +54,8 @@ class CausalLMSettings(ObjectiveSettings):
         1024,
         ge=1,
         description="Compute the loss over chunks of this many positions, so the (N, V) float32 logits never "
-        "exist at once (exact). A plain output head computes each chunk's gradients in the forward pass; a wrapped "
-        "one (an adapter on the head) recomputes its logits in the backward pass. null: one piece.",
+        "exist at once (exact); each chunk's gradients are computed in the forward pass, so no head matmul runs again "
+        "in the backward pass. null: one piece.",
     )
 
 
@@ -125,30 +126,57 @@ def chunked_cross_entropy_sum(
 ) -> torch.Tensor:
     """Sum of cross-entropy over N positions, holding at most chunk_tokens x V logits at a time.
 
-    A plain linear head takes the fused loss (linear_cross_entropy.py): each chunk's logit gradients are
-    computed in the forward pass, so nothing is recomputed. A wrapped head (an adapter on the head) is run
-    through autograd, each chunk checkpointed: its logits are recomputed in the backward pass, one more head
-    matmul for never materialising (N, V) in float32.
+    A plain linear head takes the fused loss (linear_cross_entropy.py), whose softmax gradient is written over
+    the logits. A wrapped head (an adapter on the head) runs through autograd a chunk at a time
+    (`chunks_with_gradients`). Either way each chunk's gradients are computed in the forward pass, so no head
+    matmul runs again in the backward pass.
     """
     compiled = _compiled_loss.get()
     if fusable_head(head):
         chunk_softmax = compiled.softmax_cross_entropy if compiled else softmax_cross_entropy
         return linear_cross_entropy_sum(hidden, head, targets, chunk_tokens, weights, chunk_softmax)
     chunk_loss = compiled.chunk_cross_entropy_sum if compiled else _chunk_cross_entropy_sum
-    if chunk_tokens is None or hidden.shape[0] <= chunk_tokens:
-        return chunk_loss(hidden, targets, head, weights)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        piece = (
-            hidden[start : start + chunk_tokens],  # (C, H)
-            targets[start : start + chunk_tokens],  # (C,)
-            head,
-            None if weights is None else weights[start : start + chunk_tokens],  # (C,)
-        )
-        # Without gradients (evaluation, reference passes) there is nothing to recompute: just bound the chunk.
-        total = total + (checkpoint(chunk_loss, *piece, use_reentrant=False)
-                         if torch.is_grad_enabled() else chunk_loss(*piece))
-    return total
+
+    def loss_of(chunk: torch.Tensor, positions: slice) -> dict[str, torch.Tensor]:
+        return {"loss": chunk_loss(chunk, targets[positions], head, None if weights is None else weights[positions])}
+
+    return chunks_with_gradients(hidden, head, chunk_tokens, loss_of)["loss"]
+
+
+def chunks_with_gradients(
+    hidden: torch.Tensor, head: torch.nn.Module, chunk_tokens: int | None,
+    terms_of: Callable[[torch.Tensor, slice], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """The terms `terms_of(chunk, positions)` gives for each chunk of `chunk_tokens` of the N positions of `hidden`
+    (N, H) (chunk: those rows, (C, H)), summed over the chunks. With gradients to compute, those of the "loss" term
+    with respect to `hidden` and to the trained parameters of `head` (which `terms_of` runs) are made chunk by chunk
+    in this (forward) pass, so a chunk's logits and what the terms make of them exist for one chunk at a time and
+    nothing runs again in the backward pass (a checkpointed chunk ran its head twice); "loss" carries them, the
+    other terms are detached. None: one chunk."""
+    weights = [parameter for parameter in head.parameters() if parameter.requires_grad]
+    gradients_needed = torch.is_grad_enabled() and (hidden.requires_grad or bool(weights))
+    grad_hidden = torch.empty_like(hidden) if gradients_needed and hidden.requires_grad else None  # (N, H)
+    grad_weights = [torch.zeros_like(weight) for weight in weights] if gradients_needed else []
+    size = max(chunk_tokens or hidden.shape[0], 1)
+    totals: dict[str, torch.Tensor] = {}
+    for start in range(0, max(hidden.shape[0], 1), size):
+        positions = slice(start, start + size)
+        if not gradients_needed:
+            terms = terms_of(hidden[positions], positions)
+        else:
+            with torch.enable_grad():
+                chunk = hidden[positions].detach().requires_grad_(grad_hidden is not None)  # (C, H)
+                terms = terms_of(chunk, positions)
+                inputs = [chunk] * (grad_hidden is not None) + weights
+                gradients = torch.autograd.grad(terms["loss"], inputs, allow_unused=True, materialize_grads=True)
+            if grad_hidden is not None:
+                grad_hidden[positions], gradients = gradients[0], gradients[1:]
+            for total, gradient in zip(grad_weights, gradients, strict=True):
+                total += gradient
+        totals = {name: totals.get(name, 0) + value.detach() for name, value in terms.items()}
+    if gradients_needed:
+        totals["loss"] = with_known_gradients(totals["loss"], [hidden, *weights], [grad_hidden, *grad_weights])
+    return totals
 
 
 def _chunk_token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:

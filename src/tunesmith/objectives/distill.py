@@ -71,10 +71,10 @@ from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings,
 from tunesmith.objectives.causal_lm import (
     _can_skip_unused_logits,
     _language_model,
+    chunks_with_gradients,
     loss_position_hidden,
     loss_position_logits,
 )
-from tunesmith.objectives.linear_cross_entropy import with_known_gradients
 from tunesmith.registry import Registry
 from tunesmith.training.distributed import rank_and_world
 
@@ -647,50 +647,15 @@ def chunk_terms(
     }
 
 
-def _head_chunk_terms(
-    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, teacher: dict, settings: DistillSettings
-) -> dict[str, torch.Tensor]:
-    return chunk_terms(head(hidden).float(), targets, teacher, settings)  # (C, H) -> (C, V) float32
-
-
-def head_chunks_with_gradients(
-    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, teacher: dict, settings: DistillSettings
-) -> dict[str, torch.Tensor]:
-    """The terms of `chunk_terms` summed over chunks of loss positions, each chunk's logits made from the student's
-    hidden states (N, H) by its `head` and the teacher's rows, and the gradients of the combined loss with respect
-    to the hidden states and the head's trained parameters computed chunk by chunk in this (forward) pass, as sft's
-    fused loss does: the logits and the divergence's intermediates exist for one chunk at a time, and neither the
-    student's nor the teacher's head runs again in the backward pass. `loss` carries those gradients; the other
-    terms are detached."""
-    weights = [parameter for parameter in head.parameters() if parameter.requires_grad]
-    grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None  # (N, H)
-    grad_weights = [torch.zeros_like(weight) for weight in weights]
-    totals: dict[str, torch.Tensor] = {}
-    for start in range(0, max(hidden.shape[0], 1), settings.loss_chunk_tokens):
-        piece = slice(start, start + settings.loss_chunk_tokens)
-        with torch.enable_grad():
-            chunk = hidden[piece].detach().requires_grad_(grad_hidden is not None)  # (C, H)
-            teacher_piece = {key: value[piece] for key, value in teacher.items()}
-            terms = _head_chunk_terms(chunk, head, targets[piece], teacher_piece, settings)
-            inputs = [chunk] * (grad_hidden is not None) + weights
-            gradients = torch.autograd.grad(terms["loss"], inputs, allow_unused=True, materialize_grads=True)
-        if grad_hidden is not None:
-            grad_hidden[piece], gradients = gradients[0], gradients[1:]
-        for total, gradient in zip(grad_weights, gradients, strict=True):
-            total += gradient
-        totals = {name: totals.get(name, 0) + value.detach() for name, value in terms.items()}
-    loss = with_known_gradients(totals["loss"], [hidden, *weights], [grad_hidden, *grad_weights])
-    return {**totals, "loss": loss}
-
-
 def distill_terms(model: torch.nn.Module, batch: dict, settings: DistillSettings) -> dict[str, torch.Tensor]:
     """Summed terms over the batch's loss tokens (`chunk_terms`).
 
     With `loss_chunk_tokens`, over chunks of that many positions: the student's logits are computed from its
     final hidden states chunk by chunk (the teacher's too, from its `TeacherStates`), and with gradients each
-    chunk's gradients are computed at once (`head_chunks_with_gradients`), so the logits exist for one chunk at a
-    time. A model whose logits need its full forward (prompt learning, soft-capped heads) makes them all at once;
-    only the terms' intermediates are chunked then, each chunk checkpointed (recomputed in the backward pass)."""
+    chunk's gradients are computed at once (`chunks_with_gradients`), so the logits exist for one chunk at a time
+    and no head runs again in the backward pass. A model whose logits need its full forward (prompt learning,
+    soft-capped heads) makes them all at once; only the terms' intermediates are chunked then, each chunk
+    checkpointed (recomputed in the backward pass)."""
     check_shared_tokenizer(model, settings.teacher)
     chunk_tokens = settings.loss_chunk_tokens
     teacher = {key: batch[key] for key in TEACHER_KEYS if key in batch}
@@ -700,22 +665,21 @@ def distill_terms(model: torch.nn.Module, batch: dict, settings: DistillSettings
     if _can_skip_unused_logits(model):
         hidden, head = loss_position_hidden(model, batch)  # (N, H)
         targets = batch["targets"][batch["targets"] != IGNORE_INDEX]  # (N,)
-        trained = hidden.requires_grad or any(parameter.requires_grad for parameter in head.parameters())
-        if torch.is_grad_enabled() and trained:
-            return head_chunks_with_gradients(hidden, head, targets, teacher, settings)
-        student, terms_of = hidden, functools.partial(_head_chunk_terms, head=head, settings=settings)
-    else:
-        student, targets = loss_position_logits(model, batch)  # (N, V) float32, (N,)
-        terms_of = functools.partial(chunk_terms, settings=settings)
+
+        def terms_of(chunk: torch.Tensor, positions: slice) -> dict[str, torch.Tensor]:
+            rows = {key: value[positions] for key, value in teacher.items()}
+            return chunk_terms(head(chunk).float(), targets[positions], rows, settings)  # (C, V) float32 logits
+
+        return chunks_with_gradients(hidden, head, chunk_tokens, terms_of)
+    logits, targets = loss_position_logits(model, batch)  # (N, V) float32, (N,)
     totals = None
     for start in range(0, max(targets.shape[0], 1), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
-        teacher_piece = {key: value[piece] for key, value in teacher.items()}
+        rows = {key: value[piece] for key, value in teacher.items()}
         if torch.is_grad_enabled():
-            terms = checkpoint(terms_of, student[piece], targets=targets[piece], teacher=teacher_piece,
-                               use_reentrant=False)
+            terms = checkpoint(chunk_terms, logits[piece], targets[piece], rows, settings, use_reentrant=False)
         else:
-            terms = terms_of(student[piece], targets=targets[piece], teacher=teacher_piece)
+            terms = chunk_terms(logits[piece], targets[piece], rows, settings)
         totals = terms if totals is None else {name: totals[name] + value for name, value in terms.items()}
     return totals
 

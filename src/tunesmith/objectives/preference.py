@@ -90,9 +90,9 @@ def sequence_logps(
     Only response positions reach the output head: the (R, T, V) logits are the largest activation of
     a small model and most positions are prompt. Each row's sum is sft's `chunked_cross_entropy_sum`
     over that row's positions, so with `chunk_tokens` the head and its log-softmax run on at most
-    chunk_tokens positions at a time and are recomputed in the backward pass: the (N, V) float32
-    logits of all chosen and rejected responses never exist at once (a row no longer than
-    chunk_tokens is one piece). Without gradients the rows are still computed one at a time.
+    chunk_tokens positions at a time, each chunk's gradients computed with it: the (N, V) float32
+    logits of all chosen and rejected responses never exist at once, and the head does not run again in
+    the backward pass (a row no longer than chunk_tokens is one piece). Without gradients the rows are still computed one at a time.
     """
     targets = batch["targets"]  # (R, T)
     has_target = targets != IGNORE_INDEX  # (R, T)
