@@ -92,7 +92,8 @@ def sequence_logps(
     over that row's positions, so with `chunk_tokens` the head and its log-softmax run on at most
     chunk_tokens positions at a time, each chunk's gradients computed with it: the (N, V) float32
     logits of all chosen and rejected responses never exist at once, and the head does not run again in
-    the backward pass (a row no longer than chunk_tokens is one piece). Without gradients the rows are still computed one at a time.
+    the backward pass (a row no longer than chunk_tokens is one piece). Without gradients the rows are still
+    computed one at a time.
     """
     targets = batch["targets"]  # (R, T)
     has_target = targets != IGNORE_INDEX  # (R, T)
