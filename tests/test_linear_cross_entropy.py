@@ -12,7 +12,12 @@ from torch.utils.checkpoint import checkpoint
 from tunesmith.data.collate import IGNORE_INDEX
 from tunesmith.objectives import linear_cross_entropy
 from tunesmith.objectives.causal_lm import _chunk_cross_entropy_sum, chunked_cross_entropy_sum
-from tunesmith.objectives.linear_cross_entropy import fusable_head, linear_cross_entropy_eval, linear_cross_entropy_sum
+from tunesmith.objectives.linear_cross_entropy import (
+    fusable_head,
+    linear_cross_entropy_eval,
+    linear_cross_entropy_row_sums,
+    linear_cross_entropy_sum,
+)
 
 HIDDEN, VOCAB = 24, 70
 
@@ -202,3 +207,55 @@ def test_evaluation_counts_the_argmax_hits(dtype, monkeypatch):
     kept = targets != IGNORE_INDEX
     assert int(correct) == int((logits[kept].argmax(-1) == targets[kept]).sum()) == 8
     torch.testing.assert_close(loss, reference(hidden, head, targets, None), rtol=1e-5, atol=1e-5)
+
+
+class WeightGradientBuffers(TorchDispatchMode):
+    """How many zero-filled (VOCAB, HIDDEN) tensors (a head weight's gradient, summed over chunks) are made under
+    this mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        zeros = func.overloadpacket in (torch.ops.aten.zeros_like, torch.ops.aten.zeros, torch.ops.aten.new_zeros)
+        if zeros and tuple(out.shape) == (VOCAB, HIDDEN):
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("trained_head", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_row_sums_equal_autograd_and_a_trained_head_holds_no_gradient_per_row(trained_head, autocast):
+    """Per-row sums (dpo's sequence log-probs: rows of 7, 0, 12 and 11 positions, chunks of 5) against autograd,
+    under an incoming gradient that differs per row; a trained head's weight gradient is made in the backward
+    pass, once for all rows (in the forward pass each row would hold one), a frozen head's rows get theirs in the
+    forward pass (no head matmul in the backward)."""
+    rows = [7, 0, 12, 11]
+    head, hidden, targets, _ = case(sum(rows), torch.float32, True, False)
+    head.requires_grad_(trained_head)
+    per_row = torch.tensor([0.5, -1.0, 2.0, 0.25])
+
+    def sums_and_gradients(row_sums_of) -> tuple[list[torch.Tensor], int, list[int]]:
+        head.zero_grad()
+        leaf = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), WeightGradientBuffers() as forward:
+            sums = row_sums_of(leaf)
+        with VocabularyMatmuls() as backward:
+            (sums * per_row).sum().backward()
+        trained = [head.weight.grad, head.bias.grad] if trained_head else []
+        return [sums.detach(), leaf.grad, *trained], forward.count, backward.positions
+
+    def autograd_row_sums(leaf):
+        return torch.stack([F.cross_entropy(head(row).float(), row_targets, reduction="sum")
+                            for row, row_targets in zip(leaf.split(rows), targets.split(rows), strict=True)])
+
+    ours, forward_buffers, backward_matmuls = sums_and_gradients(
+        lambda leaf: linear_cross_entropy_row_sums(leaf, head, targets, rows, 5))
+    expected, _, _ = sums_and_gradients(autograd_row_sums)
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if autocast else {"atol": 1e-5, "rtol": 1e-5}
+    for value, wanted in zip(ours, expected, strict=True):
+        torch.testing.assert_close(value, wanted, **tolerance)
+    assert forward_buffers == 0
+    assert backward_matmuls == ([5] * 6 if trained_head else [])  # the rows' 30 positions in chunks

@@ -75,21 +75,25 @@ def test_chunked_logps_and_gradients_equal_the_one_piece_computation(method, tin
         torch.testing.assert_close(chunked_gradients[name], gradient, msg=name)
 
 
-def test_the_head_sees_at_most_one_chunk_at_a_time(tiny_llama_dir):
-    """The forward pass runs the output head (here with a hook: not fused) on <= chunk positions per call, and
-    with each chunk's gradients computed there the backward pass does not run it again."""
+@pytest.mark.parametrize("trained_head", [False, True])
+def test_the_head_sees_at_most_one_chunk_at_a_time(tiny_llama_dir, trained_head):
+    """The forward pass runs the output head (here with a hook: not fused) on <= chunk positions per call. A frozen
+    head's chunks compute their gradients there, so the backward pass does not run it again; a trained head's are
+    checkpointed and recomputed in the backward pass (per-row gradients of its weights would be held until then)."""
     model_config = ModelConfig(name=str(tiny_llama_dir))
     batch = pair_batch(load_tokenizer(model_config))
     model = load_model(model_config, "dpo")
+    head = model.get_output_embeddings()
+    if not trained_head:
+        head.requires_grad_(False)
     positions_per_call: list[int] = []
-    model.get_output_embeddings().register_forward_hook(
-        lambda module, inputs, output: positions_per_call.append(output.shape[0])
-    )
+    head.register_forward_hook(lambda module, inputs, output: positions_per_call.append(output.shape[0]))
     logps, _ = sequence_logps(model, batch, chunk_tokens=4)
     forward_calls = len(positions_per_call)
     logps.sum().backward()
-    assert max(positions_per_call) <= 4
-    assert len(positions_per_call) == forward_calls > 1  # several chunks, none recomputed in the backward
+    assert max(positions_per_call) <= 4 and forward_calls > 1
+    recomputed = len(positions_per_call) - forward_calls
+    assert recomputed == (forward_calls if trained_head else 0)
     assert sum(positions_per_call[:forward_calls]) == int((batch["targets"] != IGNORE_INDEX).sum())
 
 

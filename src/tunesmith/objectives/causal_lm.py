@@ -23,6 +23,7 @@ from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSp
 from tunesmith.objectives.linear_cross_entropy import (
     fusable_head,
     linear_cross_entropy_eval,
+    linear_cross_entropy_row_sums,
     linear_cross_entropy_sum,
     softmax_cross_entropy,
     with_known_gradients,
@@ -141,6 +142,38 @@ def chunked_cross_entropy_sum(
         return {"loss": chunk_loss(chunk, targets[positions], head, None if weights is None else weights[positions])}
 
     return chunks_with_gradients(hidden, head, chunk_tokens, loss_of)["loss"]
+
+
+def row_cross_entropy_sums(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, row_sizes: list[int], chunk_tokens: int | None
+) -> torch.Tensor:
+    """Summed cross-entropy over each row's positions (R,), from hidden states (N, H) and targets (N,) of rows of
+    `row_sizes` consecutive positions, holding at most chunk_tokens x V logits at a time.
+
+    A frozen head: each row is `chunked_cross_entropy_sum`, its gradients computed in the forward pass. A trained
+    head (full fine-tuning, or an adapter on it): those would hold a gradient of the head's weights per row until
+    the backward pass (R x (V, H) float32 for a full head), so the rows' gradients are computed there instead,
+    where each row's incoming gradient is known: a plain head through the fused loss in one pass for all rows
+    (`linear_cross_entropy_row_sums`), a wrapped one in checkpointed chunks. One more head matmul per chunk.
+    """
+    compiled = _compiled_loss.get()
+    if fusable_head(head):
+        chunk_softmax = compiled.softmax_cross_entropy if compiled else softmax_cross_entropy
+        return linear_cross_entropy_row_sums(hidden, head, targets, row_sizes, chunk_tokens, chunk_softmax)
+    rows = list(zip(hidden.split(row_sizes), targets.split(row_sizes), strict=True))
+    if not (torch.is_grad_enabled() and any(parameter.requires_grad for parameter in head.parameters())):
+        sums = [chunked_cross_entropy_sum(row_hidden, head, row_targets, chunk_tokens)
+                for row_hidden, row_targets in rows]
+        return torch.stack(sums) if sums else hidden.new_zeros(0, dtype=torch.float32)
+    chunk_loss = compiled.chunk_cross_entropy_sum if compiled else _chunk_cross_entropy_sum
+    size = max(chunk_tokens or hidden.shape[0], 1)
+    sums = []
+    for row_hidden, row_targets in rows:
+        row_sum = hidden.new_zeros((), dtype=torch.float32)
+        for piece, piece_targets in zip(row_hidden.split(size), row_targets.split(size), strict=True):
+            row_sum = row_sum + checkpoint(chunk_loss, piece, piece_targets, head, None, use_reentrant=False)
+        sums.append(row_sum)
+    return torch.stack(sums) if sums else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def chunks_with_gradients(

@@ -88,11 +88,12 @@ def _chunk_bounds(positions: int, chunk_tokens: int | None) -> list[tuple[int, i
 def _loss_and_gradients(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     scale: torch.Tensor, chunk_tokens: int | None, needs: tuple[bool, bool, bool], chunk_loss: SoftmaxCrossEntropy,
-    correct: torch.Tensor | None = None,
+    correct: torch.Tensor | None = None, dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The summed loss and the gradients of it that `needs` asks for (hidden, weight, bias), chunk by chunk.
-    `correct` (evaluation), a counter: the positions whose most likely token is their target are added to it."""
-    dtype = _compute_dtype(hidden)
+    `correct` (evaluation), a counter: the positions whose most likely token is their target are added to it.
+    `dtype`: the matmuls' (default: autocast's where it is on, else the hidden states')."""
+    dtype = dtype or _compute_dtype(hidden)
     matmul_weight = weight.to(dtype)  # (V, H): cast once, not per chunk (autocast caches no frozen weight)
     matmul_bias = None if bias is None else bias.to(dtype)
     need_hidden, need_weight, need_bias = needs
@@ -151,6 +152,56 @@ def with_known_gradients(
     computed with it in the forward pass (None: not needed): the backward pass only scales them by the incoming
     gradient, once."""
     return _KnownGradients.apply(value, list(gradients), *inputs)
+
+
+class _RowSumsDeferred(torch.autograd.Function):
+    """Summed cross-entropy per row, whose gradients are computed in the backward pass, where each position's
+    weight in them (its row's incoming gradient) is known: one pass over the chunks then gives the head's whole
+    weight gradient. Computed in the forward pass, each row's sum would hold a (V, H) weight gradient of its own
+    until the backward (full fine-tuning's dpo: 2 x batch of them)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, row_sizes, chunk_tokens, chunk_loss):
+        ctx.dtype = _compute_dtype(hidden)  # the backward runs outside autocast: its matmuls as the forward's
+        ctx.row_sizes, ctx.chunk_tokens, ctx.chunk_loss = row_sizes, chunk_tokens, chunk_loss
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        row_sums = []
+        for row_hidden, row_targets in zip(hidden.split(row_sizes), targets.split(row_sizes), strict=True):
+            scale = (row_targets != IGNORE_INDEX).float()
+            row_sum, *_ = _loss_and_gradients(row_hidden, weight, bias, row_targets, scale, chunk_tokens,
+                                              (False, False, False), chunk_loss)
+            row_sums.append(row_sum)
+        return torch.stack(row_sums) if row_sums else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        sizes = torch.tensor(ctx.row_sizes, device=grad_rows.device)
+        scale = grad_rows.repeat_interleave(sizes) * (targets != IGNORE_INDEX).float()  # (N,) each row's gradient
+        _, *gradients = _loss_and_gradients(hidden, weight, bias, targets, scale, ctx.chunk_tokens,
+                                            tuple(ctx.needs_input_grad[:3]), ctx.chunk_loss, dtype=ctx.dtype)
+        return (*gradients, None, None, None, None)
+
+
+def linear_cross_entropy_row_sums(
+    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, row_sizes: list[int],
+    chunk_tokens: int | None, chunk_loss: SoftmaxCrossEntropy = softmax_cross_entropy,
+) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` (N, H) against `targets` (N,) over each row's positions (R,), the
+    rows `row_sizes` consecutive positions each, with the logits of at most `chunk_tokens` positions at a time.
+    A frozen head: each row's gradients (to its hidden states) computed in the forward pass, as
+    `linear_cross_entropy_sum`. A trained head (full fine-tuning): computed in the backward pass
+    (`_RowSumsDeferred`: one more head matmul per chunk, one weight gradient for all rows)."""
+    trained_head = torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (head.weight, head.bias)
+    )
+    if trained_head:
+        return _RowSumsDeferred.apply(hidden, head.weight, head.bias, targets, row_sizes, chunk_tokens, chunk_loss)
+    return torch.stack([
+        linear_cross_entropy_sum(row_hidden, head, row_targets, chunk_tokens, chunk_loss=chunk_loss)
+        for row_hidden, row_targets in zip(hidden.split(row_sizes), targets.split(row_sizes), strict=True)
+    ]) if row_sizes else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def fusable_head(head: torch.nn.Module) -> bool:

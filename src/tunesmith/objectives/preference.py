@@ -26,9 +26,9 @@ from tunesmith.data.collate import IGNORE_INDEX, shift_labels
 from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings, ObjectiveSpec, register
 from tunesmith.objectives.causal_lm import (
     _can_skip_unused_logits,
-    chunked_cross_entropy_sum,
     loss_position_hidden,
     loss_position_logits,
+    row_cross_entropy_sums,
 )
 from tunesmith.registry import Registry
 
@@ -88,12 +88,11 @@ def sequence_logps(
     """Summed log pi(y|x) over each row's response tokens (R,) in float32, and the response lengths (R,).
 
     Only response positions reach the output head: the (R, T, V) logits are the largest activation of
-    a small model and most positions are prompt. Each row's sum is sft's `chunked_cross_entropy_sum`
-    over that row's positions, so with `chunk_tokens` the head and its log-softmax run on at most
-    chunk_tokens positions at a time, each chunk's gradients computed with it: the (N, V) float32
-    logits of all chosen and rejected responses never exist at once, and the head does not run again in
-    the backward pass (a row no longer than chunk_tokens is one piece). Without gradients the rows are still
-    computed one at a time.
+    a small model and most positions are prompt. Each row's sum is sft's chunked cross-entropy over that
+    row's positions (`row_cross_entropy_sums`), so with `chunk_tokens` the head and its log-softmax run on at
+    most chunk_tokens positions at a time: the (N, V) float32 logits of all chosen and rejected responses
+    never exist at once (a row no longer than chunk_tokens is one piece), and no row holds a gradient of a
+    trained head's weights of its own. Without gradients the rows are still computed one at a time.
     """
     targets = batch["targets"]  # (R, T)
     has_target = targets != IGNORE_INDEX  # (R, T)
@@ -105,11 +104,7 @@ def sequence_logps(
         logps = torch.zeros(len(lengths), device=token_logps.device).index_add(0, rows, token_logps)  # (R,)
         return logps, lengths.float()
     hidden, head = loss_position_hidden(model, batch)  # (N, H), row after row
-    row_sizes = lengths.tolist()
-    logps = torch.stack([
-        -chunked_cross_entropy_sum(row_hidden, head, row_targets, chunk_tokens)
-        for row_hidden, row_targets in zip(hidden.split(row_sizes), targets[has_target].split(row_sizes), strict=True)
-    ])  # (R,)
+    logps = -row_cross_entropy_sums(hidden, head, targets[has_target], lengths.tolist(), chunk_tokens)  # (R,)
     return logps, lengths.float()
 
 
