@@ -31,3 +31,16 @@ def test_example_validates(path, monkeypatch):
     paths = [config.data.train] if config.data.mixture is None else [part.train for part in config.data.mixture]
     assert all(path.exists() for path in paths)
     assert str(config.output_dir).startswith("runs/")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[path.stem for path in EXAMPLES])
+def test_example_data_prepares(path, monkeypatch):
+    """Every example's data reads and tokenises as its run would, so a newcomer's first run does not stop on a
+    record: one the example cannot use (a prompt that fills max_length) must be set to go to the rejects file."""
+    from tunesmith.data import prepare_data
+    from tunesmith.models import load_tokenizer
+
+    monkeypatch.chdir(ROOT)
+    config = load_config(path)
+    data = prepare_data(config, load_tokenizer(config.model))
+    assert data.train and len(data.rejects) < len(data.train)
