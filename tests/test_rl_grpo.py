@@ -159,3 +159,35 @@ def test_chunked_log_probs_equal_the_whole_batch(tiny_llama_dir):
     torch.testing.assert_close(kl, whole_kl, rtol=1e-5, atol=1e-6)
     for chunked, whole in zip(grads, whole_grads, strict=True):
         torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
+
+
+def test_each_prompt_is_prefilled_once_for_its_group(tiny_llama_dir, monkeypatch):
+    """G completions per prompt: with each prompt's KV cache computed once and repeated for its group, the same seed
+    samples the same completions as with every copy of the prompt prefilled, prompts of different lengths (left
+    padding) included; the prompts' tokens run through the model B x (P - 1) + BG times instead of BG x P."""
+    from tunesmith.objectives import rl
+
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    tokenizer = load_tokenizer(model_config)
+    batch = collate_prompts(prompt_examples(tokenizer, ["Count to 3", "Count to four, slowly and with care"]),
+                            tokenizer.pad_token_id)
+    prompts, length = batch["input_ids"].shape
+    assert batch["attention_mask"].sum(-1).unique().numel() == 2  # one prompt is left-padded
+    settings = GRPOSettings(rewards=["test_digits"], group_size=4, max_new_tokens=8, temperature=1.0)
+    model = load_model(model_config, "grpo")
+    tokens_per_forward: list[int] = []
+    model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: tokens_per_forward.append(args[0].numel()))
+    results = {}
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(rl, "shared_prompt_cache", lambda *args: None)
+        tokens_per_forward.clear()
+        torch.manual_seed(0)
+        samples = rl.sample_groups(model, batch, settings)
+        results[shared] = (samples["sequences"], samples["completion_mask"], list(tokens_per_forward))
+    group = prompts * settings.group_size
+    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
+    assert results[True][2][:2] == [prompts * (length - 1), group]
+    assert results[False][2][0] == group * length
+    assert results[True][2][2:] == results[False][2][1:]  # then one token per completion per step, alike

@@ -23,6 +23,7 @@ formulas read as in the papers.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -196,8 +197,32 @@ def _reward_model(run_dir: str):
 
 
 @torch.no_grad()
+def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: int):
+    """The KV cache of each prompt's tokens but its last (B, P - 1), computed once per prompt and repeated for its
+    G completions (BG rows), or None where it cannot be: `generate` then runs only the last prompt token of each
+    row before it decodes, where it would run all BG x P prompt tokens (a prompt's G copies compute the same
+    keys and values). Positions as `generate` gives them under left padding (the mask's running count)."""
+    language_model = _language_model(model)
+    peft_config = getattr(model, "active_peft_config", None)
+    if (group == 1 or input_ids.shape[1] < 2 or (peft_config is not None and peft_config.is_prompt_learning)
+            or not language_model._supports_default_dynamic_cache()):
+        return None  # prefix tuning's virtual tokens live in the cache; other models keep caches of their own kinds
+    from transformers import DynamicCache
+
+    prompt_ids, prompt_mask = input_ids[:, :-1], attention_mask[:, :-1]  # (B, P - 1)
+    cache = DynamicCache(config=language_model.config)
+    inputs = {"input_ids": prompt_ids, "attention_mask": prompt_mask, "past_key_values": cache, "use_cache": True}
+    if "position_ids" in inspect.signature(language_model.forward).parameters:
+        inputs["position_ids"] = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    model(**inputs)
+    cache.batch_repeat_interleave(group)  # (BG, P - 1): each prompt's rows next to each other, as the samples'
+    return cache
+
+
+@torch.no_grad()
 def sample_groups(model, batch: dict, settings: SamplingSettings, greedy: bool = False) -> dict:
-    """G completions per prompt, batched with the KV cache: sequences (BG, P+C), completion_mask (BG, C)."""
+    """G completions per prompt, batched with the KV cache, each prompt's part of it computed once
+    (`shared_prompt_cache`): sequences (BG, P+C), completion_mask (BG, C)."""
     from tunesmith.inference import stop_token_ids
 
     tokenizer = _tokenizer_of(str(_language_model(model).name_or_path))
@@ -208,10 +233,11 @@ def sample_groups(model, batch: dict, settings: SamplingSettings, greedy: bool =
     was_training = model.training
     model.eval()
     try:
+        prompt_cache = shared_prompt_cache(model, batch["input_ids"], batch["attention_mask"], group)
         sequences = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens,
             do_sample=not greedy, temperature=None if greedy else settings.temperature,
-            top_p=None if greedy else settings.top_p, top_k=None, use_cache=True,
+            top_p=None if greedy else settings.top_p, top_k=None, use_cache=True, past_key_values=prompt_cache,
             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
             # Sharded layers gather their weights in every forward: all processes decode until the last is done.
             synced_gpus=sharded_across_processes(model),
