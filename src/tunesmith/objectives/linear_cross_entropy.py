@@ -165,11 +165,13 @@ class _RowSumsDeferred(torch.autograd.Function):
         ctx.dtype = _compute_dtype(hidden)  # the backward runs outside autocast: its matmuls as the forward's
         ctx.row_sizes, ctx.chunk_tokens, ctx.chunk_loss = row_sizes, chunk_tokens, chunk_loss
         ctx.save_for_backward(hidden, weight, bias, targets)
+        # Cast once for all rows (float32 weights under autocast), not once per row.
+        matmul_weight, matmul_bias = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
         row_sums = []
         for row_hidden, row_targets in zip(hidden.split(row_sizes), targets.split(row_sizes), strict=True):
             scale = (row_targets != IGNORE_INDEX).float()
-            row_sum, *_ = _loss_and_gradients(row_hidden, weight, bias, row_targets, scale, chunk_tokens,
-                                              (False, False, False), chunk_loss)
+            row_sum, *_ = _loss_and_gradients(row_hidden, matmul_weight, matmul_bias, row_targets, scale, chunk_tokens,
+                                              (False, False, False), chunk_loss, dtype=ctx.dtype)
             row_sums.append(row_sum)
         return torch.stack(row_sums) if row_sums else hidden.new_zeros(0, dtype=torch.float32)
 
