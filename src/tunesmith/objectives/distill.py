@@ -281,7 +281,7 @@ def top_k_log_probs(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
 class TeacherStates:
     """The teacher's side of a batch on the fly: its final hidden states at the batch's N loss positions (N, H_t),
     in its compute dtype, and its output head. Its logits are made from them a chunk of positions at a time
-    (`rows`), so the (N, V) logits never exist at once."""
+    (`states[positions].logits()`), so the (N, V) logits never exist at once."""
 
     hidden: torch.Tensor  # (N, H_t)
     head: torch.nn.Module
