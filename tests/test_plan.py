@@ -223,9 +223,10 @@ def test_distillation_counts_its_chunks_and_the_teacher_side(tiny_llama_dir, cha
     vocab, hidden = model_config.vocab_size, model_config.hidden_size
     positions = 2 * 64  # batch 2 x max_length 64
 
-    def loss_bytes(mixed_precision: str = "no", on_gpu: bool = False, **objective) -> float:
+    def loss_bytes(mixed_precision: str = "no", on_gpu: bool = False, cached: bool = False, **objective) -> float:
         config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", task="distill", data={"max_length": 64},
-                            train={"batch_size": 2, "parallel_rows": False, "mixed_precision": mixed_precision},
+                            train={"batch_size": 2, "parallel_rows": False, "mixed_precision": mixed_precision,
+                                   "cache_reference": cached},
                             objective={"teacher": str(tiny_llama_dir), **objective})
         return plan_memory(config, on_gpu=on_gpu).parts_gib["logits + loss"] * GIB
 
@@ -235,6 +236,8 @@ def test_distillation_counts_its_chunks_and_the_teacher_side(tiny_llama_dir, cha
     assert loss_bytes(loss_chunk_tokens=16, divergence="reverse_kl") == 16 * 11 * vocab * 4 + teacher_side
     assert loss_bytes(loss_chunk_tokens=16, divergence="jsd") == 16 * 15 * vocab * 4 + teacher_side
     assert loss_bytes(loss_chunk_tokens=16, teacher_top_k=8) == 16 * 4 * vocab * 4 + teacher_side
+    # train.cache_reference: the stored top-k values and ids, (N, k) each, in place of the teacher's states
+    assert loss_bytes(loss_chunk_tokens=16, teacher_top_k=8, cached=True) == 16 * 4 * vocab * 4 + positions * 8 * 12
     # the teacher runs outside the student's autocast: float32 as it loads on the CPU, bf16 on a GPU
     assert loss_bytes(loss_chunk_tokens=16, mixed_precision="bf16") == 16 * 10 * vocab * 4 + teacher_side
     assert loss_bytes(loss_chunk_tokens=16, on_gpu=True) == 16 * 10 * vocab * 4 + teacher_side // 2

@@ -238,6 +238,8 @@ def plan_memory(
         sequences = train.batch_size * config.objective.group_size
         tokens = sequences * (config.data.max_length + completion)
     activation_bytes = 2 if (on_gpu or dtype != "float32") else 4
+    teacher = getattr(config.objective, "teacher", None)  # distillation's own frozen model
+    teacher_parameters, teacher_config = teacher_counts(teacher) if teacher else (None, None)
 
     unit_bytes = tokens * hidden * activation_bytes  # one hidden-sized value per token
     recomputed = recomputed_layers(train.checkpoint_layers, layers) if train.gradient_checkpointing else 0
@@ -262,9 +264,8 @@ def plan_memory(
         if completion is not None:
             logits = chunk * vocab * SAMPLED_LOGPS_BYTES_PER_LOGIT
         elif config.task == "distill":
-            _, teacher_config = teacher_counts(config.objective.teacher)
             logits = row_threads * distill_chunk_bytes(chunk, vocab, config.objective) + teacher_side_bytes(
-                tokens, teacher_config, config.objective, teacher_bytes(on_gpu))
+                tokens, teacher_config, config.objective, teacher_bytes(on_gpu), train.cache_reference)
         else:
             half = mixed_precision != "no" or dtype != "float32"
             logits = row_threads * loss_chunk_bytes(chunk, vocab, counts.plain_head, half, on_gpu)
@@ -295,9 +296,8 @@ def plan_memory(
     if objective.has_reference and not train.cache_reference:
         if objective.reference_is_starting_model and not counts.has_disabled_adapters:
             parts["reference copy (frozen)"] = held * weight_bytes
-        teacher = getattr(config.objective, "teacher", None)
         if not objective.reference_is_starting_model and teacher:
-            held_teacher = teacher_counts(teacher)[0].held(processes, sharded, train.cpu_offload)
+            held_teacher = teacher_parameters.held(processes, sharded, train.cpu_offload)
             parts["teacher (frozen)"] = held_teacher * teacher_bytes(on_gpu)
     if gathered:
         parts["fsdp: one layer gathered"] = gathered
@@ -355,13 +355,14 @@ def teacher_bytes(on_gpu: bool) -> int:
     return 2 if on_gpu else 4
 
 
-def teacher_side_bytes(positions: int, teacher_config, settings, value_bytes: int) -> int:
-    """The teacher's side of a micro-batch, held for the whole batch: its final hidden states (N, H_t), whose
-    logits each chunk makes; or where its logits need its full forward (soft-capped heads), (N, V) logits, or with
-    teacher_top_k its log-probs (float32) and token ids (int64), (N, k) each."""
+def teacher_side_bytes(positions: int, teacher_config, settings, value_bytes: int, cached: bool = False) -> int:
+    """The teacher's side of a micro-batch, held for the whole batch: on the fly its final hidden states (N, H_t),
+    whose logits each chunk makes; or where its logits need its full forward (soft-capped heads), (N, V) logits,
+    or with teacher_top_k its log-probs (float32) and token ids (int64), (N, k) each, as `cached`
+    (train.cache_reference) stores them."""
     plain_head = not (getattr(teacher_config, "final_logit_softcapping", None)
                       or getattr(teacher_config, "logit_scale", None))
-    if plain_head:
+    if plain_head and not cached:
         return positions * (getattr(teacher_config, "hidden_size", 0) or teacher_config.d_model) * value_bytes
     if settings.teacher_top_k is not None:
         return positions * settings.teacher_top_k * (4 + 8)
