@@ -22,6 +22,7 @@ from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import creates_head
 from tunesmith.models import decoder_layers
 from tunesmith.objectives import OBJECTIVES
+from tunesmith.objectives.causal_lm import rescales_logits
 from tunesmith.objectives.linear_cross_entropy import SOFTMAX_BLOCK_ELEMENTS, fusable_head
 from tunesmith.training.launch import launched_shape
 from tunesmith.training.parallel_rows import active_dropout, parallel_rows_choice
@@ -360,9 +361,7 @@ def teacher_side_bytes(positions: int, teacher_config, settings, value_bytes: in
     whose logits each chunk makes; or where its logits need its full forward (soft-capped heads), (N, V) logits,
     or with teacher_top_k its log-probs (float32) and token ids (int64), (N, k) each, as `cached`
     (train.cache_reference) stores them."""
-    plain_head = not (getattr(teacher_config, "final_logit_softcapping", None)
-                      or getattr(teacher_config, "logit_scale", None))
-    if plain_head and not cached:
+    if not rescales_logits(teacher_config) and not cached:
         return positions * (getattr(teacher_config, "hidden_size", 0) or teacher_config.d_model) * value_bytes
     if settings.teacher_top_k is not None:
         return positions * settings.teacher_top_k * (4 + 8)

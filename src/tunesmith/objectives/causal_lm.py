@@ -33,6 +33,12 @@ _language_model = unwrapped_model
 """The transformers *ForCausalLM under any peft wrapper."""
 
 
+def rescales_logits(model_config) -> bool:
+    """Whether the architecture changes its logits after the output head (Gemma 2 soft-capping, Cohere's
+    logit_scale), so they are not a plain head over the final hidden states."""
+    return bool(getattr(model_config, "final_logit_softcapping", None) or getattr(model_config, "logit_scale", None))
+
+
 def _can_skip_unused_logits(model: torch.nn.Module) -> bool:
     """True when logits are plain `lm_head(hidden)`, so we may compute them at loss positions only.
 
@@ -43,8 +49,7 @@ def _can_skip_unused_logits(model: torch.nn.Module) -> bool:
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         return False
-    config = _language_model(model).config
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    if rescales_logits(_language_model(model).config):
         return False
     language_model = _language_model(model)
     return hasattr(language_model, language_model.base_model_prefix)
