@@ -15,6 +15,7 @@ from tunesmith.plan import (
     GIB,
     MemoryPlan,
     RecomputeAdvice,
+    activation_units,
     advice_for,
     model_flops_per_token,
     plan_memory,
@@ -260,19 +261,27 @@ def test_a_soft_capped_teacher_side_is_its_whole_logits(tiny_llama_dir, chat_fil
 
 
 def test_online_rl_counts_every_sampled_sequence_and_its_log_prob_chunks(tiny_llama_dir, chat_file, tmp_path):
-    """grpo / ppo: the activations of batch_size x group_size sequences of prompt + completion, and one chunk of
-    completion log-probs (float32 logits, their log-softmax and gradient) at a time."""
+    """grpo / ppo: the activations of each prompt once and batch_size x group_size completions after it (of every
+    sequence of prompt + completion where a group's prompt cannot run once: prefix tuning, recomputed layers),
+    and one chunk of completion log-probs (float32 logits, their log-softmax and gradient) at a time."""
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(tiny_llama_dir).vocab_size
 
-    def plan(task: str = "grpo", **objective):
+    def plan(task: str = "grpo", method: str = "lora", train: dict | None = None, **objective):
         config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", task=task, data={"max_length": 32},
-                            train={"batch_size": 2}, objective={"max_new_tokens": 16, **objective})
+                            method={"name": method}, train={"batch_size": 2, **(train or {})},
+                            objective={"max_new_tokens": 16, **objective})
         return plan_memory(config, on_gpu=False)
 
     four, eight = plan(group_size=4), plan(group_size=8)
-    assert eight.parts_gib["activations"] == 2 * four.parts_gib["activations"]
+    per_token = four.parts_gib["activations"] / (2 * 32 + 2 * 4 * 16)
+    assert eight.parts_gib["activations"] == pytest.approx(per_token * (2 * 32 + 2 * 8 * 16))
+    assert plan(group_size=4, method="prefix").parts_gib["activations"] == pytest.approx(per_token * 2 * 4 * 48)
+    recomputed = plan(group_size=4, train={"gradient_checkpointing": True, "checkpoint_layers": 1})
+    layers = AutoConfig.from_pretrained(tiny_llama_dir).num_hidden_layers
+    recomputed_per_token = per_token * activation_units(layers, 1) / activation_units(layers, 0)
+    assert recomputed.parts_gib["activations"] == pytest.approx(recomputed_per_token * 2 * 4 * 48)
     completions = 2 * 4 * 16
     assert plan(group_size=4, loss_chunk_tokens=None).parts_gib["logits + loss"] * GIB == completions * vocab * 12
     assert four.parts_gib["logits + loss"] * GIB == completions * vocab * 12  # default 512 > 128 positions

@@ -191,3 +191,61 @@ def test_each_prompt_is_prefilled_once_for_its_group(tiny_llama_dir, monkeypatch
     assert results[True][2][:2] == [prompts * (length - 1), group]
     assert results[False][2][0] == group * length
     assert results[True][2][2:] == results[False][2][1:]  # then one token per completion per step, alike
+
+
+@pytest.mark.parametrize(("method", "task"), [("lora", "grpo"), ("full", "grpo"), ("lora", "ppo")])
+def test_each_prompt_runs_once_in_the_update(tiny_llama_dir, monkeypatch, method, task):
+    """The update's forward with each prompt run once and its KV cache repeated for the group gives the loss, the
+    KL and every gradient (ppo's value head's included) of running all G copies (left-padded prompts, completions
+    ended early); the model sees B x P + BG x (C - 1) positions instead of BG x (P + C). With recomputed layers it
+    takes the copies' path."""
+    from tunesmith.methods import METHODS
+    from tunesmith.objectives import rl
+    from tunesmith.training.recompute import enable_recompute
+
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    tokenizer = load_tokenizer(model_config)
+    batch = collate_prompts(prompt_examples(tokenizer, ["Count to 3", "Count to four, slowly and with care"]),
+                            tokenizer.pad_token_id)
+    settings_type, loss = {"grpo": (GRPOSettings, grpo_loss), "ppo": (rl.PPOSettings, rl.ppo_loss)}[task]
+    settings = settings_type(rewards=["test_digits"], group_size=4, max_new_tokens=8, beta=0.1, temperature=1.0)
+    torch.manual_seed(0)
+    model = load_model(model_config, task)
+    if method == "lora":
+        lora = METHODS.get("lora")
+        model = lora.apply(model, lora.settings(r=4, dropout=0.0), task)
+    if task == "ppo":
+        rl.add_value_head(model, settings)
+    model.train()
+    experience = rollout(model, ReferenceModel(model), batch, settings)
+    samples = experience["samples"]
+    prompts, prompt_length = batch["input_ids"].shape
+    rows, completion_length = samples["completion_mask"].shape
+    samples["completion_mask"][1, 3:] = 0  # as if its fourth token had been a stop token
+    samples["attention_mask"][1, prompt_length + 3:] = 0
+    assert batch["attention_mask"].sum(-1).unique().numel() == 2
+    positions: list[int] = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: positions.append(args[0].numel()))
+
+    def update(share: bool):
+        monkeypatch.setattr(rl, "shares_prompts", lambda model, group: share)
+        model.zero_grad()
+        positions.clear()
+        output = loss(model, experience, settings)
+        output.loss_sum.backward()
+        gradients = [parameter.grad.clone() for parameter in model.parameters() if parameter.requires_grad]
+        return output, gradients, list(positions)
+
+    (shared, shared_grads, shared_positions), (copies, copies_grads, copies_positions) = update(True), update(False)
+    assert shared_positions == [prompts * prompt_length, rows * (completion_length - 1)]
+    assert copies_positions == [rows * (prompt_length + completion_length)]
+    torch.testing.assert_close(shared.loss_sum, copies.loss_sum, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared.metrics["kl"], copies.metrics["kl"], rtol=1e-5, atol=1e-6)
+    for one, every in zip(shared_grads, copies_grads, strict=True):
+        torch.testing.assert_close(one, every, rtol=1e-4, atol=1e-6)
+    assert any(gradient.abs().sum() > 0 for gradient in shared_grads)
+
+    monkeypatch.undo()
+    assert rl.shares_prompts(model, settings.group_size) and not rl.shares_prompts(model, 1)
+    enable_recompute(model)
+    assert not rl.shares_prompts(model, settings.group_size) and rl.shares_prompts(model.eval(), settings.group_size)

@@ -24,6 +24,7 @@ from tunesmith.models import decoder_layers
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.objectives.causal_lm import rescales_logits
 from tunesmith.objectives.linear_cross_entropy import SOFTMAX_BLOCK_ELEMENTS, fusable_head
+from tunesmith.objectives.rl import continues_from_cache
 from tunesmith.training.launch import launched_shape
 from tunesmith.training.parallel_rows import active_dropout, parallel_rows_choice
 from tunesmith.training.recompute import recomputed_layers
@@ -81,6 +82,7 @@ class ParameterCounts:
     has_disabled_adapters: bool = False  # a peft model: its reference is itself with the adapters off, not a copy
     plain_head: bool = True  # the output head is a plain linear layer: the loss takes the fused path
     dropout: str | None = None  # where the model draws dropout masks in training (parallel_rows.active_dropout)
+    prompt_cache: bool = False  # grpo / ppo may run a group's prompt once (objectives/rl.py, continues_from_cache)
 
     def held(self, processes: int, sharded: bool, cpu_offload: bool, trainable: bool = False) -> float:
         """Parameters (or trainable ones) one device holds: all, or with FSDP 1/processes of the layers'
@@ -110,6 +112,7 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
         has_disabled_adapters=hasattr(model, "disable_adapter"),
         plain_head=head is None or fusable_head(head),
         dropout=active_dropout(model),
+        prompt_cache=continues_from_cache(model),
     )
 
 
@@ -238,6 +241,8 @@ def plan_memory(
     if completion is not None:  # grpo, ppo: group_size sampled completions per prompt, each after its prompt
         sequences = train.batch_size * config.objective.group_size
         tokens = sequences * (config.data.max_length + completion)
+        if counts.prompt_cache and config.objective.group_size > 1 and not train.gradient_checkpointing:
+            tokens = train.batch_size * config.data.max_length + sequences * completion  # each prompt run once
     activation_bytes = 2 if (on_gpu or dtype != "float32") else 4
     teacher = getattr(config.objective, "teacher", None)  # distillation's own frozen model
     teacher_parameters, teacher_config = teacher_counts(teacher) if teacher else (None, None)

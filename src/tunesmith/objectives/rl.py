@@ -196,19 +196,34 @@ def _reward_model(run_dir: str):
 # --- sampling and scoring ------------------------------------------------------------------------------------------
 
 
+def continues_from_cache(model) -> bool:
+    """Whether a forward can continue from another's KV cache in transformers' default dynamic kind: not with
+    prefix tuning (its virtual tokens live in the cache) or models that keep caches of other kinds."""
+    peft_config = getattr(model, "active_peft_config", None)
+    supports_dynamic_cache = getattr(_language_model(model), "_supports_default_dynamic_cache", None)
+    return (not (peft_config is not None and peft_config.is_prompt_learning) and supports_dynamic_cache is not None
+            and supports_dynamic_cache())
+
+
+def shares_prompts(model, group: int) -> bool:
+    """Whether a group's G copies of its prompt can run as one forward that the copies continue from through its
+    KV cache: where the model `continues_from_cache`, unless it trains with recomputed layers (transformers drops
+    the cache in a checkpointed layer, where the recompute would write it twice)."""
+    return (group > 1 and continues_from_cache(model)
+            and not (model.training and _language_model(model).is_activation_checkpointing))
+
+
 @torch.no_grad()
 def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: int):
     """The KV cache of each prompt's tokens but its last (B, P - 1), computed once per prompt and repeated for its
     G completions (BG rows), or None where it cannot be: `generate` then runs only the last prompt token of each
     row before it decodes, where it would run all BG x P prompt tokens (a prompt's G copies compute the same
     keys and values). Positions as `generate` gives them under left padding (the mask's running count)."""
-    language_model = _language_model(model)
-    peft_config = getattr(model, "active_peft_config", None)
-    if (group == 1 or input_ids.shape[1] < 2 or (peft_config is not None and peft_config.is_prompt_learning)
-            or not language_model._supports_default_dynamic_cache()):
-        return None  # prefix tuning's virtual tokens live in the cache; other models keep caches of their own kinds
+    if input_ids.shape[1] < 2 or not shares_prompts(model, group):
+        return None
     from transformers import DynamicCache
 
+    language_model = _language_model(model)
     prompt_ids, prompt_mask = input_ids[:, :-1], attention_mask[:, :-1]  # (B, P - 1)
     cache = DynamicCache(config=language_model.config)
     inputs = {"input_ids": prompt_ids, "attention_mask": prompt_mask, "past_key_values": cache, "use_cache": True}
@@ -311,11 +326,11 @@ def gather_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def completion_logps(model, samples: dict, chunk_tokens: int | None = None) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) of each completion token (BG, C), in float32; the head runs over at most
-    `chunk_tokens` positions at a time where it can be run apart from the model (`chunked_token_logps`)."""
+    """log pi(o_t | q, o_<t) of each completion token (BG, C), in float32; where the head can run apart from the
+    model, over at most `chunk_tokens` positions at a time (`chunked_token_logps`; None: all at once)."""
     completion_length = samples["completion_mask"].shape[1]
     targets = samples["sequences"][:, -completion_length:]  # (BG, C)
-    if chunk_tokens is not None and _can_skip_unused_logits(model):
+    if _can_skip_unused_logits(model):
         hidden, head = completion_hidden(model, samples)  # (BG, C, H)
         return chunked_token_logps(hidden.flatten(0, 1), head, targets.flatten(), chunk_tokens).view_as(targets)
     logits = model(
@@ -325,12 +340,45 @@ def completion_logps(model, samples: dict, chunk_tokens: int | None = None) -> t
 
 
 def completion_hidden(model, samples: dict) -> tuple[torch.Tensor, torch.nn.Module]:
-    """The policy's last hidden states at the position before each completion token (BG, C, H), and its head."""
+    """The policy's last hidden states at the position before each completion token (BG, C, H), and its head;
+    each prompt run once for its group where it can be (`shares_prompts`)."""
     completion_length = samples["completion_mask"].shape[1]
     language_model = _language_model(model)
     backbone = getattr(language_model, language_model.base_model_prefix)
+    head = language_model.get_output_embeddings()
+    if shares_prompts(model, samples["group"]):
+        return shared_prompt_hidden(backbone, samples), head
     hidden = backbone(**sequence_inputs(samples), use_cache=False).last_hidden_state  # (BG, P + C, H)
-    return hidden[:, -completion_length - 1:-1], language_model.get_output_embeddings()
+    return hidden[:, -completion_length - 1:-1], head
+
+
+def shared_prompt_hidden(backbone: torch.nn.Module, samples: dict) -> torch.Tensor:
+    """completion_hidden's states (BG, C, H) from B x P + BG x (C - 1) positions instead of BG x (P + C).
+
+    A group's G rows hold the same prompt, and causal attention keeps a prompt's states apart from what follows,
+    so the prompt runs once (B, P); its KV cache, repeated for the group, is what the completions attend to,
+    and the gradients of the G copies meet in the prompt's one forward. The last prompt position's state
+    predicts the first completion token; the completions' last tokens predict nothing and do not run.
+    """
+    from transformers import DynamicCache
+
+    group, completion_length = samples["group"], samples["completion_mask"].shape[1]
+    inputs = sequence_inputs(samples)  # (BG, P + C) each
+    prompt_length = inputs["input_ids"].shape[1] - completion_length
+    cache = DynamicCache(config=backbone.config)
+    prompts = {key: value[::group, :prompt_length] for key, value in inputs.items()}  # (B, P) one row a group
+    prompt_hidden = backbone(**prompts, past_key_values=cache, use_cache=True).last_hidden_state  # (B, P, H)
+    hidden = prompt_hidden[:, -1:].repeat_interleave(group, 0)  # (BG, 1, H)
+    if completion_length == 1:
+        return hidden
+    cache.batch_repeat_interleave(group)  # (BG, P) keys and values, differentiable back to the prompts' forward
+    completions = {
+        "input_ids": inputs["input_ids"][:, prompt_length:-1],  # (BG, C - 1)
+        "position_ids": inputs["position_ids"][:, prompt_length:-1],  # (BG, C - 1)
+        "attention_mask": inputs["attention_mask"][:, :-1],  # (BG, P + C - 1): the cache's positions, then these
+    }
+    completion_states = backbone(**completions, past_key_values=cache, use_cache=True).last_hidden_state
+    return torch.cat([hidden, completion_states], dim=1)  # (BG, C, H)
 
 
 def grpo_token_losses(
