@@ -141,6 +141,20 @@ def test_the_plan_counts_a_frozen_reference_or_teacher_beside_the_policy(tiny_ll
         sum(parameter.numel() for parameter in teacher.parameters()) * 4 / GIB)
 
 
+@pytest.mark.parametrize("task", ["dpo", "orpo", "reward"])
+def test_a_pair_counts_both_of_its_rows(task, tiny_llama_dir, chat_file, tmp_path):
+    """A pair batch holds each pair's chosen and rejected rows (collate_pairs): at most twice an sft record's
+    activations (its sides may share their prompt's, not more)."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_records(2))
+
+    def activations(task: str, data) -> float:
+        config = run_config(tiny_llama_dir, data, tmp_path / task, task=task, data={"max_length": 64},
+                            train={"batch_size": 2, "parallel_rows": False})
+        return plan_memory(config, on_gpu=False).parts_gib["activations"]
+
+    assert activations(task, pairs) == pytest.approx(2 * activations("sft", chat_file))
+
+
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}])
 def test_model_flops_per_token_count_every_matmul_weight(method, tiny_llama_dir, chat_file, tmp_path):
     config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method=method)

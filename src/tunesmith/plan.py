@@ -22,9 +22,9 @@ from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import creates_head
 from tunesmith.models import decoder_layers
 from tunesmith.objectives import OBJECTIVES
-from tunesmith.objectives.causal_lm import rescales_logits
+from tunesmith.objectives.causal_lm import continues_from_cache, rescales_logits
 from tunesmith.objectives.linear_cross_entropy import SOFTMAX_BLOCK_ELEMENTS, fusable_head
-from tunesmith.objectives.rl import continues_from_cache
+from tunesmith.objectives.preference import collate_pairs
 from tunesmith.training.launch import launched_shape
 from tunesmith.training.parallel_rows import active_dropout, parallel_rows_choice
 from tunesmith.training.recompute import recomputed_layers
@@ -82,7 +82,7 @@ class ParameterCounts:
     has_disabled_adapters: bool = False  # a peft model: its reference is itself with the adapters off, not a copy
     plain_head: bool = True  # the output head is a plain linear layer: the loss takes the fused path
     dropout: str | None = None  # where the model draws dropout masks in training (parallel_rows.active_dropout)
-    prompt_cache: bool = False  # grpo / ppo may run a group's prompt once (objectives/rl.py, continues_from_cache)
+    prompt_cache: bool = False  # grpo / ppo may run a group's prompt once (causal_lm.continues_from_cache)
 
     def held(self, processes: int, sharded: bool, cpu_offload: bool, trainable: bool = False) -> float:
         """Parameters (or trainable ones) one device holds: all, or with FSDP 1/processes of the layers'
@@ -236,7 +236,10 @@ def plan_memory(
     hidden = getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0)
     layers = getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "n_layer", 0)
     vocab = getattr(model_config, "vocab_size", 0)
-    tokens = train.batch_size * config.data.max_length  # per micro-batch, per process
+    objective = OBJECTIVES.get(config.task)
+    rows_per_record = 2 if objective.collate is collate_pairs else 1  # a pair's chosen and rejected rows
+    # Per micro-batch, per process; at most: a pair's sides may run their common prompt once (shared_prefix_hidden)
+    tokens = train.batch_size * rows_per_record * config.data.max_length
     completion = getattr(config.objective, "max_new_tokens", None)
     if completion is not None:  # grpo, ppo: group_size sampled completions per prompt, each after its prompt
         sequences = train.batch_size * config.objective.group_size
@@ -250,7 +253,6 @@ def plan_memory(
     unit_bytes = tokens * hidden * activation_bytes  # one hidden-sized value per token
     recomputed = recomputed_layers(train.checkpoint_layers, layers) if train.gradient_checkpointing else 0
     activations = unit_bytes * activation_units(layers, recomputed)
-    objective = OBJECTIVES.get(config.task)
     mixed_precision = mixed_precision_of(train.mixed_precision, on_gpu)
     # On the CPU each micro-batch's rows may run in parallel threads (training/parallel_rows.py): each thread
     # computes its own loss chunks at the same time, and each but the first holds a copy of the gradients.

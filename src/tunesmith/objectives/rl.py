@@ -33,7 +33,13 @@ from pydantic import Field, field_validator
 
 from tunesmith.errors import ConfigError
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, register
-from tunesmith.objectives.causal_lm import _can_skip_unused_logits, _language_model, chunked_token_logps
+from tunesmith.objectives.causal_lm import (
+    _can_skip_unused_logits,
+    _language_model,
+    chunked_token_logps,
+    continued_forward,
+    shares_prefixes,
+)
 from tunesmith.registry import Registry, closest
 from tunesmith.training.reference import ReferenceModel
 from tunesmith.training.sharding import sharded_across_processes
@@ -196,21 +202,10 @@ def _reward_model(run_dir: str):
 # --- sampling and scoring ------------------------------------------------------------------------------------------
 
 
-def continues_from_cache(model) -> bool:
-    """Whether a forward can continue from another's KV cache in transformers' default dynamic kind: not with
-    prefix tuning (its virtual tokens live in the cache) or models that keep caches of other kinds."""
-    peft_config = getattr(model, "active_peft_config", None)
-    supports_dynamic_cache = getattr(_language_model(model), "_supports_default_dynamic_cache", None)
-    return (not (peft_config is not None and peft_config.is_prompt_learning) and supports_dynamic_cache is not None
-            and supports_dynamic_cache())
-
-
 def shares_prompts(model, group: int) -> bool:
     """Whether a group's G copies of its prompt can run as one forward that the copies continue from through its
-    KV cache: where the model `continues_from_cache`, unless it trains with recomputed layers (transformers drops
-    the cache in a checkpointed layer, where the recompute would write it twice)."""
-    return (group > 1 and continues_from_cache(model)
-            and not (model.training and _language_model(model).is_activation_checkpointing))
+    KV cache (`shares_prefixes`)."""
+    return group > 1 and shares_prefixes(model)
 
 
 @torch.no_grad()
@@ -355,30 +350,23 @@ def completion_hidden(model, samples: dict) -> tuple[torch.Tensor, torch.nn.Modu
 def shared_prompt_hidden(backbone: torch.nn.Module, samples: dict) -> torch.Tensor:
     """completion_hidden's states (BG, C, H) from B x P + BG x (C - 1) positions instead of BG x (P + C).
 
-    A group's G rows hold the same prompt, and causal attention keeps a prompt's states apart from what follows,
-    so the prompt runs once (B, P); its KV cache, repeated for the group, is what the completions attend to,
-    and the gradients of the G copies meet in the prompt's one forward. The last prompt position's state
-    predicts the first completion token; the completions' last tokens predict nothing and do not run.
+    A group's G rows hold the same prompt, so the prompt runs once (B, P) and the completions continue from its
+    KV cache (`continued_forward`). The last prompt position's state predicts the first completion token; the
+    completions' last tokens predict nothing and do not run.
     """
-    from transformers import DynamicCache
-
     group, completion_length = samples["group"], samples["completion_mask"].shape[1]
     inputs = sequence_inputs(samples)  # (BG, P + C) each
     prompt_length = inputs["input_ids"].shape[1] - completion_length
-    cache = DynamicCache(config=backbone.config)
     prompts = {key: value[::group, :prompt_length] for key, value in inputs.items()}  # (B, P) one row a group
-    prompt_hidden = backbone(**prompts, past_key_values=cache, use_cache=True).last_hidden_state  # (B, P, H)
-    hidden = prompt_hidden[:, -1:].repeat_interleave(group, 0)  # (BG, 1, H)
     if completion_length == 1:
-        return hidden
-    cache.batch_repeat_interleave(group)  # (BG, P) keys and values, differentiable back to the prompts' forward
+        return backbone(**prompts, use_cache=False).last_hidden_state[:, -1:].repeat_interleave(group, 0)
     completions = {
         "input_ids": inputs["input_ids"][:, prompt_length:-1],  # (BG, C - 1)
         "position_ids": inputs["position_ids"][:, prompt_length:-1],  # (BG, C - 1)
         "attention_mask": inputs["attention_mask"][:, :-1],  # (BG, P + C - 1): the cache's positions, then these
     }
-    completion_states = backbone(**completions, past_key_values=cache, use_cache=True).last_hidden_state
-    return torch.cat([hidden, completion_states], dim=1)  # (BG, C, H)
+    prompt_hidden, completion_states = continued_forward(backbone, prompts, completions, group)
+    return torch.cat([prompt_hidden[:, -1:].repeat_interleave(group, 0), completion_states], dim=1)  # (BG, C, H)
 
 
 def grpo_token_losses(
