@@ -117,3 +117,70 @@ def test_a_rows_logp_does_not_depend_on_the_other_rows(tiny_llama_dir):
         by_cross_entropy = -F.cross_entropy(logits[has_target], row["targets"][0][has_target], reduction="sum")
     torch.testing.assert_close(alone[0], together[1])
     torch.testing.assert_close(alone[0], by_cross_entropy)
+
+
+def prefix_pair_batch(tokenizer) -> dict:
+    """Pairs whose prompts differ in length, whose sides share their first response words or not, and whose chosen
+    side is the shorter or the longer."""
+    replies = [("The answer is 4.", "The answer is 5, since four and one more make five."),
+               ("Four, because two and two make four.", "Five."),
+               ("It is 4", "It is 4 or so")]
+    records = [
+        {"prompt": [{"role": "user", "content": "What is two plus two?" + " Think it through." * index}],
+         "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": rejected}]}
+        for index, (chosen, rejected) in enumerate(replies)
+    ]
+    examples = [tokenize_preference_record(record, "dpo", tokenizer, 128)[0] for record in records]
+    return collate_pairs(examples, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize(("method", "recompute"), [("full", False), ("lora", False), ("lora", True)])
+def test_a_pairs_common_beginning_runs_once(method, recompute, tiny_llama_dir):
+    """Each pair runs as one row (its prompt and the response tokens both sides share, then the rest of each side,
+    the rejected side's tokens not seeing the chosen side's): the log-probs equal the whole-logits formula, every
+    gradient equals running both sides whole (recomputed layers too), and the model sees B x max(Lc + Lr - S)
+    positions instead of 2B x max(L). Eager attention takes the whole rows."""
+    from tunesmith.objectives import preference
+    from tunesmith.training.recompute import enable_recompute
+
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    batch = prefix_pair_batch(load_tokenizer(model_config))
+    pairs = batch["input_ids"].shape[0] // 2
+    chosen_lengths, rejected_lengths = batch["attention_mask"].sum(-1).chunk(2)
+    chosen, rejected = batch["input_ids"].chunk(2)
+    shared = torch.tensor([next(index for index, (one, other) in enumerate(zip(a, b, strict=True)) if one != other)
+                           for a, b in zip(chosen.tolist(), rejected.tolist(), strict=True)])
+    first_targets = (batch["targets"] != IGNORE_INDEX).long().argmax(-1)[:pairs]
+    assert (shared > first_targets).any()  # a pair shares response tokens, not only its prompt
+    torch.manual_seed(0)
+    model = METHODS.get(method).apply(load_model(model_config, "dpo"), METHODS.get(method).settings(), "dpo").train()
+    if method == "lora":
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=0.1)
+    if recompute:
+        enable_recompute(model)
+    positions: list[int] = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: positions.append(args[0].numel()))
+
+    def logps_and_gradients(paired: bool):
+        model.zero_grad(set_to_none=True)
+        positions.clear()
+        logps, _ = sequence_logps(model, batch, 4, paired=paired)
+        (logps * torch.linspace(1.0, 2.0, len(logps))).sum().backward()
+        return logps.detach(), [parameter.grad.clone() for parameter in model.parameters() if parameter.requires_grad]
+
+    (shared_logps, shared_grads), shared_positions = logps_and_gradients(True), list(positions)
+    (whole_logps, whole_grads), whole_positions = logps_and_gradients(False), list(positions)
+    row_width = int((chosen_lengths + rejected_lengths - shared).max())
+    assert shared_positions[0] == pairs * row_width < whole_positions[0] == batch["input_ids"].numel()
+    with torch.no_grad():
+        torch.testing.assert_close(shared_logps, full_logits_logps(model, batch))
+    torch.testing.assert_close(shared_logps, whole_logps)
+    for one, both in zip(shared_grads, whole_grads, strict=True):
+        assert both.abs().sum() > 0
+        torch.testing.assert_close(one, both, rtol=1e-4, atol=1e-6)
+
+    model.config._attn_implementation = "eager"
+    assert preference.shared_prefix_hidden(model, batch) is None

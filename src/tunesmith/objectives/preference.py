@@ -26,6 +26,7 @@ from tunesmith.data.collate import IGNORE_INDEX, shift_labels
 from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings, ObjectiveSpec, register
 from tunesmith.objectives.causal_lm import (
     _can_skip_unused_logits,
+    _language_model,
     loss_position_hidden,
     loss_position_logits,
     row_cross_entropy_sums,
@@ -83,7 +84,7 @@ def collate_unpaired(examples: list[dict], pad_id: int) -> dict:
 
 
 def sequence_logps(
-    model: torch.nn.Module, batch: dict, chunk_tokens: int | None = None
+    model: torch.nn.Module, batch: dict, chunk_tokens: int | None = None, paired: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log pi(y|x) over each row's response tokens (R,) in float32, and the response lengths (R,).
 
@@ -92,7 +93,8 @@ def sequence_logps(
     row's positions (`row_cross_entropy_sums`), so with `chunk_tokens` the head and its log-softmax run on at
     most chunk_tokens positions at a time: the (N, V) float32 logits of all chosen and rejected responses
     never exist at once (a row no longer than chunk_tokens is one piece), and no row holds a gradient of a
-    trained head's weights of its own. Without gradients the rows are still computed one at a time.
+    trained head's weights of its own. Without gradients the rows are still computed one at a time. A `paired`
+    batch (collate_pairs) runs each pair's common beginning once where that saves positions (`shared_prefix_hidden`).
     """
     targets = batch["targets"]  # (R, T)
     has_target = targets != IGNORE_INDEX  # (R, T)
@@ -103,14 +105,62 @@ def sequence_logps(
         rows = has_target.nonzero()[:, 0]  # (N,) the row of each target token
         logps = torch.zeros(len(lengths), device=token_logps.device).index_add(0, rows, token_logps)  # (R,)
         return logps, lengths.float()
-    hidden, head = loss_position_hidden(model, batch)  # (N, H), row after row
+    hidden_and_head = shared_prefix_hidden(model, batch) if paired else None
+    hidden, head = hidden_and_head or loss_position_hidden(model, batch)  # (N, H), row after row
     logps = -row_cross_entropy_sums(hidden, head, targets[has_target], lengths.tolist(), chunk_tokens)  # (R,)
     return logps, lengths.float()
 
 
+def shared_prefix_hidden(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.nn.Module] | None:
+    """`loss_position_hidden` of a pair batch (chosen rows, then rejected: collate_pairs) with each pair's common
+    beginning (its prompt, and any first response tokens both sides share) run once: B rows of S + (Lc - S) +
+    (Lr - S) positions instead of 2B rows of max(L). None where that is not fewer positions, or the attention
+    kernel takes no custom mask (only SDPA here).
+
+    Each pair is one row: the common beginning, the rest of the chosen side, the rest of the rejected side (its
+    positions numbered on from S), under a causal mask in which the rejected side's tokens do not see the chosen
+    side's. A token's state depends only on the tokens it sees, so each side's states are those of running it
+    alone (tests/test_preference_chunked.py).
+    """
+    language_model = _language_model(model)
+    if language_model.config._attn_implementation != "sdpa":
+        return None
+    input_ids, attention_mask, targets = batch["input_ids"], batch["attention_mask"], batch["targets"]  # (2B, T)
+    pairs, width = input_ids.shape[0] // 2, input_ids.shape[1]
+    chosen_lengths, rejected_lengths = attention_mask.sum(-1).chunk(2)  # (B,) right-padded rows
+    both = torch.arange(width, device=input_ids.device) < torch.minimum(chosen_lengths, rejected_lengths)[:, None]
+    alike = (input_ids[:pairs] == input_ids[pairs:]) & both  # (B, T)
+    shared = alike.long().cumprod(-1).sum(-1)  # (B,) S, the common beginning's length
+    row_lengths = chosen_lengths + rejected_lengths - shared  # (B,)
+    row_width = int(row_lengths.max())
+    if row_width >= 2 * width:
+        return None
+
+    column = torch.arange(row_width, device=input_ids.device)[None, :]  # (1, W)
+    chosen_part = column < chosen_lengths[:, None]  # (B, W) the common beginning and the chosen side's rest
+    in_row = column < row_lengths[:, None]  # (B, W) then the rejected side's rest, then padding
+    pair = torch.arange(pairs, device=input_ids.device)[:, None]  # (B, 1)
+    source_row = torch.where(chosen_part, pair, pair + pairs)  # (B, W) the batch row each token comes from
+    positions = torch.where(chosen_part, column, column - chosen_lengths[:, None] + shared[:, None])
+    positions = torch.where(in_row, positions, 0)  # (B, W) the token's position in its own side
+    segment = torch.where(column < shared[:, None], 0, torch.where(chosen_part, 1, 2))  # common, chosen, rejected
+    sees = (column.t() >= column) & in_row[:, None, :]  # (B, W, W) query x key: causal, real keys
+    sees &= ~((segment[:, :, None] == 2) & (segment[:, None, :] == 1))  # rejected tokens do not see chosen ones
+    sees |= torch.eye(row_width, dtype=torch.bool, device=input_ids.device)  # padding queries see themselves
+    backbone = getattr(language_model, language_model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids[source_row, positions], attention_mask=sees[:, None],
+                      position_ids=positions, use_cache=False).last_hidden_state  # (B, W, H)
+
+    rows, tokens = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each loss position, row after row
+    row_pair, rejected = rows % pairs, rows >= pairs
+    past_common = tokens - shared[row_pair]
+    tree_column = torch.where(rejected & (past_common >= 0), chosen_lengths[row_pair] + past_common, tokens)
+    return hidden[row_pair, tree_column], language_model.get_output_embeddings()
+
+
 def pair_logps(model: torch.nn.Module, batch: dict, chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
     """policy_chosen_logps, policy_rejected_logps (B,) and the response lengths of both sides (B,)."""
-    logps, lengths = sequence_logps(model, batch, chunk_tokens)
+    logps, lengths = sequence_logps(model, batch, chunk_tokens, paired=True)
     chosen_logps, rejected_logps = logps.chunk(2)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
     return {
@@ -124,7 +174,7 @@ def pair_logps(model: torch.nn.Module, batch: dict, chunk_tokens: int | None = N
 def reference_pair_logps(reference_model: torch.nn.Module, batch: dict, settings) -> dict[str, torch.Tensor]:
     """The loop runs this on the reference (adapters disabled, or a frozen copy) without gradients, so no
     logits are kept for a backward pass and `loss_chunk_tokens` does not apply."""
-    logps, _ = sequence_logps(reference_model, batch)
+    logps, _ = sequence_logps(reference_model, batch, paired=True)
     chosen, rejected = logps.chunk(2)
     return {"reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
 
