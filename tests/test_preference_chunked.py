@@ -139,7 +139,8 @@ def test_a_pairs_common_beginning_runs_once(method, recompute, tiny_llama_dir):
     """Each pair runs as one row (its prompt and the response tokens both sides share, then the rest of each side,
     the rejected side's tokens not seeing the chosen side's): the log-probs equal the whole-logits formula, every
     gradient equals running both sides whole (recomputed layers too), and the model sees B x max(Lc + Lr - S)
-    positions instead of 2B x max(L). Eager attention takes the whole rows."""
+    positions instead of 2B x max(L). Eager attention, or rows long enough for attention to dominate, take the
+    whole rows."""
     from tunesmith.objectives import preference
     from tunesmith.training.recompute import enable_recompute
 
@@ -184,3 +185,7 @@ def test_a_pairs_common_beginning_runs_once(method, recompute, tiny_llama_dir):
 
     model.config._attn_implementation = "eager"
     assert preference.shared_prefix_hidden(model, batch) is None
+    # A pair's row is fewer positions than its two sides' rows but longer: taken while a layer's weights outweigh
+    # its attention, not where the attention of a row nearly twice as long costs more than the positions saved.
+    assert preference.forward_flops(model.config, 1, 80) < preference.forward_flops(model.config, 2, 64)
+    assert preference.forward_flops(model.config, 1, 2 * 4096 - 8) > preference.forward_flops(model.config, 2, 4096)

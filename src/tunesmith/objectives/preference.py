@@ -114,8 +114,9 @@ def sequence_logps(
 def shared_prefix_hidden(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.nn.Module] | None:
     """`loss_position_hidden` of a pair batch (chosen rows, then rejected: collate_pairs) with each pair's common
     beginning (its prompt, and any first response tokens both sides share) run once: B rows of S + (Lc - S) +
-    (Lr - S) positions instead of 2B rows of max(L). None where that is not fewer positions, or the attention
-    kernel takes no custom mask (only SDPA here).
+    (Lr - S) positions instead of 2B rows of max(L). None where that would not cost fewer FLOPs (`forward_flops`:
+    long rows of a small model, where attention is most of the work), or where the attention kernel takes no
+    custom mask (only SDPA here).
 
     Each pair is one row: the common beginning, the rest of the chosen side, the rest of the rejected side (its
     positions numbered on from S), under a causal mask in which the rejected side's tokens do not see the chosen
@@ -133,8 +134,8 @@ def shared_prefix_hidden(model: torch.nn.Module, batch: dict) -> tuple[torch.Ten
     shared = alike.long().cumprod(-1).sum(-1)  # (B,) S, the common beginning's length
     row_lengths = chosen_lengths + rejected_lengths - shared  # (B,)
     row_width = int(row_lengths.max())
-    if row_width >= 2 * width:
-        return None
+    if forward_flops(language_model.config, pairs, row_width) >= forward_flops(language_model.config, 2 * pairs, width):
+        return None  # a row up to twice as long: its attention can cost more than its fewer positions save
 
     column = torch.arange(row_width, device=input_ids.device)[None, :]  # (1, W)
     chosen_part = column < chosen_lengths[:, None]  # (B, W) the common beginning and the chosen side's rest
@@ -156,6 +157,18 @@ def shared_prefix_hidden(model: torch.nn.Module, batch: dict) -> tuple[torch.Ten
     past_common = tokens - shared[row_pair]
     tree_column = torch.where(rejected & (past_common >= 0), chosen_lengths[row_pair] + past_common, tokens)
     return hidden[row_pair, tree_column], language_model.get_output_embeddings()
+
+
+def forward_flops(model_config, rows: int, length: int) -> float:
+    """Rough FLOPs of a decoder layer's forward over `rows` x `length` positions, to compare two layouts of one
+    batch: 2 per weight per position (llama-like sizes read from the config) and 4 x hidden per query-key pair
+    (a masked kernel scores every key of the row)."""
+    hidden = model_config.hidden_size
+    heads = getattr(model_config, "num_attention_heads", 1)
+    key_value = hidden * (getattr(model_config, "num_key_value_heads", None) or heads) // heads
+    intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
+    layer_weights = hidden * (2 * hidden + 2 * key_value) + 3 * hidden * intermediate
+    return rows * length * (2 * layer_weights + 4 * hidden * length)
 
 
 def pair_logps(model: torch.nn.Module, batch: dict, chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
