@@ -94,7 +94,8 @@ def sequence_logps(
     most chunk_tokens positions at a time: the (N, V) float32 logits of all chosen and rejected responses
     never exist at once (a row no longer than chunk_tokens is one piece), and no row holds a gradient of a
     trained head's weights of its own. Without gradients the rows are still computed one at a time. A `paired`
-    batch (collate_pairs) runs each pair's common beginning once where that saves positions (`shared_prefix_hidden`).
+    batch (collate_pairs) runs each pair as one row, its common beginning once, where that costs fewer FLOPs
+    (`shared_prefix_hidden`).
     """
     targets = batch["targets"]  # (R, T)
     has_target = targets != IGNORE_INDEX  # (R, T)
