@@ -184,8 +184,34 @@ def test_a_pairs_common_beginning_runs_once(method, recompute, tiny_llama_dir):
         torch.testing.assert_close(one, both, rtol=1e-4, atol=1e-6)
 
     model.config._attn_implementation = "eager"
-    assert preference.shared_prefix_hidden(model, batch) is None
+    assert preference.pair_row_hidden(model, batch, torch.tensor([0]), torch.tensor([0])) is None
     # A pair's row is fewer positions than its two sides' rows but longer: taken while a layer's weights outweigh
     # its attention, not where the attention of a row nearly twice as long costs more than the positions saved.
     assert preference.forward_flops(model.config, 1, 80) < preference.forward_flops(model.config, 2, 64)
     assert preference.forward_flops(model.config, 1, 2 * 4096 - 8) > preference.forward_flops(model.config, 2, 4096)
+
+
+def test_a_reward_models_pair_runs_as_one_row(tiny_llama_dir):
+    """reward: each side's score read from the pair's one row equals scoring the sides as rows of their own, in
+    value and every gradient, from fewer positions."""
+    from tunesmith.objectives.reward import sequence_rewards
+
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    batch = prefix_pair_batch(load_tokenizer(model_config))
+    torch.manual_seed(0)
+    model = load_model(model_config, "reward", label_names=["reward"]).train()
+    positions: list[int] = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: positions.append(args[0].numel()))
+
+    def rewards_and_gradients(paired: bool):
+        model.zero_grad(set_to_none=True)
+        rewards = sequence_rewards(model, batch, paired=paired)
+        (rewards * torch.linspace(1.0, 2.0, len(rewards))).sum().backward()
+        return rewards.detach(), [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+
+    (one_row, one_row_grads), (two_rows, two_rows_grads) = rewards_and_gradients(True), rewards_and_gradients(False)
+    assert positions[0] < positions[1] == batch["input_ids"].numel()
+    torch.testing.assert_close(one_row, two_rows, rtol=1e-5, atol=1e-6)
+    assert len(one_row_grads) == len(two_rows_grads) > 0
+    for one, two in zip(one_row_grads, two_rows_grads, strict=True):
+        torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)

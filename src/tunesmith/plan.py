@@ -238,7 +238,7 @@ def plan_memory(
     vocab = getattr(model_config, "vocab_size", 0)
     objective = OBJECTIVES.get(config.task)
     rows_per_record = 2 if objective.collate is collate_pairs else 1  # a pair's chosen and rejected rows
-    # Per micro-batch, per process; at most: a pair's sides may run their common prompt once (shared_prefix_hidden)
+    # Per micro-batch, per process; at most: a pair's sides may run their common prompt once (pair_row_hidden)
     tokens = train.batch_size * rows_per_record * config.data.max_length
     completion = getattr(config.objective, "max_new_tokens", None)
     if completion is not None:  # grpo, ppo: group_size sampled completions per prompt, each after its prompt

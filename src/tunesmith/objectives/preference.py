@@ -95,7 +95,7 @@ def sequence_logps(
     never exist at once (a row no longer than chunk_tokens is one piece), and no row holds a gradient of a
     trained head's weights of its own. Without gradients the rows are still computed one at a time. A `paired`
     batch (collate_pairs) runs each pair as one row, its common beginning once, where that costs fewer FLOPs
-    (`shared_prefix_hidden`).
+    (`pair_row_hidden`).
     """
     targets = batch["targets"]  # (R, T)
     has_target = targets != IGNORE_INDEX  # (R, T)
@@ -106,28 +106,33 @@ def sequence_logps(
         rows = has_target.nonzero()[:, 0]  # (N,) the row of each target token
         logps = torch.zeros(len(lengths), device=token_logps.device).index_add(0, rows, token_logps)  # (R,)
         return logps, lengths.float()
-    hidden_and_head = shared_prefix_hidden(model, batch) if paired else None
-    hidden, head = hidden_and_head or loss_position_hidden(model, batch)  # (N, H), row after row
+    hidden = pair_row_hidden(model, batch, *has_target.nonzero(as_tuple=True)) if paired else None  # (N, H)
+    if hidden is None:
+        hidden, head = loss_position_hidden(model, batch)  # (N, H), row after row
+    else:
+        head = _language_model(model).get_output_embeddings()
     logps = -row_cross_entropy_sums(hidden, head, targets[has_target], lengths.tolist(), chunk_tokens)  # (R,)
     return logps, lengths.float()
 
 
-def shared_prefix_hidden(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.nn.Module] | None:
-    """`loss_position_hidden` of a pair batch (chosen rows, then rejected: collate_pairs) with each pair's common
-    beginning (its prompt, and any first response tokens both sides share) run once: B rows of S + (Lc - S) +
-    (Lr - S) positions instead of 2B rows of max(L). None where that would not cost fewer FLOPs (`forward_flops`:
-    long rows of a small model, where attention is most of the work), or where the attention kernel takes no
-    custom mask (only SDPA here).
+def pair_row_hidden(
+    model: torch.nn.Module, batch: dict, rows: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor | None:
+    """Final hidden states (N, H) at positions `tokens` (N,) of rows `rows` (N,) of a pair batch (chosen rows,
+    then rejected: collate_pairs), each pair's common beginning (its prompt, and any first response tokens both
+    sides share) run once: B rows of S + (Lc - S) + (Lr - S) positions instead of 2B rows of max(L). None where
+    that would not cost fewer FLOPs (`forward_flops`: long rows of a small model, where attention is most of the
+    work), or where the attention kernel takes no custom mask (only SDPA here).
 
     Each pair is one row: the common beginning, the rest of the chosen side, the rest of the rejected side (its
     positions numbered on from S), under a causal mask in which the rejected side's tokens do not see the chosen
     side's. A token's state depends only on the tokens it sees, so each side's states are those of running it
-    alone (tests/test_preference_chunked.py).
+    alone (tests/test_preference_chunked.py, tests/test_preference_training.py).
     """
     language_model = _language_model(model)
     if language_model.config._attn_implementation != "sdpa":
         return None
-    input_ids, attention_mask, targets = batch["input_ids"], batch["attention_mask"], batch["targets"]  # (2B, T)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (2B, T)
     pairs, width = input_ids.shape[0] // 2, input_ids.shape[1]
     chosen_lengths, rejected_lengths = attention_mask.sum(-1).chunk(2)  # (B,) right-padded rows
     both = torch.arange(width, device=input_ids.device) < torch.minimum(chosen_lengths, rejected_lengths)[:, None]
@@ -153,11 +158,10 @@ def shared_prefix_hidden(model: torch.nn.Module, batch: dict) -> tuple[torch.Ten
     hidden = backbone(input_ids=input_ids[source_row, positions], attention_mask=sees[:, None],
                       position_ids=positions, use_cache=False).last_hidden_state  # (B, W, H)
 
-    rows, tokens = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each loss position, row after row
-    row_pair, rejected = rows % pairs, rows >= pairs
+    row_pair, rejected = rows % pairs, rows >= pairs  # (N,) each
     past_common = tokens - shared[row_pair]
-    tree_column = torch.where(rejected & (past_common >= 0), chosen_lengths[row_pair] + past_common, tokens)
-    return hidden[row_pair, tree_column], language_model.get_output_embeddings()
+    pair_column = torch.where(rejected & (past_common >= 0), chosen_lengths[row_pair] + past_common, tokens)
+    return hidden[row_pair, pair_column]  # (N, H)
 
 
 def forward_flops(model_config, rows: int, length: int) -> float:

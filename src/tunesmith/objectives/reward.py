@@ -15,26 +15,29 @@ import torch.nn.functional as F
 
 from tunesmith.objectives.base import LossOutput, ObjectiveSpec, model_inputs, register
 from tunesmith.objectives.causal_lm import _language_model
-from tunesmith.objectives.preference import collate_pairs
+from tunesmith.objectives.preference import collate_pairs, pair_row_hidden
 
 
-def sequence_rewards(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """The scalar reward of each row (R,) in float32.
+def sequence_rewards(model: torch.nn.Module, batch: dict, paired: bool = False) -> torch.Tensor:
+    """The scalar reward of each row (R,) in float32; a `paired` batch (collate_pairs) runs each pair as one row
+    where that costs less (`pair_row_hidden`).
 
     Pooled here, at the last position of the attention mask, rather than by transformers' pooling,
     which takes the last token that is not pad_token_id: with pad == eos (SmolLM2, ChatML `<|im_end|>`)
     that skips the end-of-turn token of a reply that ends with it.
     """
     classifier = _language_model(model)
-    backbone = getattr(classifier, classifier.base_model_prefix)
-    hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state  # (R, T, H)
+    rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)  # (R,)
     last = batch["attention_mask"].sum(-1) - 1  # (R,) right padding: the last real token
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (R, H)
+    pooled = pair_row_hidden(model, batch, rows, last) if paired else None  # (R, H)
+    if pooled is None:
+        backbone = getattr(classifier, classifier.base_model_prefix)
+        pooled = backbone(**model_inputs(batch), use_cache=False).last_hidden_state[rows, last]  # (R, H)
     return classifier.score(pooled).float().squeeze(-1)  # (R,)
 
 
 def reward_loss(model: torch.nn.Module, batch: dict, settings=None) -> LossOutput:
-    rewards = sequence_rewards(model, batch)  # (2B,): chosen rows, then rejected rows
+    rewards = sequence_rewards(model, batch, paired=True)  # (2B,): chosen rows, then rejected rows
     chosen, rejected = rewards.chunk(2)
     margin = chosen - rejected  # (B,)
     metrics = {
