@@ -207,7 +207,8 @@ def test_a_reward_models_pair_runs_as_one_row(tiny_llama_dir):
         model.zero_grad(set_to_none=True)
         rewards = sequence_rewards(model, batch, paired=paired)
         (rewards * torch.linspace(1.0, 2.0, len(rewards))).sum().backward()
-        return rewards.detach(), [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+        gradients = [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+        return rewards.detach(), gradients
 
     (one_row, one_row_grads), (two_rows, two_rows_grads) = rewards_and_gradients(True), rewards_and_gradients(False)
     assert positions[0] < positions[1] == batch["input_ids"].numel()
