@@ -64,30 +64,6 @@ def continues_from_cache(model: torch.nn.Module) -> bool:
             and supports_dynamic_cache())
 
 
-def shares_prefixes(model: torch.nn.Module) -> bool:
-    """Whether rows that begin alike (a grpo group's completions of one prompt) may run their common beginning
-    once (`continued_forward`): where the model `continues_from_cache`, unless it trains with recomputed layers
-    (transformers drops the cache in a checkpointed layer, where the recompute would write it twice)."""
-    return continues_from_cache(model) and not (model.training and _language_model(model).is_activation_checkpointing)
-
-
-def continued_forward(
-    backbone: torch.nn.Module, prefixes: dict, continuations: dict, copies: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states of prefix rows (B, P, H) and of `copies` continuations of each (B x copies, C, H), a
-    prefix's next to each other, with each prefix run once. Its KV cache, repeated for its copies, is what they
-    attend to, and their gradients meet in the prefix's one forward; a prefix's states do not depend on what
-    follows it (causal attention), so this equals running every copy whole. `continuations` carries the
-    attention mask of the prefix's positions and its own (B x copies, P + C) and its positions (B x copies, C)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=backbone.config)
-    prefix_hidden = backbone(**prefixes, past_key_values=cache, use_cache=True).last_hidden_state  # (B, P, H)
-    cache.batch_repeat_interleave(copies)  # (B x copies, P) keys and values, differentiable back to the prefixes
-    continuation_hidden = backbone(**continuations, past_key_values=cache, use_cache=True).last_hidden_state
-    return prefix_hidden, continuation_hidden  # (B, P, H), (B x copies, C, H)
-
-
 class CausalLMSettings(ObjectiveSettings):
     loss_chunk_tokens: int | None = Field(
         1024,

@@ -37,8 +37,7 @@ from tunesmith.objectives.causal_lm import (
     _can_skip_unused_logits,
     _language_model,
     chunked_token_logps,
-    continued_forward,
-    shares_prefixes,
+    continues_from_cache,
 )
 from tunesmith.registry import Registry, closest
 from tunesmith.training.reference import ReferenceModel
@@ -204,8 +203,10 @@ def _reward_model(run_dir: str):
 
 def shares_prompts(model, group: int) -> bool:
     """Whether a group's G copies of its prompt can run as one forward that the copies continue from through its
-    KV cache (`shares_prefixes`)."""
-    return group > 1 and shares_prefixes(model)
+    KV cache: where the model `continues_from_cache`, unless it trains with recomputed layers (transformers drops
+    the cache in a checkpointed layer, where the recompute would write it twice)."""
+    return (group > 1 and continues_from_cache(model)
+            and not (model.training and _language_model(model).is_activation_checkpointing))
 
 
 @torch.no_grad()
@@ -367,6 +368,23 @@ def shared_prompt_hidden(backbone: torch.nn.Module, samples: dict) -> torch.Tens
     }
     prompt_hidden, completion_states = continued_forward(backbone, prompts, completions, group)
     return torch.cat([prompt_hidden[:, -1:].repeat_interleave(group, 0), completion_states], dim=1)  # (BG, C, H)
+
+
+def continued_forward(
+    backbone: torch.nn.Module, prefixes: dict, continuations: dict, copies: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states of prefix rows (B, P, H) and of `copies` continuations of each (B x copies, C, H), a
+    prefix's next to each other, with each prefix run once. Its KV cache, repeated for its copies, is what they
+    attend to, and their gradients meet in the prefix's one forward; a prefix's states do not depend on what
+    follows it (causal attention), so this equals running every copy whole. `continuations` carries the
+    attention mask of the prefix's positions and its own (B x copies, P + C) and its positions (B x copies, C)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=backbone.config)
+    prefix_hidden = backbone(**prefixes, past_key_values=cache, use_cache=True).last_hidden_state  # (B, P, H)
+    cache.batch_repeat_interleave(copies)  # (B x copies, P) keys and values, differentiable back to the prefixes
+    continuation_hidden = backbone(**continuations, past_key_values=cache, use_cache=True).last_hidden_state
+    return prefix_hidden, continuation_hidden  # (B, P, H), (B x copies, C, H)
 
 
 def grpo_token_losses(
