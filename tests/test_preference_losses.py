@@ -104,7 +104,7 @@ def test_reward_model_loss_is_bradley_terry():
     import tunesmith.objectives.reward as reward_module
 
     original = reward_module.sequence_rewards
-    reward_module.sequence_rewards = lambda model, batch: rewards
+    reward_module.sequence_rewards = lambda model, batch, paired=False: rewards
     try:
         output = reward_loss(FixedRewards(), {"num_loss_tokens": 2})
     finally:
