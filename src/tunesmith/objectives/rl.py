@@ -217,17 +217,24 @@ def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
     keys and values). Positions as `generate` gives them under left padding (the mask's running count)."""
     if input_ids.shape[1] < 2 or not shares_prompts(model, group):
         return None
+    prompt_ids, prompt_mask = input_ids[:, :-1], attention_mask[:, :-1]  # (B, P - 1)
+    inputs = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
+    if "position_ids" in inspect.signature(_language_model(model).forward).parameters:
+        inputs["position_ids"] = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    _, cache = repeated_prefix_cache(model, inputs, group)  # (BG, P - 1), each prompt's rows next to each other
+    return cache
+
+
+def repeated_prefix_cache(module: torch.nn.Module, prefixes: dict, copies: int):
+    """`module`'s output on prefix rows (B, P) and their KV cache (transformers' DynamicCache), repeated for
+    `copies` continuations of each (B x copies, P), a prefix's copies next to each other; with gradients, the
+    repeated keys and values are differentiable back to the prefixes' one forward."""
     from transformers import DynamicCache
 
-    language_model = _language_model(model)
-    prompt_ids, prompt_mask = input_ids[:, :-1], attention_mask[:, :-1]  # (B, P - 1)
-    cache = DynamicCache(config=language_model.config)
-    inputs = {"input_ids": prompt_ids, "attention_mask": prompt_mask, "past_key_values": cache, "use_cache": True}
-    if "position_ids" in inspect.signature(language_model.forward).parameters:
-        inputs["position_ids"] = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    model(**inputs)
-    cache.batch_repeat_interleave(group)  # (BG, P - 1): each prompt's rows next to each other, as the samples'
-    return cache
+    cache = DynamicCache(config=_language_model(module).config)
+    output = module(**prefixes, past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(copies)
+    return output, cache
 
 
 @torch.no_grad()
@@ -378,13 +385,9 @@ def continued_forward(
     attend to, and their gradients meet in the prefix's one forward; a prefix's states do not depend on what
     follows it (causal attention), so this equals running every copy whole. `continuations` carries the
     attention mask of the prefix's positions and its own (B x copies, P + C) and its positions (B x copies, C)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=backbone.config)
-    prefix_hidden = backbone(**prefixes, past_key_values=cache, use_cache=True).last_hidden_state  # (B, P, H)
-    cache.batch_repeat_interleave(copies)  # (B x copies, P) keys and values, differentiable back to the prefixes
+    prefix_output, cache = repeated_prefix_cache(backbone, prefixes, copies)  # cache: (B x copies, P)
     continuation_hidden = backbone(**continuations, past_key_values=cache, use_cache=True).last_hidden_state
-    return prefix_hidden, continuation_hidden  # (B, P, H), (B x copies, C, H)
+    return prefix_output.last_hidden_state, continuation_hidden  # (B, P, H), (B x copies, C, H)
 
 
 def grpo_token_losses(
