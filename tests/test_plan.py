@@ -144,15 +144,27 @@ def test_the_plan_counts_a_frozen_reference_or_teacher_beside_the_policy(tiny_ll
 @pytest.mark.parametrize("task", ["dpo", "orpo", "reward"])
 def test_a_pair_counts_both_of_its_rows(task, tiny_llama_dir, chat_file, tmp_path):
     """A pair batch holds each pair's chosen and rejected rows (collate_pairs): at most twice an sft record's
-    activations (its sides may share their prompt's, not more)."""
+    activations (its sides may share their prompt's, not more), and, where a pair may run as one row (SDPA), that
+    row's (W, W) attention mask, kept for the backward, at the longest W the layout takes."""
+    from transformers import AutoConfig
+
+    from tunesmith.objectives.branched_rows import forward_flops, longest_accepted_row
+
     pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_records(2))
 
-    def activations(task: str, data) -> float:
+    def activations(task: str, data, attention: str = "sdpa") -> float:
         config = run_config(tiny_llama_dir, data, tmp_path / task, task=task, data={"max_length": 64},
+                            model={"name": str(tiny_llama_dir), "attn_implementation": attention},
                             train={"batch_size": 2, "parallel_rows": False})
-        return plan_memory(config, on_gpu=False).parts_gib["activations"]
+        return plan_memory(config, on_gpu=False).parts_gib["activations"] * GIB
 
-    assert activations(task, pairs) == pytest.approx(2 * activations("sft", chat_file))
+    model_config = AutoConfig.from_pretrained(tiny_llama_dir)
+    width = longest_accepted_row(model_config, 2, 64)
+    assert 64 < width <= 128 and forward_flops(model_config, 1, width) < forward_flops(model_config, 2, 64)
+    assert width == 128 or forward_flops(model_config, 1, width + 1) >= forward_flops(model_config, 2, 64)
+    sft = activations("sft", chat_file)
+    assert activations(task, pairs, "eager") == pytest.approx(2 * sft)
+    assert activations(task, pairs) == pytest.approx(2 * sft + 2 * width**2 * 4)
 
 
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}])
@@ -276,8 +288,9 @@ def test_a_soft_capped_teacher_side_is_its_whole_logits(tiny_llama_dir, chat_fil
 
 def test_online_rl_counts_every_sampled_sequence_and_its_log_prob_chunks(tiny_llama_dir, chat_file, tmp_path):
     """grpo / ppo: the activations of each prompt once and batch_size x group_size completions after it (of every
-    sequence of prompt + completion where a group's prompt cannot run once: prefix tuning, recomputed layers),
-    and one chunk of completion log-probs (float32 logits, their log-softmax and gradient) at a time."""
+    sequence of prompt + completion where a group's prompt cannot run once: prefix tuning; with recomputed layers,
+    of each group as one row and its mask, unless the row's attention would cost more), and one chunk of
+    completion log-probs (float32 logits, their log-softmax and gradient) at a time."""
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(tiny_llama_dir).vocab_size
@@ -295,7 +308,13 @@ def test_online_rl_counts_every_sampled_sequence_and_its_log_prob_chunks(tiny_ll
     recomputed = plan(group_size=4, train={"gradient_checkpointing": True, "checkpoint_layers": 1})
     layers = AutoConfig.from_pretrained(tiny_llama_dir).num_hidden_layers
     recomputed_per_token = per_token * activation_units(layers, 1) / activation_units(layers, 0)
-    assert recomputed.parts_gib["activations"] == pytest.approx(recomputed_per_token * 2 * 4 * 48)
+    group_row = 32 + 4 * 16  # recomputed layers: each group as one row, its (W, W) mask kept (float32 here)
+    assert recomputed.parts_gib["activations"] * GIB == pytest.approx(
+        recomputed_per_token * GIB * 2 * group_row + 2 * group_row**2 * 4)
+    long_completions = plan(group_size=4, max_new_tokens=4096, train={"gradient_checkpointing": True})
+    every_copy = long_completions.parts_gib["activations"] / (2 * 4 * (32 + 4096))  # attention outweighs the rows
+    assert every_copy == pytest.approx(recomputed_per_token * activation_units(layers, layers) / activation_units(
+        layers, 1))
     completions = 2 * 4 * 16
     assert plan(group_size=4, loss_chunk_tokens=None).parts_gib["logits + loss"] * GIB == completions * vocab * 12
     assert four.parts_gib["logits + loss"] * GIB == completions * vocab * 12  # default 512 > 128 positions

@@ -13,6 +13,7 @@ from tunesmith.data.collate import IGNORE_INDEX
 from tunesmith.data.preference import tokenize_preference_record
 from tunesmith.methods import METHODS
 from tunesmith.models import load_model, load_tokenizer
+from tunesmith.objectives.branched_rows import forward_flops
 from tunesmith.objectives.preference import DPOSettings, collate_pairs, sequence_logps
 
 
@@ -187,8 +188,36 @@ def test_a_pairs_common_beginning_runs_once(method, recompute, tiny_llama_dir):
     assert preference.pair_row_hidden(model, batch, torch.tensor([0]), torch.tensor([0])) is None
     # A pair's row is fewer positions than its two sides' rows but longer: taken while a layer's weights outweigh
     # its attention, not where the attention of a row nearly twice as long costs more than the positions saved.
-    assert preference.forward_flops(model.config, 1, 80) < preference.forward_flops(model.config, 2, 64)
-    assert preference.forward_flops(model.config, 1, 2 * 4096 - 8) > preference.forward_flops(model.config, 2, 4096)
+    assert forward_flops(model.config, 1, 80) < forward_flops(model.config, 2, 64)
+    assert forward_flops(model.config, 1, 2 * 4096 - 8) > forward_flops(model.config, 2, 4096)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16 autocast", "bf16 model"])
+def test_a_pair_rows_mask_is_kept_once_for_every_layer(precision, tiny_llama_dir):
+    """The pair rows' attention mask reaches every layer as one tensor in the attention's dtype, which each
+    layer's backward keeps as it is: one (B, 1, W, W) tensor saved for the backward in all, where a boolean mask
+    became a float32 copy in each layer. The log-probs are the two-row layout's."""
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    batch = prefix_pair_batch(load_tokenizer(model_config))
+    model = load_model(model_config, "dpo").train()
+    if precision == "bf16 model":
+        model = model.to(torch.bfloat16)
+    masks: dict[int, torch.dtype] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 4 and tensor.shape[1] == 1 and tensor.shape[2] == tensor.shape[3] > 1:
+            masks[tensor.untyped_storage().data_ptr()] = tensor.dtype
+        return tensor
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast")
+    with autocast, torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        paired, _ = sequence_logps(model, batch, 4, paired=True)
+    with autocast, torch.no_grad():
+        rows, _ = sequence_logps(model, batch, 4)
+    attention_dtype = torch.float32 if precision == "float32" else torch.bfloat16
+    assert list(masks.values()) == [attention_dtype]
+    tolerance = {"rtol": 1e-5, "atol": 1e-4} if precision == "float32" else {"rtol": 2e-2, "atol": 0.5}
+    torch.testing.assert_close(paired.detach(), rows, **tolerance)
 
 
 def test_a_reward_models_pair_runs_as_one_row(tiny_llama_dir):

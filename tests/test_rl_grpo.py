@@ -195,10 +195,10 @@ def test_each_prompt_is_prefilled_once_for_its_group(tiny_llama_dir, monkeypatch
 
 @pytest.mark.parametrize(("method", "task"), [("lora", "grpo"), ("full", "grpo"), ("lora", "ppo")])
 def test_each_prompt_runs_once_in_the_update(tiny_llama_dir, monkeypatch, method, task):
-    """The update's forward with each prompt run once and its KV cache repeated for the group gives the loss, the
-    KL and every gradient (ppo's value head's included) of running all G copies (left-padded prompts, completions
-    ended early); the model sees B x P + BG x (C - 1) positions instead of BG x (P + C). With recomputed layers it
-    takes the copies' path."""
+    """The update's forward with each prompt run once gives the loss, the KL and every gradient (ppo's value
+    head's included) of running all G copies (left-padded prompts, completions ended early), both ways it runs
+    a prompt once: its KV cache repeated for the group (B x P + BG x (C - 1) positions), or each group as one row
+    (B x (max p + G x (C - 1))), which recomputed layers take, with the same gradients."""
     from tunesmith.methods import METHODS
     from tunesmith.objectives import rl
     from tunesmith.training.recompute import enable_recompute
@@ -226,9 +226,11 @@ def test_each_prompt_runs_once_in_the_update(tiny_llama_dir, monkeypatch, method
     assert batch["attention_mask"].sum(-1).unique().numel() == 2
     positions: list[int] = []
     model.get_input_embeddings().register_forward_hook(lambda module, args, output: positions.append(args[0].numel()))
+    group_row_hidden = rl.group_row_hidden
 
-    def update(share: bool):
-        monkeypatch.setattr(rl, "shares_prompts", lambda model, group: share)
+    def update(way: str):
+        monkeypatch.setattr(rl, "shares_prompts", lambda model, group: way == "cache")
+        monkeypatch.setattr(rl, "group_row_hidden", group_row_hidden if way == "row" else lambda *args: None)
         model.zero_grad()
         positions.clear()
         output = loss(model, experience, settings)
@@ -236,16 +238,26 @@ def test_each_prompt_runs_once_in_the_update(tiny_llama_dir, monkeypatch, method
         gradients = [parameter.grad.clone() for parameter in model.parameters() if parameter.requires_grad]
         return output, gradients, list(positions)
 
-    (shared, shared_grads, shared_positions), (copies, copies_grads, copies_positions) = update(True), update(False)
-    assert shared_positions == [prompts * prompt_length, rows * (completion_length - 1)]
+    copies, copies_grads, copies_positions = update("copies")
     assert copies_positions == [rows * (prompt_length + completion_length)]
-    torch.testing.assert_close(shared.loss_sum, copies.loss_sum, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(shared.metrics["kl"], copies.metrics["kl"], rtol=1e-5, atol=1e-6)
-    for one, every in zip(shared_grads, copies_grads, strict=True):
-        torch.testing.assert_close(one, every, rtol=1e-4, atol=1e-6)
-    assert any(gradient.abs().sum() > 0 for gradient in shared_grads)
+    row_width = prompt_length + settings.group_size * (completion_length - 1)
+    expected_positions = {"cache": [prompts * prompt_length, rows * (completion_length - 1)],
+                          "row": [prompts * row_width]}
+    for way in ("cache", "row", "row with recomputed layers"):
+        if way == "row with recomputed layers":
+            enable_recompute(model)
+            way = "row"
+        shared, shared_grads, shared_positions = update(way)
+        assert shared_positions == expected_positions[way]
+        torch.testing.assert_close(shared.loss_sum, copies.loss_sum, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(shared.metrics["kl"], copies.metrics["kl"], rtol=1e-5, atol=1e-6)
+        for one, every in zip(shared_grads, copies_grads, strict=True):
+            torch.testing.assert_close(one, every, rtol=1e-4, atol=1e-6)
+        assert any(gradient.abs().sum() > 0 for gradient in shared_grads)
 
     monkeypatch.undo()
-    assert rl.shares_prompts(model, settings.group_size) and not rl.shares_prompts(model, 1)
-    enable_recompute(model)
     assert not rl.shares_prompts(model, settings.group_size) and rl.shares_prompts(model.eval(), settings.group_size)
+    model.train()
+    assert rl.group_row_hidden(model, samples) is not None  # recomputed layers: each group as one row
+    model.model.config._attn_implementation = "eager"
+    assert rl.group_row_hidden(model, samples) is None

@@ -22,7 +22,8 @@ from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import creates_head
 from tunesmith.models import decoder_layers
 from tunesmith.objectives import OBJECTIVES
-from tunesmith.objectives.causal_lm import continues_from_cache, rescales_logits
+from tunesmith.objectives.branched_rows import forward_flops, longest_accepted_row, takes_branched_rows
+from tunesmith.objectives.causal_lm import _can_skip_unused_logits, continues_from_cache, rescales_logits
 from tunesmith.objectives.linear_cross_entropy import SOFTMAX_BLOCK_ELEMENTS, fusable_head
 from tunesmith.objectives.preference import collate_pairs
 from tunesmith.training.launch import launched_shape
@@ -83,6 +84,7 @@ class ParameterCounts:
     plain_head: bool = True  # the output head is a plain linear layer: the loss takes the fused path
     dropout: str | None = None  # where the model draws dropout masks in training (parallel_rows.active_dropout)
     prompt_cache: bool = False  # grpo / ppo may run a group's prompt once (causal_lm.continues_from_cache)
+    branched_rows: bool = False  # pairs and groups may run as one row each (objectives/branched_rows.py)
 
     def held(self, processes: int, sharded: bool, cpu_offload: bool, trainable: bool = False) -> float:
         """Parameters (or trainable ones) one device holds: all, or with FSDP 1/processes of the layers'
@@ -113,6 +115,7 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
         plain_head=head is None or fusable_head(head),
         dropout=active_dropout(model),
         prompt_cache=continues_from_cache(model),
+        branched_rows=takes_branched_rows(model) and _can_skip_unused_logits(model),
     )
 
 
@@ -126,7 +129,7 @@ def parameter_counts(config: RunConfig) -> tuple[ParameterCounts, object]:
     model_config = AutoConfig.from_pretrained(folder, trust_remote_code=config.model.trust_remote_code)
     model_class = AutoModelForSequenceClassification if creates_head(config.task) else AutoModelForCausalLM
     with torch.device("meta"):
-        model = model_class.from_config(model_config)
+        model = model_class.from_config(model_config, attn_implementation=config.model.attn_implementation)
         model = METHODS.get(config.method.name).apply(model, config.method, config.task)
     return counts_of(model), model_config
 
@@ -240,12 +243,23 @@ def plan_memory(
     rows_per_record = 2 if objective.collate is collate_pairs else 1  # a pair's chosen and rejected rows
     # Per micro-batch, per process; at most: a pair's sides may run their common prompt once (pair_row_hidden)
     tokens = train.batch_size * rows_per_record * config.data.max_length
+    # The longest row of a shared beginning and its continuations (objectives/branched_rows.py), whose attention
+    # mask, (W, W) per row, every layer keeps for its backward.
+    branched_width = 0
+    if rows_per_record == 2 and counts.branched_rows:
+        branched_width = longest_accepted_row(model_config, 2, config.data.max_length)
     completion = getattr(config.objective, "max_new_tokens", None)
     if completion is not None:  # grpo, ppo: group_size sampled completions per prompt, each after its prompt
-        sequences = train.batch_size * config.objective.group_size
+        group = config.objective.group_size
+        sequences = train.batch_size * group
         tokens = sequences * (config.data.max_length + completion)
-        if counts.prompt_cache and config.objective.group_size > 1 and not train.gradient_checkpointing:
+        group_row = config.data.max_length + group * completion
+        if group > 1 and counts.prompt_cache and not train.gradient_checkpointing:
             tokens = train.batch_size * config.data.max_length + sequences * completion  # each prompt run once
+        elif group > 1 and counts.branched_rows and (
+                forward_flops(model_config, 1, group_row)
+                < forward_flops(model_config, group, config.data.max_length + completion)):
+            tokens, branched_width = train.batch_size * group_row, group_row  # each group as one row
     activation_bytes = 2 if (on_gpu or dtype != "float32") else 4
     teacher = getattr(config.objective, "teacher", None)  # distillation's own frozen model
     teacher_parameters, teacher_config = teacher_counts(teacher) if teacher else (None, None)
@@ -253,6 +267,7 @@ def plan_memory(
     unit_bytes = tokens * hidden * activation_bytes  # one hidden-sized value per token
     recomputed = recomputed_layers(train.checkpoint_layers, layers) if train.gradient_checkpointing else 0
     activations = unit_bytes * activation_units(layers, recomputed)
+    activations += train.batch_size * branched_width**2 * activation_bytes
     mixed_precision = mixed_precision_of(train.mixed_precision, on_gpu)
     # On the CPU each micro-batch's rows may run in parallel threads (training/parallel_rows.py): each thread
     # computes its own loss chunks at the same time, and each but the first holds a copy of the gradients.

@@ -24,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tunesmith.data.collate import IGNORE_INDEX, shift_labels
 from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings, ObjectiveSpec, register
+from tunesmith.objectives.branched_rows import BEGINNING, branched_row_hidden, forward_flops, takes_branched_rows
 from tunesmith.objectives.causal_lm import (
     _can_skip_unused_logits,
     _language_model,
@@ -120,17 +121,15 @@ def pair_row_hidden(
 ) -> torch.Tensor | None:
     """Final hidden states (N, H) at positions `tokens` (N,) of rows `rows` (N,) of a pair batch (chosen rows,
     then rejected: collate_pairs), each pair's common beginning (its prompt, and any first response tokens both
-    sides share) run once: B rows of S + (Lc - S) + (Lr - S) positions instead of 2B rows of max(L). None where
-    that would not cost fewer FLOPs (`forward_flops`: long rows of a small model, where attention is most of the
-    work), or where the attention kernel takes no custom mask (only SDPA here).
+    sides share) run once: B rows of S + (Lc - S) + (Lr - S) positions instead of 2B rows of max(L)
+    (objectives/branched_rows.py). None where that would not cost fewer FLOPs (`forward_flops`: long rows of a
+    small model, where attention is most of the work), or where the attention kernel takes no custom mask.
 
     Each pair is one row: the common beginning, the rest of the chosen side, the rest of the rejected side (its
-    positions numbered on from S), under a causal mask in which the rejected side's tokens do not see the chosen
-    side's. A token's state depends only on the tokens it sees, so each side's states are those of running it
-    alone (tests/test_preference_chunked.py, tests/test_preference_training.py).
+    positions numbered on from S); the rejected side's tokens do not see the chosen side's
+    (tests/test_preference_chunked.py, tests/test_preference_training.py).
     """
-    language_model = _language_model(model)
-    if language_model.config._attn_implementation != "sdpa":
+    if not takes_branched_rows(model):
         return None
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (2B, T)
     pairs, width = input_ids.shape[0] // 2, input_ids.shape[1]
@@ -140,7 +139,8 @@ def pair_row_hidden(
     shared = alike.long().cumprod(-1).sum(-1)  # (B,) S, the common beginning's length
     row_lengths = chosen_lengths + rejected_lengths - shared  # (B,)
     row_width = int(row_lengths.max())
-    if forward_flops(language_model.config, pairs, row_width) >= forward_flops(language_model.config, 2 * pairs, width):
+    config = _language_model(model).config
+    if forward_flops(config, pairs, row_width) >= forward_flops(config, 2 * pairs, width):
         return None  # a row up to twice as long: its attention can cost more than its fewer positions save
 
     column = torch.arange(row_width, device=input_ids.device)[None, :]  # (1, W)
@@ -150,30 +150,13 @@ def pair_row_hidden(
     source_row = torch.where(chosen_part, pair, pair + pairs)  # (B, W) the batch row each token comes from
     positions = torch.where(chosen_part, column, column - chosen_lengths[:, None] + shared[:, None])
     positions = torch.where(in_row, positions, 0)  # (B, W) the token's position in its own side
-    segment = torch.where(column < shared[:, None], 0, torch.where(chosen_part, 1, 2))  # common, chosen, rejected
-    sees = (column.t() >= column) & in_row[:, None, :]  # (B, W, W) query x key: causal, real keys
-    sees &= ~((segment[:, :, None] == 2) & (segment[:, None, :] == 1))  # rejected tokens do not see chosen ones
-    sees |= torch.eye(row_width, dtype=torch.bool, device=input_ids.device)  # padding queries see themselves
-    backbone = getattr(language_model, language_model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids[source_row, positions], attention_mask=sees[:, None],
-                      position_ids=positions, use_cache=False).last_hidden_state  # (B, W, H)
+    branch = torch.where(column < shared[:, None], BEGINNING, torch.where(chosen_part, 1, 2))  # (B, W)
+    hidden = branched_row_hidden(model, input_ids[source_row, positions], positions, branch, row_lengths)
 
     row_pair, rejected = rows % pairs, rows >= pairs  # (N,) each
     past_common = tokens - shared[row_pair]
     pair_column = torch.where(rejected & (past_common >= 0), chosen_lengths[row_pair] + past_common, tokens)
     return hidden[row_pair, pair_column]  # (N, H)
-
-
-def forward_flops(model_config, rows: int, length: int) -> float:
-    """Rough FLOPs of a decoder layer's forward over `rows` x `length` positions, to compare two layouts of one
-    batch: 2 per weight per position (llama-like sizes read from the config) and 4 x hidden per query-key pair
-    (a masked kernel scores every key of the row)."""
-    hidden = model_config.hidden_size
-    heads = getattr(model_config, "num_attention_heads", 1)
-    key_value = hidden * (getattr(model_config, "num_key_value_heads", None) or heads) // heads
-    intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
-    layer_weights = hidden * (2 * hidden + 2 * key_value) + 3 * hidden * intermediate
-    return rows * length * (2 * layer_weights + 4 * hidden * length)
 
 
 def pair_logps(model: torch.nn.Module, batch: dict, chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:

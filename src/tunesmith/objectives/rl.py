@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 
 from tunesmith.errors import ConfigError
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, register
+from tunesmith.objectives.branched_rows import BEGINNING, branched_row_hidden, forward_flops, takes_branched_rows
 from tunesmith.objectives.causal_lm import (
     _can_skip_unused_logits,
     _language_model,
@@ -351,6 +352,9 @@ def completion_hidden(model, samples: dict) -> tuple[torch.Tensor, torch.nn.Modu
     head = language_model.get_output_embeddings()
     if shares_prompts(model, samples["group"]):
         return shared_prompt_hidden(backbone, samples), head
+    hidden = group_row_hidden(model, samples) if samples["group"] > 1 else None
+    if hidden is not None:
+        return hidden, head
     hidden = backbone(**sequence_inputs(samples), use_cache=False).last_hidden_state  # (BG, P + C, H)
     return hidden[:, -completion_length - 1:-1], head
 
@@ -375,6 +379,47 @@ def shared_prompt_hidden(backbone: torch.nn.Module, samples: dict) -> torch.Tens
     }
     prompt_hidden, completion_states = continued_forward(backbone, prompts, completions, group)
     return torch.cat([prompt_hidden[:, -1:].repeat_interleave(group, 0), completion_states], dim=1)  # (BG, C, H)
+
+
+def group_row_hidden(model, samples: dict) -> torch.Tensor | None:
+    """completion_hidden's states (BG, C, H) with each group as one row (objectives/branched_rows.py): its prompt's
+    p real tokens, then each of its G completions but the last token, B rows of p + G x (C - 1) positions. Where
+    the prompt cannot run once through a KV cache (recomputed layers drop the cache), this still runs it once.
+    None where that would not cost fewer FLOPs than BG rows of P + C, or where attention takes no custom mask."""
+    if not takes_branched_rows(model):
+        return None
+    group, completion_length = samples["group"], samples["completion_mask"].shape[1]
+    sequences = samples["sequences"]  # (BG, P + C), prompts left-padded
+    prompt_width = sequences.shape[1] - completion_length
+    prompt_lengths = samples["attention_mask"][::group, :prompt_width].sum(-1)  # (B,) p
+    prompts, continued = len(prompt_lengths), completion_length - 1  # each completion's last token predicts nothing
+    row_lengths = prompt_lengths + group * continued  # (B,)
+    width = int(row_lengths.max())
+    config = _language_model(model).config
+    if forward_flops(config, prompts, width) >= forward_flops(config, prompts * group, sequences.shape[1]):
+        return None
+
+    column = torch.arange(width, device=sequences.device)[None, :]  # (1, W)
+    in_prompt = column < prompt_lengths[:, None]  # (B, W)
+    past_prompt = (column - prompt_lengths[:, None]).clamp(min=0)  # (B, W)
+    completion = torch.where(in_prompt, 0, past_prompt // max(continued, 1)).clamp(max=group - 1)  # (B, W) j
+    step = past_prompt - completion * continued  # (B, W) t, the token's place in its completion
+    first_row = torch.arange(prompts, device=sequences.device)[:, None] * group  # (B, 1)
+    source_row = first_row + completion  # (B, W)
+    source_column = torch.where(in_prompt, prompt_width - prompt_lengths[:, None] + column, prompt_width + step)
+    in_row = column < row_lengths[:, None]  # (B, W)
+    positions = torch.where(in_row, torch.where(in_prompt, column, prompt_lengths[:, None] + step), 0)
+    branch = torch.where(in_prompt, BEGINNING, completion + 1)  # (B, W)
+    input_ids = torch.where(in_row, sequences[source_row, source_column.clamp(max=sequences.shape[1] - 1)], 0)
+    hidden = branched_row_hidden(model, input_ids, positions, branch, row_lengths)  # (B, W, H)
+
+    # Completion j of prompt b: the prompt's last state predicts its first token, its own tokens the rest.
+    row = torch.arange(prompts * group, device=sequences.device) // group  # (BG,)
+    copy = torch.arange(prompts * group, device=sequences.device) % group  # (BG,)
+    start = prompt_lengths[row] + copy * continued  # (BG,) the completion's first column
+    columns = start[:, None] + torch.arange(completion_length, device=sequences.device) - 1  # (BG, C)
+    columns[:, 0] = prompt_lengths[row] - 1
+    return hidden[row[:, None], columns]  # (BG, C, H)
 
 
 def continued_forward(
