@@ -118,3 +118,15 @@ def test_pissa_and_olora_save_as_plain_lora_of_the_original_base(init, tiny_llam
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=input_ids).logits, model(input_ids=input_ids).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "loha", "lokr", "prompt", "prefix", "p_tuning"])
+def test_a_peft_method_prints_no_warning_about_peft_itself(method, tiny_llama_dir, tmp_path):
+    """peft reads transformers 5's deprecated `is_gradient_checkpointing` as it wraps a model, a FutureWarning on
+    every run that the user can do nothing about: applying a method shows none."""
+    import warnings
+
+    config, base = fresh(tiny_llama_dir, tmp_path, {"name": method})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        METHODS.get(method).apply(base, config.method, "sft")

@@ -6,6 +6,7 @@ fields are the `method.*` config keys) and one `register(MethodSpec(...))` call.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,16 @@ def peft_task_type(task: str):
     from peft import TaskType
 
     return TaskType.SEQ_CLS if creates_head(task) else TaskType.CAUSAL_LM
+
+
+def peft_model(model: torch.nn.Module, peft_config) -> torch.nn.Module:
+    """peft's `get_peft_model`, without the FutureWarning it makes transformers 5 print on every run (peft reads
+    the deprecated `is_gradient_checkpointing`): a warning about peft's code that its user can do nothing about."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 def creates_head(task: str) -> bool:

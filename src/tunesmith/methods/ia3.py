@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from peft import IA3Config, get_peft_model
+from peft import IA3Config
 from pydantic import Field, model_validator
 
-from tunesmith.methods.base import MethodSettings, MethodSpec, peft_task_type, register
+from tunesmith.methods.base import MethodSettings, MethodSpec, peft_model, peft_task_type, register
 
 
 class IA3Settings(MethodSettings):
@@ -35,7 +35,7 @@ def apply_ia3(model, settings: IA3Settings, task: str):
         target_modules=settings.target_modules,
         feedforward_modules=settings.feedforward_modules,
     )
-    return get_peft_model(model, peft_config)
+    return peft_model(model, peft_config)
 
 
 # T-Few trains (IA)^3 with lr 3e-3 (sec. 3.3).

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from peft import LoHaConfig, get_peft_model
+from peft import LoHaConfig
 from pydantic import Field, model_validator
 
-from tunesmith.methods.base import MethodSettings, MethodSpec, peft_task_type, register
+from tunesmith.methods.base import MethodSettings, MethodSpec, peft_model, peft_task_type, register
 
 
 class LycorisSettings(MethodSettings):
@@ -44,7 +44,7 @@ def apply_loha(model, settings: LohaSettings, task: str):
         module_dropout=settings.module_dropout,
         target_modules=settings.target_modules,
     )
-    return get_peft_model(model, peft_config)
+    return peft_model(model, peft_config)
 
 
 # LyCORIS recommends learning rates like LoRA's for LoHa.

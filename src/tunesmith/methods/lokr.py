@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from peft import LoKrConfig, get_peft_model
+from peft import LoKrConfig
 from pydantic import Field
 
-from tunesmith.methods.base import MethodSpec, peft_task_type, register
+from tunesmith.methods.base import MethodSpec, peft_model, peft_task_type, register
 from tunesmith.methods.loha import LycorisSettings
 
 
@@ -31,7 +31,7 @@ def apply_lokr(model, settings: LokrSettings, task: str):
         module_dropout=settings.module_dropout,
         target_modules=settings.target_modules,
     )
-    return get_peft_model(model, peft_config)
+    return peft_model(model, peft_config)
 
 
 register(MethodSpec(

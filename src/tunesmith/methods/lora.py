@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
@@ -30,6 +30,7 @@ from tunesmith.methods.base import (
     MethodSpec,
     classification_head_names,
     creates_head,
+    peft_model,
     peft_task_type,
     register,
 )
@@ -94,7 +95,7 @@ def apply_lora(model, settings: LoraSettings, task: str):
         init_lora_weights=True if settings.init == "default" else settings.init,
         modules_to_save=modules_to_save or None,
     )
-    model = get_peft_model(model, peft_config)
+    model = peft_model(model, peft_config)
     use_fast_lora_forward(model)
     if settings.init in ("pissa", "olora"):
         initial = get_peft_model_state_dict(model)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from peft import PromptEncoderConfig, PromptEncoderReparameterizationType, get_peft_model
+from peft import PromptEncoderConfig, PromptEncoderReparameterizationType
 from pydantic import Field
 
-from tunesmith.methods.base import MethodSettings, MethodSpec, peft_task_type, register
+from tunesmith.methods.base import MethodSettings, MethodSpec, peft_model, peft_task_type, register
 
 
 class PTuningSettings(MethodSettings):
@@ -33,7 +33,7 @@ def apply_p_tuning(model, settings: PTuningSettings, task: str):
         encoder_num_layers=settings.encoder_num_layers,
         encoder_dropout=settings.encoder_dropout,
     )
-    return get_peft_model(model, peft_config)
+    return peft_model(model, peft_config)
 
 
 # peft's p-tuning recipes use 1e-3 with AdamW.

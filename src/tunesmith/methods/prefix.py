@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from peft import PrefixTuningConfig, get_peft_model
+from peft import PrefixTuningConfig
 from pydantic import Field
 
-from tunesmith.methods.base import MethodSettings, MethodSpec, peft_task_type, register
+from tunesmith.methods.base import MethodSettings, MethodSpec, peft_model, peft_task_type, register
 
 
 class PrefixSettings(MethodSettings):
@@ -31,7 +31,7 @@ def apply_prefix(model, settings: PrefixSettings, task: str):
         prefix_projection=settings.reparameterize,
         encoder_hidden_size=settings.encoder_hidden_size,
     )
-    return get_peft_model(model, peft_config)
+    return peft_model(model, peft_config)
 
 
 # Learning rate: prompt-learning methods train few parameters from scratch and need a high rate;

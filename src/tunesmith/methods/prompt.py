@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+from peft import PromptTuningConfig, PromptTuningInit
 from pydantic import Field, model_validator
 
-from tunesmith.methods.base import MethodSettings, MethodSpec, peft_task_type, register
+from tunesmith.methods.base import MethodSettings, MethodSpec, peft_model, peft_task_type, register
 
 
 class PromptSettings(MethodSettings):
@@ -38,7 +38,7 @@ def apply_prompt(model, settings: PromptSettings, task: str):
         # The model's own (local, resolved) folder: tokenizing the init text never goes online.
         tokenizer_name_or_path=model.name_or_path if text_init else None,
     )
-    return get_peft_model(model, peft_config)
+    return peft_model(model, peft_config)
 
 
 # Lester et al. use 0.3 with Adafactor; with AdamW, peft's recipes use 3e-2.
