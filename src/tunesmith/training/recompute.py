@@ -34,7 +34,10 @@ def enable_recompute(model: torch.nn.Module, layers: int | None = None) -> int:
     """Checkpoint the first `layers` decoder layers of `model` (None: every layer, with transformers'
     own switch for the models that check it outside their layers); returns how many are checkpointed."""
     base = unwrapped_model(model)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name (the old one warns)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     found = decoder_layers(base)
     recomputed = recomputed_layers(layers, len(found))
     for layer in found[recomputed:]:
