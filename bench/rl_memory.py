@@ -2,10 +2,12 @@
 prompt run through the model (tunesmith before 2026-11-23, and what trl's GRPOTrainer does); `chunked`, the
 completion tokens' log-probs over chunks of positions (each chunk recomputed in the backward pass); `shared`,
 chunked and each prompt run once for its G completions, which continue from its KV cache (tunesmith since
-2026-11-24).
+2026-11-24), or with `--recompute 1` (every decoder layer checkpointed, where transformers drops the cache) each
+group as one row, its prompt and then each completion under a mask (objectives/branched_rows.py).
 
     python bench/rl_memory.py                      # SmolLM2-135M, float32, 16 completions of 256 tokens, G 4
     python bench/rl_memory.py --completions 40 --group 8 --prompt-length 100 --completion-length 48
+    python bench/rl_memory.py --completions 40 --group 8 --prompt-length 100 --completion-length 48 --recompute 1
 
 Each way runs in its own process on the same sampled-like sequences (random tokens, a group's rows sharing
 their prompt: memory and time do not depend on the tokens) and prints how far resident memory rose over the
@@ -35,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--completion-length", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=512, help="objective.loss_chunk_tokens but the whole way's")
+    parser.add_argument("--recompute", type=int, choices=(0, 1), default=0, help="1: checkpoint every decoder layer")
     parser.add_argument("--way", choices=WAYS, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -43,10 +46,14 @@ def worker(args: argparse.Namespace) -> None:
     from tunesmith.config import ModelConfig
     from tunesmith.models import load_model
     from tunesmith.objectives import rl
+    from tunesmith.training.recompute import enable_recompute
 
     if args.way != "shared":
         rl.shares_prompts = lambda model, group: False
+        rl.group_row_hidden = lambda model, samples: None
     model = load_model(ModelConfig(name=args.model), "grpo").train()
+    if args.recompute:
+        enable_recompute(model)
     generator = torch.Generator().manual_seed(0)
     rows, prompts = args.completions, args.completions // args.group
     vocab = model.config.vocab_size
@@ -82,12 +89,14 @@ def main() -> None:
     if args.completions % args.group:
         sys.exit(f"--completions {args.completions} is not a whole number of groups of {args.group}")
     options = {"model": args.model, "completions": args.completions, "group": args.group,
-               "prompt_length": args.prompt_length, "completion_length": args.completion_length, "chunk": args.chunk}
+               "prompt_length": args.prompt_length, "completion_length": args.completion_length, "chunk": args.chunk,
+               "recompute": args.recompute}
     results = [run_worker(__file__, {"way": way, **options}) for way in WAYS]
     if None in results:
         sys.exit("a worker failed (its error is above)")
     print(f"{args.model}, grpo, {args.completions} completions ({args.group} a prompt) of {args.completion_length} "
-          f"tokens after {args.prompt_length}-token prompts, float32, chunks of {args.chunk} positions")
+          f"tokens after {args.prompt_length}-token prompts, float32, chunks of {args.chunk} positions"
+          + (", every layer recomputed" if args.recompute else ""))
     print(f"{'way':10} {'memory rise MB':>15} {'seconds':>8} {'gradient norm':>14}")
     for result in results:
         print(f"{result['way']:10} {result['rise_mb']:15,.0f} {result['seconds']:8.2f} {result['gradient_norm']:14.6f}")
