@@ -55,19 +55,19 @@ def main() -> int:
     model = lora.apply(load_model(model_config, "grpo"), lora.settings(r=16, dropout=0.0), "grpo")
     settings = rl.GRPOSettings(rewards=["gsm8k_correctness"], group_size=args.group, max_new_tokens=args.new_tokens,
                                temperature=args.temperature)
-    shared_cache = rl.shared_prompt_cache
+    shared_cache = rl.sampling_cache
     seconds: dict[str, list[float]] = {"shared": [], "every copy": []}
     same = True
     for seed in range(args.rounds):
         sequences = {}
         for way in seconds:
-            rl.shared_prompt_cache = shared_cache if way == "shared" else (lambda *unused: None)
+            rl.sampling_cache = shared_cache if way == "shared" else (lambda *unused: None)
             torch.manual_seed(seed)
             start = time.perf_counter()
             sequences[way] = rl.sample_groups(model, batch, settings)["sequences"]
             seconds[way].append(time.perf_counter() - start)
         same = same and torch.equal(*sequences.values())
-    rl.shared_prompt_cache = shared_cache
+    rl.sampling_cache = shared_cache
     print(f"{args.model} + LoRA r 16, {args.prompts} prompts ({batch['input_ids'].shape[1]} tokens padded) x "
           f"{args.group} completions of up to {args.new_tokens} tokens, {torch.get_num_threads()} threads\n")
     print("| prompt prefill | seconds per round | median |\n| --- | --- | ---: |")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from helpers import LogitRows, prompt_examples, run_config, train_online_rl, write_jsonl
+from transformers import StaticCache
 
 from tunesmith.config import ModelConfig
 from tunesmith.models import load_model, load_tokenizer
@@ -181,7 +182,7 @@ def test_each_prompt_is_prefilled_once_for_its_group(tiny_llama_dir, monkeypatch
     results = {}
     for shared in (True, False):
         if not shared:
-            monkeypatch.setattr(rl, "shared_prompt_cache", lambda *args: None)
+            monkeypatch.setattr(rl, "sampling_cache", lambda *args: None)
         tokens_per_forward.clear()
         torch.manual_seed(0)
         samples = rl.sample_groups(model, batch, settings)
@@ -191,6 +192,9 @@ def test_each_prompt_is_prefilled_once_for_its_group(tiny_llama_dir, monkeypatch
     assert results[True][2][:2] == [prompts * (length - 1), group]
     assert results[False][2][0] == group * length
     assert results[True][2][2:] == results[False][2][1:]  # then one token per completion per step, alike
+    monkeypatch.undo()
+    cache = rl.sampling_cache(model.eval(), batch["input_ids"], batch["attention_mask"], 4, settings.max_new_tokens)
+    assert isinstance(cache, StaticCache) and cache.layers[0].max_cache_len == length + settings.max_new_tokens
 
 
 @pytest.mark.parametrize(("method", "task"), [("lora", "grpo"), ("full", "grpo"), ("lora", "ppo")])
@@ -223,6 +227,7 @@ def test_each_prompt_runs_once_in_the_update(tiny_llama_dir, monkeypatch, method
     rows, completion_length = samples["completion_mask"].shape
     samples["completion_mask"][1, 3:] = 0  # as if its fourth token had been a stop token
     samples["attention_mask"][1, prompt_length + 3:] = 0
+    experience["rewards"] = torch.arange(rows, dtype=torch.float32) % 3  # rewards that differ within each group
     assert batch["attention_mask"].sum(-1).unique().numel() == 2
     positions: list[int] = []
     model.get_input_embeddings().register_forward_hook(lambda module, args, output: positions.append(args[0].numel()))
@@ -261,3 +266,34 @@ def test_each_prompt_runs_once_in_the_update(tiny_llama_dir, monkeypatch, method
     assert rl.group_row_hidden(model, samples) is not None  # recomputed layers: each group as one row
     model.model.config._attn_implementation = "eager"
     assert rl.group_row_hidden(model, samples) is None
+
+
+def test_sampling_draws_each_token_with_its_softmax_probability():
+    """CategoricalSample (generate's greedy pick after it) draws token i with probability softmax(scores)_i: the
+    frequencies of 20,000 draws are within 5 standard errors of it, a -inf token is never drawn, each row gets one
+    token; behind transformers' top-p warper, only the nucleus is drawn, in proportion."""
+    from transformers import TopPLogitsWarper
+
+    from tunesmith.objectives.rl import CategoricalSample
+
+    torch.manual_seed(0)
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5]]).expand(1000, -1)
+    sampler, draws = CategoricalSample(), 20
+    picked = sampler(None, scores.clone())
+    assert ((picked == 0).sum(-1) == 1).all() and (picked[picked != 0] == float("-inf")).all()
+
+    def frequencies(processed_scores) -> torch.Tensor:
+        tokens = torch.cat([sampler(None, processed_scores.clone()).argmax(-1) for _ in range(draws)])
+        return torch.bincount(tokens, minlength=scores.shape[-1]).double() / tokens.numel()
+
+    expected = torch.softmax(scores[0].double(), -1)
+    standard_error = (expected * (1 - expected) / (draws * scores.shape[0])).sqrt()
+    observed = frequencies(scores)
+    assert ((observed - expected).abs() <= 5 * standard_error).all() and observed[4] == 0
+
+    nucleus = TopPLogitsWarper(0.8)(None, scores.clone())  # tokens 0, 1 and 5: 0.56 + 0.21 + 0.13 of the mass
+    inside = torch.tensor([True, True, False, False, False, True])
+    observed = frequencies(nucleus)
+    kept = expected[inside] / expected[inside].sum()
+    assert (observed[~inside] == 0).all()
+    assert ((observed[inside] - kept).abs() <= 5 * (kept * (1 - kept) / (draws * scores.shape[0])).sqrt()).all()
