@@ -30,7 +30,13 @@ from pathlib import Path
 
 import torch
 from pydantic import Field, field_validator
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StaticCache,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from tunesmith.errors import ConfigError
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, register
@@ -232,8 +238,6 @@ def sampling_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     _, prompt_cache = repeated_prefix_cache(model, inputs, group)  # (BG, P - 1), each prompt's rows side by side
     if sharded_across_processes(model):
         return prompt_cache
-    from transformers import StaticCache
-
     cache = StaticCache(config=_language_model(model).config, max_cache_len=input_ids.shape[1] + new_tokens)
     for index, layer in enumerate(prompt_cache.layers):
         cache.update(layer.keys, layer.values, index)
@@ -246,8 +250,8 @@ class CategoricalSample(LogitsProcessor):
 
     `generate`'s own sampling, torch.multinomial, draws one exponential number per vocabulary entry: 49,152 per row
     per step, 40 ms a step for 40 rows on a 2-core CPU, more than the output head's matmul. Both draw exactly from
-    the same distribution (the cumulative sum taken in float64); they use the random stream differently, so a seed gives
-    other completions than `generate`'s sampling would."""
+    the same distribution (the cumulative sum taken in float64); they use the random stream differently, so a seed
+    gives other completions than `generate`'s sampling would."""
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         cumulative = torch.softmax(scores.float(), dim=-1).cumsum(-1, dtype=torch.float64)  # (R, V)
