@@ -267,3 +267,23 @@ def test_cuda_varlen_kernel_equals_per_record_sdpa():
         assert torch.isfinite(ours).all()
         error = (ours - reference).norm() / reference.norm()
         assert error < 1e-2, f"relative error {error:.2e}"
+
+
+def test_a_sliding_window_model_keeps_its_window_in_packed_rows(tmp_path):
+    """A model whose layers attend to the last W positions only (Mistral's sliding window): packed training gives
+    each record the logits and gradients it has alone, records longer than the window included."""
+    from transformers import MistralConfig
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+    batch = packed_batch(config.vocab_size)
+    alone = []
+    for row_ids, row_positions in zip(batch["input_ids"], batch["position_ids"], strict=True):
+        for start, end in record_spans(row_positions):
+            alone.append(model(input_ids=row_ids[None, start:end], use_cache=False).logits[0])
+    expected = torch.stack([torch.cat(alone[:3]), torch.cat(alone[3:])]).detach()  # (2, 16, V)
+    with packed_attention(model):
+        packed_logits, _ = forward_and_grads(model, batch)
+    torch.testing.assert_close(packed_logits, expected, atol=1e-5, rtol=1e-4)

@@ -245,3 +245,27 @@ def test_a_reward_models_pair_runs_as_one_row(tiny_llama_dir):
     assert len(one_row_grads) == len(two_rows_grads) > 0
     for one, two in zip(one_row_grads, two_rows_grads, strict=True):
         torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)
+
+
+def test_a_sliding_window_model_keeps_two_rows_where_its_window_is_shorter(tiny_tokenizer_dir, tmp_path):
+    """The pair row's one mask serves every layer, so a model with sliding-window layers (here Mistral's, 8
+    positions) keeps the two-row layout for rows wider than its window, and its log-probs stay those of each side
+    alone; rows within the window may still share their prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig
+
+    from tunesmith.objectives import preference
+    from tunesmith.objectives.branched_rows import takes_branched_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                           pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = load_model(ModelConfig(name=str(tmp_path)), "dpo").eval()
+    batch = prefix_pair_batch(tokenizer)
+    assert takes_branched_rows(model, 8) and not takes_branched_rows(model, 9) and not takes_branched_rows(model)
+    assert preference.pair_row_hidden(model, batch, torch.tensor([0]), torch.tensor([0])) is None
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(model, batch, 4, paired=True)[0], full_logits_logps(model, batch))

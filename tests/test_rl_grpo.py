@@ -297,3 +297,53 @@ def test_sampling_draws_each_token_with_its_softmax_probability():
     kept = expected[inside] / expected[inside].sum()
     assert (observed[~inside] == 0).all()
     assert ((observed[inside] - kept).abs() <= 5 * (kept * (1 - kept) / (draws * scores.shape[0])).sqrt()).all()
+
+
+TINY_ARCHITECTURES = {  # config class, its settings, attention
+    "qwen2 (sliding window on)": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 6,
+                                                  "max_window_layers": 1}, "sdpa"),
+    "mistral (window shorter than the prompt)": ("MistralConfig", {"sliding_window": 4}, "sdpa"),
+    "gemma2 (local and global layers, soft-capped logits)": ("Gemma2Config", {"sliding_window": 4, "head_dim": 16},
+                                                             "eager"),
+    "phi3": ("Phi3Config", {}, "sdpa"),
+}
+
+
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+def test_the_sampling_cache_samples_what_generates_own_cache_does(architecture, tiny_tokenizer_dir, tmp_path,
+                                                                  monkeypatch):
+    """The static, prompt-once cache that sampling starts from gives the completions of generate's own cache on
+    architectures with sliding-window and hybrid layers (windows shorter than the prompt), greedy and sampled; the
+    update does not lay a group out as one row wider than a sliding window."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.objectives import rl
+    from tunesmith.objectives.branched_rows import sliding_window
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config_class, extra, attention = TINY_ARCHITECTURES[architecture]
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = load_model(ModelConfig(name=str(tmp_path), attn_implementation=attention), "grpo")
+    batch = collate_prompts(prompt_examples(tokenizer, ["Count to 3", "Count to four, slowly and with care"]),
+                            tokenizer.pad_token_id)
+    assert batch["attention_mask"].sum(-1).unique().numel() == 2  # one prompt is left-padded
+    settings = GRPOSettings(rewards=["test_digits"], group_size=3, max_new_tokens=6, temperature=1.0)
+    sampling_cache = rl.sampling_cache
+    for greedy in (True, False):
+        sequences = []
+        for cache in (sampling_cache, lambda *args: None):
+            monkeypatch.setattr(rl, "sampling_cache", cache)
+            torch.manual_seed(0)
+            samples = rl.sample_groups(model, batch, settings, greedy=greedy)
+            sequences.append(samples["sequences"])
+        assert torch.equal(*sequences)
+    if sliding_window(model.config) is not None:  # the update's one row a group: not past the window
+        samples = rl.sample_groups(model, batch, settings)
+        assert rl.group_row_hidden(model, samples) is None

@@ -22,10 +22,23 @@ BEGINNING = 0
 """The branch number of a row's shared beginning; continuations are 1, 2, ..."""
 
 
-def takes_branched_rows(model: torch.nn.Module) -> bool:
+def takes_branched_rows(model: torch.nn.Module, width: int | None = None) -> bool:
     """Whether the model's attention takes the layout's 4-D mask (transformers' SDPA; eager and flash kernels
-    here keep separate rows)."""
-    return _language_model(model).config._attn_implementation == "sdpa"
+    here keep separate rows), for rows of `width` (None: of any width). The one mask serves every layer, so a
+    model with sliding-window layers (Mistral, Gemma 3, Qwen2 with use_sliding_window) takes it only for rows no
+    wider than its window, where the window hides nothing."""
+    config = _language_model(model).config
+    window = sliding_window(config)
+    return config._attn_implementation == "sdpa" and (window is None or (width is not None and width <= window))
+
+
+def sliding_window(model_config) -> int | None:
+    """The attention window of a model with sliding-window layers, None where every layer attends to all earlier
+    positions: the config's `layer_types` where it has them, else its `sliding_window`."""
+    layer_types = getattr(model_config, "layer_types", None)
+    if layer_types is not None and not any("sliding" in kind for kind in layer_types):
+        return None
+    return getattr(model_config, "sliding_window", None)
 
 
 def forward_flops(model_config, rows: int, length: int) -> float:

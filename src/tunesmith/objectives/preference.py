@@ -129,8 +129,6 @@ def pair_row_hidden(
     positions numbered on from S); the rejected side's tokens do not see the chosen side's
     (tests/test_preference_chunked.py, tests/test_preference_training.py).
     """
-    if not takes_branched_rows(model):
-        return None
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (2B, T)
     pairs, width = input_ids.shape[0] // 2, input_ids.shape[1]
     chosen_lengths, rejected_lengths = attention_mask.sum(-1).chunk(2)  # (B,) right-padded rows
@@ -139,6 +137,8 @@ def pair_row_hidden(
     shared = alike.long().cumprod(-1).sum(-1)  # (B,) S, the common beginning's length
     row_lengths = chosen_lengths + rejected_lengths - shared  # (B,)
     row_width = int(row_lengths.max())
+    if not takes_branched_rows(model, row_width):
+        return None
     config = _language_model(model).config
     if forward_flops(config, pairs, row_width) >= forward_flops(config, 2 * pairs, width):
         return None  # a row up to twice as long: its attention can cost more than its fewer positions save

@@ -226,9 +226,10 @@ def sampling_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     `generate` then runs only the last prompt token of each row before it decodes, where it would run all BG x P
     prompt tokens (a prompt's G copies compute the same keys and values). A static cache writes each step's keys
     and values in place; the dynamic one concatenated the whole cache in every layer at every step. Positions as
-    `generate` gives them under left padding (the mask's running count). Processes sampling on sharded layers keep
-    the dynamic cache: one that finishes first runs dummy steps for the others (`synced_gpus`), which a cache sized
-    to its own completions would not hold."""
+    `generate` gives them under left padding (the mask's running count). The dynamic cache stays for processes
+    sampling on sharded layers (one that finishes first runs dummy steps for the others, `synced_gpus`, which a
+    cache sized to its own completions would not hold) and for models with sliding-window layers (transformers'
+    static sliding layers sample otherwise than its dynamic cache from left-padded prompts: tests/test_rl_grpo.py)."""
     if input_ids.shape[1] < 2 or not continues_from_cache(model):
         return None
     prompt_ids, prompt_mask = input_ids[:, :-1], attention_mask[:, :-1]  # (B, P - 1)
@@ -236,9 +237,9 @@ def sampling_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if "position_ids" in inspect.signature(_language_model(model).forward).parameters:
         inputs["position_ids"] = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     _, prompt_cache = repeated_prefix_cache(model, inputs, group)  # (BG, P - 1), each prompt's rows side by side
-    if sharded_across_processes(model):
-        return prompt_cache
     cache = StaticCache(config=_language_model(model).config, max_cache_len=input_ids.shape[1] + new_tokens)
+    if sharded_across_processes(model) or any(layer.is_sliding for layer in cache.layers):
+        return prompt_cache
     for index, layer in enumerate(prompt_cache.layers):
         cache.update(layer.keys, layer.values, index)
     return cache
@@ -422,8 +423,6 @@ def group_row_hidden(model, samples: dict) -> torch.Tensor | None:
     p real tokens, then each of its G completions but the last token, B rows of p + G x (C - 1) positions. Where
     the prompt cannot run once through a KV cache (recomputed layers drop the cache), this still runs it once.
     None where that would not cost fewer FLOPs than BG rows of P + C, or where attention takes no custom mask."""
-    if not takes_branched_rows(model):
-        return None
     group, completion_length = samples["group"], samples["completion_mask"].shape[1]
     sequences = samples["sequences"]  # (BG, P + C), prompts left-padded
     prompt_width = sequences.shape[1] - completion_length
@@ -431,6 +430,8 @@ def group_row_hidden(model, samples: dict) -> torch.Tensor | None:
     prompts, continued = len(prompt_lengths), completion_length - 1  # each completion's last token predicts nothing
     row_lengths = prompt_lengths + group * continued  # (B,)
     width = int(row_lengths.max())
+    if not takes_branched_rows(model, width):
+        return None
     config = _language_model(model).config
     if forward_flops(config, prompts, width) >= forward_flops(config, prompts * group, sequences.shape[1]):
         return None

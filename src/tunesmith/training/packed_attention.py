@@ -251,8 +251,12 @@ def packed_sdpa_attention(
 
     Records are cut out with unbind/split rather than slicing: their backward is one concatenation,
     where each slice's backward would zero-fill a gradient the size of the whole (B, H, T, D) tensor.
+    A sliding-window layer (Mistral, Gemma 3, ...) whose window is shorter than a record takes the masked SDPA
+    path, whose mask holds the window: the per-record kernels here attend to every earlier position.
     """
-    if not (module.training and is_packed(position_ids, query, key)):
+    window = kwargs.get("sliding_window")
+    if not (module.training and is_packed(position_ids, query, key)) or (
+            window is not None and max(max(row) for row in _record_lengths.of(position_ids)) > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
     if uses_varlen(query, dropout):
