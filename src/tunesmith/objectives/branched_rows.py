@@ -41,6 +41,15 @@ def sliding_window(model_config) -> int | None:
     return getattr(model_config, "sliding_window", None)
 
 
+def branched_rows_pay(model: torch.nn.Module, rows: int, width: int, separate_rows: int, separate_width: int) -> bool:
+    """Whether `rows` branched rows of `width` should replace `separate_rows` rows of `separate_width`: the model
+    takes the layout at that width, and it costs fewer FLOPs (a row is fewer positions in all but longer, and at
+    long lengths of a small model attention is most of the work)."""
+    config = _language_model(model).config
+    return takes_branched_rows(model, width) and (
+        forward_flops(config, rows, width) < forward_flops(config, separate_rows, separate_width))
+
+
 def forward_flops(model_config, rows: int, length: int) -> float:
     """Rough FLOPs of a decoder layer's forward over `rows` x `length` positions, to compare two layouts of one
     batch: 2 per weight per position (llama-like sizes read from the config) and 4 x hidden per query-key pair

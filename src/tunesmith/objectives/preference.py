@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tunesmith.data.collate import IGNORE_INDEX, shift_labels
 from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings, ObjectiveSpec, register
-from tunesmith.objectives.branched_rows import BEGINNING, branched_row_hidden, forward_flops, takes_branched_rows
+from tunesmith.objectives.branched_rows import BEGINNING, branched_row_hidden, branched_rows_pay
 from tunesmith.objectives.causal_lm import (
     _can_skip_unused_logits,
     _language_model,
@@ -122,8 +122,8 @@ def pair_row_hidden(
     """Final hidden states (N, H) at positions `tokens` (N,) of rows `rows` (N,) of a pair batch (chosen rows,
     then rejected: collate_pairs), each pair's common beginning (its prompt, and any first response tokens both
     sides share) run once: B rows of S + (Lc - S) + (Lr - S) positions instead of 2B rows of max(L)
-    (objectives/branched_rows.py). None where that would not cost fewer FLOPs (`forward_flops`: long rows of a
-    small model, where attention is most of the work), or where the attention kernel takes no custom mask.
+    (objectives/branched_rows.py). None where that layout does not pay (`branched_rows_pay`: long rows of a small
+    model, where attention is most of the work; attention kernels that take no custom mask; sliding windows).
 
     Each pair is one row: the common beginning, the rest of the chosen side, the rest of the rejected side (its
     positions numbered on from S); the rejected side's tokens do not see the chosen side's
@@ -137,11 +137,8 @@ def pair_row_hidden(
     shared = alike.long().cumprod(-1).sum(-1)  # (B,) S, the common beginning's length
     row_lengths = chosen_lengths + rejected_lengths - shared  # (B,)
     row_width = int(row_lengths.max())
-    if not takes_branched_rows(model, row_width):
+    if not branched_rows_pay(model, pairs, row_width, 2 * pairs, width):  # a row may be up to twice as long
         return None
-    config = _language_model(model).config
-    if forward_flops(config, pairs, row_width) >= forward_flops(config, 2 * pairs, width):
-        return None  # a row up to twice as long: its attention can cost more than its fewer positions save
 
     column = torch.arange(row_width, device=input_ids.device)[None, :]  # (1, W)
     chosen_part = column < chosen_lengths[:, None]  # (B, W) the common beginning and the chosen side's rest

@@ -40,7 +40,7 @@ from transformers import (
 
 from tunesmith.errors import ConfigError
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, register
-from tunesmith.objectives.branched_rows import BEGINNING, branched_row_hidden, forward_flops, takes_branched_rows
+from tunesmith.objectives.branched_rows import BEGINNING, branched_row_hidden, branched_rows_pay, sliding_window
 from tunesmith.objectives.causal_lm import (
     _can_skip_unused_logits,
     _language_model,
@@ -237,9 +237,10 @@ def sampling_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if "position_ids" in inspect.signature(_language_model(model).forward).parameters:
         inputs["position_ids"] = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     _, prompt_cache = repeated_prefix_cache(model, inputs, group)  # (BG, P - 1), each prompt's rows side by side
-    cache = StaticCache(config=_language_model(model).config, max_cache_len=input_ids.shape[1] + new_tokens)
-    if sharded_across_processes(model) or any(layer.is_sliding for layer in cache.layers):
+    config = _language_model(model).config
+    if sharded_across_processes(model) or sliding_window(config) is not None:
         return prompt_cache
+    cache = StaticCache(config=config, max_cache_len=input_ids.shape[1] + new_tokens)
     for index, layer in enumerate(prompt_cache.layers):
         cache.update(layer.keys, layer.values, index)
     return cache
@@ -422,7 +423,7 @@ def group_row_hidden(model, samples: dict) -> torch.Tensor | None:
     """completion_hidden's states (BG, C, H) with each group as one row (objectives/branched_rows.py): its prompt's
     p real tokens, then each of its G completions but the last token, B rows of p + G x (C - 1) positions. Where
     the prompt cannot run once through a KV cache (recomputed layers drop the cache), this still runs it once.
-    None where that would not cost fewer FLOPs than BG rows of P + C, or where attention takes no custom mask."""
+    None where that layout does not pay against BG rows of P + C (`branched_rows_pay`)."""
     group, completion_length = samples["group"], samples["completion_mask"].shape[1]
     sequences = samples["sequences"]  # (BG, P + C), prompts left-padded
     prompt_width = sequences.shape[1] - completion_length
@@ -430,10 +431,7 @@ def group_row_hidden(model, samples: dict) -> torch.Tensor | None:
     prompts, continued = len(prompt_lengths), completion_length - 1  # each completion's last token predicts nothing
     row_lengths = prompt_lengths + group * continued  # (B,)
     width = int(row_lengths.max())
-    if not takes_branched_rows(model, width):
-        return None
-    config = _language_model(model).config
-    if forward_flops(config, prompts, width) >= forward_flops(config, prompts * group, sequences.shape[1]):
+    if not branched_rows_pay(model, prompts, width, prompts * group, sequences.shape[1]):
         return None
 
     column = torch.arange(width, device=sequences.device)[None, :]  # (1, W)
