@@ -298,6 +298,9 @@ def sample_groups(model, batch: dict, settings: SamplingSettings, greedy: bool =
             use_cache=True, past_key_values=cache, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
             # Sharded layers gather their weights in every forward: all processes decode until the last is done.
             synced_gpus=sharded_across_processes(model),
+            # On a GPU, generate would compile its forward for a static cache, again for each batch's prompt width
+            # and cache length; compiling is `train.compile`'s choice.
+            disable_compile=True,
         )  # (BG, P + C)
     finally:
         model.train(was_training)
