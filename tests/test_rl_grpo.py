@@ -193,7 +193,10 @@ def test_each_prompt_is_prefilled_once_for_its_group(tiny_llama_dir, monkeypatch
     assert results[False][2][0] == group * length
     assert results[True][2][2:] == results[False][2][1:]  # then one token per completion per step, alike
     monkeypatch.undo()
+    head_calls: list[int] = []
+    model.get_output_embeddings().register_forward_hook(lambda *unused: head_calls.append(1))
     cache = rl.sampling_cache(model.eval(), batch["input_ids"], batch["attention_mask"], 4, settings.max_new_tokens)
+    assert not head_calls  # the prompts' prefill makes the cache, no logits
     assert isinstance(cache, StaticCache) and cache.layers[0].max_cache_len == length + settings.max_new_tokens
 
 

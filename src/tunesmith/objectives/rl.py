@@ -236,7 +236,10 @@ def sampling_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     inputs = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
     if "position_ids" in inspect.signature(_language_model(model).forward).parameters:
         inputs["position_ids"] = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    _, prompt_cache = repeated_prefix_cache(model, inputs, group)  # (BG, P - 1), each prompt's rows side by side
+    # The backbone only: the cache is what is wanted, not the head's (B, P - 1, V) logits.
+    language_model = _language_model(model)
+    backbone = getattr(language_model, language_model.base_model_prefix, language_model)
+    _, prompt_cache = repeated_prefix_cache(backbone, inputs, group)  # (BG, P - 1), each prompt's rows side by side
     config = _language_model(model).config
     if sharded_across_processes(model) or sliding_window(config) is not None:
         return prompt_cache
