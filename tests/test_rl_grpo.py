@@ -162,6 +162,40 @@ def test_chunked_log_probs_equal_the_whole_batch(tiny_llama_dir):
         torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["float32", "bf16 autocast"])
+def test_a_frozen_heads_log_prob_gradients_are_made_in_the_forward_pass(precision, tiny_llama_dir):
+    """Completion log-probs through a frozen head (LoRA) in chunks: the values and the states' gradients of the
+    whole-logits autograd formula, with no vocabulary-wide matmul in the backward pass (a checkpointed chunk ran
+    its head again there); a trained head keeps the checkpointed chunks, which do."""
+    from tunesmith.objectives.causal_lm import _chunk_token_logps, chunked_token_logps
+
+    model = load_model(ModelConfig(name=str(tiny_llama_dir)), "grpo")
+    head, vocab = model.get_output_embeddings(), model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(13, model.config.hidden_size, generator=generator)
+    targets = torch.randint(0, vocab, (13,), generator=generator)
+    weights = torch.randn(13, generator=generator)  # d loss / d log-prob of each token
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast")
+
+    def values_and_gradient(chunk: int | None, trained_head: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        head.requires_grad_(trained_head)
+        hidden = states.clone().requires_grad_()
+        with autocast:
+            values = chunked_token_logps(hidden, head, targets, chunk) if chunk else _chunk_token_logps(
+                hidden, head, targets)
+        with LogitRows(vocab) as backward_rows:
+            (values * weights).sum().backward()
+        return values.detach(), hidden.grad, backward_rows.most
+
+    expected_values, expected_gradient, _ = values_and_gradient(None, trained_head=False)
+    values, gradient, head_rows_in_backward = values_and_gradient(5, trained_head=False)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if precision == "float32" else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(values, expected_values, **tolerance)
+    torch.testing.assert_close(gradient, expected_gradient, **tolerance)
+    assert head_rows_in_backward == 0
+    assert values_and_gradient(5, trained_head=True)[2] == 5  # checkpointed: the head runs again, a chunk at a time
+
+
 def test_each_prompt_is_prefilled_once_for_its_group(tiny_llama_dir, monkeypatch):
     """G completions per prompt: with each prompt's KV cache computed once and repeated for its group, the same seed
     samples the same completions as with every copy of the prompt prefilled, prompts of different lengths (left

@@ -15,12 +15,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.collate import IGNORE_INDEX, collate_padded
 from tunesmith.models import unwrapped_model
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, model_inputs, register
 from tunesmith.objectives.linear_cross_entropy import (
+    _compute_dtype,
     fusable_head,
     linear_cross_entropy_eval,
     linear_cross_entropy_row_sums,
@@ -234,17 +236,60 @@ def chunked_token_logps(
     hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_tokens: int | None
 ) -> torch.Tensor:
     """log softmax(head(hidden))[target] at each of N positions (N,) in float32, from hidden states (N, H) and
-    targets (N,), holding at most chunk_tokens x V logits at a time. With gradients each chunk is checkpointed:
-    its logits and log-softmax are recomputed in the backward pass (one more head matmul) instead of kept, since
-    a per-token log-prob (a policy ratio's) has no gradient known in the forward pass to fuse as sft's loss does."""
+    targets (N,), holding at most chunk_tokens x V logits at a time.
+
+    With gradients, a frozen plain head (LoRA and the other adapters) has each position's gradient direction made
+    in the forward pass (`token_logps_with_directions`), so the backward pass runs no head matmul. A trained head
+    has each chunk checkpointed: its logits and log-softmax recomputed in the backward pass (one more head matmul)
+    instead of kept, since its weight gradient needs the per-token weights only the backward pass knows."""
     if chunk_tokens is None:
         return _chunk_token_logps(hidden, head, targets)
+    if torch.is_grad_enabled() and hidden.requires_grad and fusable_head(head) and not any(
+            parameter.requires_grad for parameter in head.parameters()):
+        return token_logps_with_directions(hidden, head, targets, chunk_tokens)
     pieces = [
         checkpoint(_chunk_token_logps, piece, head, piece_targets, use_reentrant=False)
         if torch.is_grad_enabled() else _chunk_token_logps(piece, head, piece_targets)
         for piece, piece_targets in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens), strict=True)
     ]
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+class _RowDirections(torch.autograd.Function):
+    """Values (N,) whose gradient with respect to the rows of `hidden` (N, H) is the incoming gradient times each
+    row's `directions` (N, H), worked out with the values."""
+
+    @staticmethod
+    def forward(ctx, values, hidden, directions):
+        ctx.save_for_backward(directions)
+        ctx.dtype = hidden.dtype
+        return values.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (directions,) = ctx.saved_tensors
+        return None, (grad_output[:, None] * directions).to(ctx.dtype), None
+
+
+def token_logps_with_directions(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """chunked_token_logps for a frozen plain head: d log p(y) / d hidden = W[y] - softmax(logits) @ W, one (C, V)
+    x (V, H) matmul a chunk in the forward pass, where the checkpointed chunk ran the head again and the matmul of
+    the logits' gradient in the backward pass. Kept for the backward: (N, H) float32, the size of the states."""
+    dtype = _compute_dtype(hidden)  # the head's matmul dtype (autocast's, where it is on)
+    weight = head.weight.to(dtype)  # (V, H), cast once for all chunks
+    values, directions = [], []
+    with torch.no_grad():
+        for piece, piece_targets in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens), strict=True):
+            log_probs = torch.log_softmax(head(piece).float(), -1)  # (C, V)
+            values.append(log_probs.gather(-1, piece_targets[:, None]).squeeze(-1))  # (C,)
+            expected_row = (log_probs.exp_().to(dtype) @ weight).float()  # (C, H)
+            directions.append(head.weight[piece_targets].float() - expected_row)
+    if not values:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return _RowDirections.apply(torch.cat(values), hidden, torch.cat(directions))
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict, settings: CausalLMSettings | None = None) -> LossOutput:
