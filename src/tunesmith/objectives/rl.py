@@ -124,8 +124,9 @@ class SamplingSettings(ObjectiveSettings):
     reward_run: Path | None = Field(None, description="A `reward` run whose model scores completions (added).")
     loss_chunk_tokens: int | None = Field(
         512, ge=1, description="Compute the completion tokens' log-probs (policy and reference) over chunks of this "
-        "many positions, each chunk recomputed in the backward pass (one more head matmul), so the (BG, C, V) float32 "
-        "logits and log-softmax never exist at once (exact). null: all at once, nothing recomputed."
+        "many positions, so the (BG, C, V) float32 logits and log-softmax never exist at once (exact): with a frozen "
+        "head (adapters) each chunk's gradients are made in the forward pass, with a trained one each chunk is "
+        "recomputed in the backward pass (one more head matmul). null: all at once, nothing recomputed."
     )
 
     @field_validator("rewards")
