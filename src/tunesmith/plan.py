@@ -22,7 +22,7 @@ from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import creates_head
 from tunesmith.models import decoder_layers
 from tunesmith.objectives import OBJECTIVES
-from tunesmith.objectives.branched_rows import forward_flops, longest_accepted_row, takes_branched_rows
+from tunesmith.objectives.branched_rows import costs_less, longest_accepted_row, takes_branched_rows
 from tunesmith.objectives.causal_lm import _can_skip_unused_logits, continues_from_cache, rescales_logits
 from tunesmith.objectives.linear_cross_entropy import SOFTMAX_BLOCK_ELEMENTS, fusable_head
 from tunesmith.objectives.preference import collate_pairs
@@ -256,9 +256,8 @@ def plan_memory(
         group_row = config.data.max_length + group * completion
         if group > 1 and counts.prompt_cache and not train.gradient_checkpointing:
             tokens = train.batch_size * config.data.max_length + sequences * completion  # each prompt run once
-        elif group > 1 and counts.branched_rows and (
-                forward_flops(model_config, 1, group_row)
-                < forward_flops(model_config, group, config.data.max_length + completion)):
+        elif group > 1 and counts.branched_rows and costs_less(
+                model_config, 1, group_row, group, config.data.max_length + completion):
             tokens, branched_width = train.batch_size * group_row, group_row  # each group as one row
     activation_bytes = 2 if (on_gpu or dtype != "float32") else 4
     teacher = getattr(config.objective, "teacher", None)  # distillation's own frozen model

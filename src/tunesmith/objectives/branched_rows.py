@@ -45,9 +45,14 @@ def branched_rows_pay(model: torch.nn.Module, rows: int, width: int, separate_ro
     """Whether `rows` branched rows of `width` should replace `separate_rows` rows of `separate_width`: the model
     takes the layout at that width, and it costs fewer FLOPs (a row is fewer positions in all but longer, and at
     long lengths of a small model attention is most of the work)."""
-    config = _language_model(model).config
-    return takes_branched_rows(model, width) and (
-        forward_flops(config, rows, width) < forward_flops(config, separate_rows, separate_width))
+    return takes_branched_rows(model, width) and costs_less(
+        _language_model(model).config, rows, width, separate_rows, separate_width)
+
+
+def costs_less(model_config, rows: int, width: int, separate_rows: int, separate_width: int) -> bool:
+    """The layouts' FLOPs rule (`forward_flops`): `rows` branched rows of `width` against `separate_rows` rows of
+    `separate_width`; `branched_rows_pay` applies it to a batch, `tunesmith plan` to its bounds."""
+    return forward_flops(model_config, rows, width) < forward_flops(model_config, separate_rows, separate_width)
 
 
 def forward_flops(model_config, rows: int, length: int) -> float:
@@ -66,13 +71,12 @@ def longest_accepted_row(model_config, continuations: int, length: int) -> int:
     """The longest row of a beginning and `continuations` continuations that costs fewer FLOPs than the
     continuations as rows of `length` (`forward_flops`): the callers' rule, as `tunesmith plan` bounds it. 0 where
     no row longer than `length` does."""
-    separate = forward_flops(model_config, continuations, length)
     shortest, longest = length, continuations * length  # a row holds at least one continuation, at most all whole
-    if forward_flops(model_config, 1, shortest + 1) >= separate:
+    if not costs_less(model_config, 1, shortest + 1, continuations, length):
         return 0
-    while shortest < longest:  # forward_flops grows with the length: the last length under `separate`
+    while shortest < longest:  # forward_flops grows with the length: the last length the rule accepts
         middle = (shortest + longest + 1) // 2
-        shortest, longest = (middle, longest) if forward_flops(model_config, 1, middle) < separate else (
+        shortest, longest = (middle, longest) if costs_less(model_config, 1, middle, continuations, length) else (
             shortest, middle - 1)
     return shortest
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from pydantic import Field, field_validator
 from transformers import (
+    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
     StaticCache,
@@ -233,18 +234,17 @@ def sampling_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     static sliding layers sample otherwise than its dynamic cache from left-padded prompts: tests/test_rl_grpo.py)."""
     if input_ids.shape[1] < 2 or not continues_from_cache(model):
         return None
+    language_model = _language_model(model)
     prompt_ids, prompt_mask = input_ids[:, :-1], attention_mask[:, :-1]  # (B, P - 1)
     inputs = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
-    if "position_ids" in inspect.signature(_language_model(model).forward).parameters:
+    if "position_ids" in inspect.signature(language_model.forward).parameters:
         inputs["position_ids"] = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     # The backbone only: the cache is what is wanted, not the head's (B, P - 1, V) logits.
-    language_model = _language_model(model)
     backbone = getattr(language_model, language_model.base_model_prefix, language_model)
     _, prompt_cache = repeated_prefix_cache(backbone, inputs, group)  # (BG, P - 1), each prompt's rows side by side
-    config = _language_model(model).config
-    if sharded_across_processes(model) or sliding_window(config) is not None:
+    if sharded_across_processes(model) or sliding_window(language_model.config) is not None:
         return prompt_cache
-    cache = StaticCache(config=config, max_cache_len=input_ids.shape[1] + new_tokens)
+    cache = StaticCache(config=language_model.config, max_cache_len=input_ids.shape[1] + new_tokens)
     for index, layer in enumerate(prompt_cache.layers):
         cache.update(layer.keys, layer.values, index)
     return cache
@@ -270,8 +270,6 @@ def repeated_prefix_cache(module: torch.nn.Module, prefixes: dict, copies: int):
     """`module`'s output on prefix rows (B, P) and their KV cache (transformers' DynamicCache), repeated for
     `copies` continuations of each (B x copies, P), a prefix's copies next to each other; with gradients, the
     repeated keys and values are differentiable back to the prefixes' one forward."""
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=_language_model(module).config)
     output = module(**prefixes, past_key_values=cache, use_cache=True)
     cache.batch_repeat_interleave(copies)
