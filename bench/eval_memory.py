@@ -56,7 +56,9 @@ def worker(args: argparse.Namespace) -> None:
     from tunesmith.data import prepare_data
     from tunesmith.data.collate import collate_padded, eval_batches
     from tunesmith.models import load_model, load_tokenizer
-    from tunesmith.objectives.causal_lm import CausalLMSettings, evaluate_causal_lm
+    from tunesmith.objectives import OBJECTIVES
+    from tunesmith.objectives.base import evaluate
+    from tunesmith.objectives.causal_lm import CausalLMSettings
 
     config = build_config({
         "model": {"name": args.model, "dtype": "bfloat16" if args.precision == "bf16" else "float32"},
@@ -74,7 +76,8 @@ def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         if args.way == "chunked":
-            metrics = evaluate_causal_lm(model, batches, CausalLMSettings(loss_chunk_tokens=args.loss_chunk_tokens))
+            settings = CausalLMSettings(loss_chunk_tokens=args.loss_chunk_tokens)
+            metrics = evaluate(OBJECTIVES.get("sft"), model, batches, settings)
         else:
             metrics = evaluate_whole(model, batches)
     seconds = time.perf_counter() - start

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 from helpers import chat_records, run_config, write_jsonl
 
 from tunesmith.data.collate import task_batch_order
@@ -29,8 +30,6 @@ def test_probabilities_follow_weight_to_the_one_over_temperature():
 def test_counts_sum_to_the_epoch_and_oversampling_repeats_every_record_first():
     counts = draw_counts([0.5, 0.3, 0.2], 7)
     assert sum(counts) == 7 and counts == [4, 2, 1]
-    import torch
-
     examples = [{"id": index} for index in range(3)]
     drawn = draw_examples(examples, 7, torch.Generator().manual_seed(0))
     assert len(drawn) == 7
@@ -85,3 +84,51 @@ def test_mixture_config_errors_name_the_key(tiny_llama_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"data.mixture.0.train: .*file not found"):
         run_config(tiny_llama_dir, chats, tmp_path / "run", data={"train": None, "mixture": [
             {"name": "a", "train": str(tmp_path / "missing.jsonl")}]})
+
+
+def random_records(count: int, vocab: int, seed: int, task: str, labelled: bool = False) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    for index in range(count):
+        input_ids = torch.randint(5, vocab, (4 + index % 5,), generator=generator).tolist()
+        extra = {"label": index % 3} if labelled else {"labels": [-100] * 2 + input_ids[2:]}
+        records.append({"input_ids": input_ids, "task": task, **extra})
+    return records
+
+
+@pytest.mark.parametrize("task", ["sft", "classify"])
+def test_mixture_evaluation_runs_each_record_once_and_equals_each_set_alone(task):
+    """A data mixture's metrics, overall and per task, come from ONE pass over the eval records (it ran them twice:
+    the whole set, then each task's) and equal evaluating each set on its own, f1_macro included (a metric that
+    is not a mean of batch values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from tunesmith.objectives import OBJECTIVES
+    from tunesmith.training.loop import evaluate
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    labelled = task == "classify"
+    model = (LlamaForSequenceClassification if labelled else LlamaForCausalLM)(config).eval()
+    records = (random_records(7, 50, 1, "chat", labelled) + random_records(5, 50, 2, "spell", labelled))
+    records = [records[index] for index in torch.randperm(len(records)).tolist()]
+    objective = OBJECTIVES.get(task)
+    settings = objective.settings()
+    rows = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, output: rows.append(len(args[0])))
+    try:
+        metrics = evaluate(model, objective, settings, records, 0, 4, "cpu", task_names=["chat", "spell"])
+    finally:
+        hook.remove()
+    assert sum(rows) == len(records)
+    whole = evaluate(model, objective, settings, records, 0, 4, "cpu")
+    assert set(whole) < set(metrics)
+    for name, value in whole.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-6), name
+    for name in ("chat", "spell"):
+        alone = evaluate(model, objective, settings, [r for r in records if r["task"] == name], 0, 4, "cpu")
+        for key, value in alone.items():
+            assert metrics[f"{name}/{key}"] == pytest.approx(value, rel=1e-6), f"{name}/{key}"
+    if labelled:  # macro F1 is not a mean of the tasks' F1: the predictions are pooled
+        assert metrics["f1_macro"] != pytest.approx((metrics["chat/f1_macro"] + metrics["spell/f1_macro"]) / 2)

@@ -16,7 +16,9 @@ from tunesmith.data.collate import (
     pack_examples,
     shift_labels,
 )
-from tunesmith.objectives.causal_lm import CausalLMSettings, causal_lm_loss, evaluate_causal_lm
+from tunesmith.objectives import OBJECTIVES
+from tunesmith.objectives.base import evaluate
+from tunesmith.objectives.causal_lm import CausalLMSettings, causal_lm_loss
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +163,7 @@ def test_evaluation_in_chunks_equals_the_whole_logits(tiny_lm, wrapped_head):
     hook = head.register_forward_hook(lambda module, args, output: None) if wrapped_head else None
     try:
         with LogitRows(vocab) as rows:
-            metrics = evaluate_causal_lm(tiny_lm, batches, CausalLMSettings(loss_chunk_tokens=7))
+            metrics = evaluate(OBJECTIVES.get("sft"), tiny_lm, batches, CausalLMSettings(loss_chunk_tokens=7))
     finally:
         if hook is not None:
             hook.remove()

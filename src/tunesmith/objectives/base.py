@@ -45,8 +45,13 @@ class ObjectiveSpec:
     """collate(examples, pad_id) -> batch of tensors plus `num_loss_tokens` and `num_tokens` ints."""
     loss: Callable[[torch.nn.Module, dict, Any], LossOutput]
     """loss(model, batch, settings) -> summed loss, its term count, summed metrics."""
-    evaluate: Callable[[torch.nn.Module, Iterable[dict], Any], dict[str, float]]
-    """evaluate(model, batches, settings) -> metrics by name; always includes `eval_loss`."""
+    eval_sums: Callable[[torch.nn.Module, dict, Any], dict[str, Any]]
+    """eval_sums(model, batch, settings) -> one evaluation batch's totals by name (0-dim tensors, numbers, or lists
+    such as predictions), chosen so that any set of batches' totals are their sum (lists concatenate): a data
+    mixture's metrics, overall and each task's, come from one pass over its records (training/loop.py `evaluate`)."""
+    eval_metrics: Callable[[dict[str, Any]], dict[str, float]]
+    """eval_metrics(totals) -> metrics by name from the totals of any set of batches (none: empty totals); always
+    includes `eval_loss`."""
     settings: type[ObjectiveSettings] = ObjectiveSettings
     supports_packing: bool = False
     rows_independent: bool = False
@@ -103,3 +108,43 @@ def register(spec: ObjectiveSpec) -> ObjectiveSpec:
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
     """The keys of a batch that the model's forward takes."""
     return {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+
+
+def add_sums(totals: dict[str, Any], sums: dict[str, Any]) -> dict[str, Any]:
+    """`totals` with one batch's `sums` added: tensors and numbers add, lists concatenate."""
+    merged = dict(totals)
+    for name, value in sums.items():
+        merged[name] = merged[name] + value if name in merged else value
+    return merged
+
+
+def loss_eval_sums(loss: Callable[[torch.nn.Module, dict, Any], LossOutput]):
+    """`eval_sums` from an objective's `loss`: its summed loss as `eval_loss`, its summed metrics, and their term
+    count as `count` (for objectives whose metrics are means over pairs or examples)."""
+
+    def eval_sums(model: torch.nn.Module, batch: dict, settings) -> dict:
+        output = loss(model, batch, settings)
+        return {"eval_loss": output.loss_sum, **output.metrics, "count": output.num_loss_tokens}
+
+    return eval_sums
+
+
+def mean_metrics(totals: dict[str, Any], count_name: str) -> dict[str, float]:
+    """`loss_eval_sums` totals as means over their count, which is reported as `count_name`."""
+    count = totals.get("count", 0)
+    means = {name: float(value) / max(count, 1) for name, value in totals.items() if name != "count"}
+    return {"eval_loss": 0.0, **means, count_name: count}
+
+
+@torch.no_grad()
+def evaluation_totals(objective: ObjectiveSpec, model: torch.nn.Module, batches: Iterable[dict], settings) -> dict:
+    """The sum of the objective's `eval_sums` over `batches`."""
+    totals: dict[str, Any] = {}
+    for batch in batches:
+        totals = add_sums(totals, objective.eval_sums(model, batch, settings))
+    return totals
+
+
+def evaluate(objective: ObjectiveSpec, model: torch.nn.Module, batches: Iterable[dict], settings) -> dict[str, float]:
+    """The objective's metrics over `batches`."""
+    return objective.eval_metrics(evaluation_totals(objective, model, batches, settings))

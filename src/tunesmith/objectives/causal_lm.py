@@ -7,7 +7,7 @@ pretrain marks every token. Both share this loss; they differ only in how data i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import NamedTuple
@@ -336,24 +336,22 @@ def _chunks(tensor: torch.Tensor, chunk_tokens: int | None) -> tuple[torch.Tenso
     return (tensor,) if chunk_tokens is None else tensor.split(chunk_tokens)
 
 
-@torch.no_grad()
-def evaluate_causal_lm(model: torch.nn.Module, batches: Iterable[dict], settings=None) -> dict[str, float]:
-    """Token-weighted loss over the whole eval set (not a mean of batch means), its perplexity and token accuracy.
-    The sums stay on the device until the end: no batch waits for the host."""
-    chunk_tokens = settings.loss_chunk_tokens if settings is not None else None
-    total_loss = total_correct = 0
-    total_tokens = 0
-    for batch in batches:
-        loss_sum, correct = loss_and_correct(model, batch, chunk_tokens)
-        total_loss = total_loss + loss_sum.double()
-        total_correct = total_correct + correct
-        total_tokens += batch["num_loss_tokens"]
-    eval_loss = float(total_loss) / max(total_tokens, 1)
+def causal_lm_eval_sums(model: torch.nn.Module, batch: dict, settings=None) -> dict:
+    """The batch's summed cross-entropy, correct most-likely tokens and loss tokens. They stay on the device: no
+    batch waits for the host."""
+    loss_sum, correct = loss_and_correct(model, batch, settings.loss_chunk_tokens if settings is not None else None)
+    return {"loss": loss_sum.double(), "correct": correct, "tokens": batch["num_loss_tokens"]}
+
+
+def causal_lm_metrics(totals: dict) -> dict[str, float]:
+    """Token-weighted loss over the whole eval set (not a mean of batch means), its perplexity and token accuracy."""
+    tokens = totals.get("tokens", 0)
+    eval_loss = float(totals.get("loss", 0.0)) / max(tokens, 1)
     return {
         "eval_loss": eval_loss,
         "perplexity": math.exp(min(eval_loss, 50.0)),
-        "token_accuracy": int(total_correct) / max(total_tokens, 1),
-        "eval_tokens": total_tokens,
+        "token_accuracy": int(totals.get("correct", 0)) / max(tokens, 1),
+        "eval_tokens": tokens,
     }
 
 
@@ -364,7 +362,8 @@ for _name in ("sft", "pretrain"):
             model_kind="causal_lm",
             collate=collate_padded,
             loss=causal_lm_loss,
-            evaluate=evaluate_causal_lm,
+            eval_sums=causal_lm_eval_sums,
+            eval_metrics=causal_lm_metrics,
             settings=CausalLMSettings,
             supports_packing=True,
             rows_independent=True,

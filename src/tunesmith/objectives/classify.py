@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
@@ -20,20 +18,21 @@ def classification_loss(model: torch.nn.Module, batch: dict, settings=None) -> L
     return LossOutput(loss_sum=loss_sum, num_loss_tokens=batch["num_loss_tokens"])
 
 
-@torch.no_grad()
-def evaluate_classification(model: torch.nn.Module, batches: Iterable[dict], settings=None) -> dict[str, float]:
-    total_loss = 0.0
-    predictions: list[int] = []
-    references: list[int] = []
-    for batch in batches:
-        logits = model(**model_inputs(batch)).logits.float()  # (B, C)
-        total_loss += F.cross_entropy(logits, batch["class_labels"], reduction="sum").item()
-        predictions += logits.argmax(-1).tolist()
-        references += batch["class_labels"].tolist()
+def classification_eval_sums(model: torch.nn.Module, batch: dict, settings=None) -> dict:
+    logits = model(**model_inputs(batch)).logits.float()  # (B, C)
     return {
-        "eval_loss": total_loss / max(len(references), 1),
-        "accuracy": float(accuracy_score(references, predictions)),
-        "f1_macro": float(f1_score(references, predictions, average="macro", zero_division=0)),
+        "loss": F.cross_entropy(logits, batch["class_labels"], reduction="sum"),
+        "predictions": logits.argmax(-1).tolist(),
+        "references": batch["class_labels"].tolist(),
+    }
+
+
+def classification_metrics(totals: dict) -> dict[str, float]:
+    predictions, references = totals.get("predictions", []), totals.get("references", [])
+    return {
+        "eval_loss": float(totals.get("loss", 0.0)) / max(len(references), 1),
+        "accuracy": float(accuracy_score(references, predictions)) if references else 0.0,
+        "f1_macro": float(f1_score(references, predictions, average="macro", zero_division=0)) if references else 0.0,
         "eval_examples": len(references),
     }
 
@@ -44,7 +43,8 @@ register(
         model_kind="sequence_classification",
         collate=collate_classification,
         loss=classification_loss,
-        evaluate=evaluate_classification,
+        eval_sums=classification_eval_sums,
+        eval_metrics=classification_metrics,
         rows_independent=True,
     )
 )

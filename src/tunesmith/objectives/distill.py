@@ -50,7 +50,7 @@ import hashlib
 import math
 import time
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -699,21 +699,20 @@ def distill_loss(model: torch.nn.Module, batch: dict, settings: DistillSettings)
     return LossOutput(terms["loss"], batch["num_loss_tokens"], metrics)
 
 
-@torch.no_grad()
-def evaluate_distill(model: torch.nn.Module, batches: Iterable[dict], settings: DistillSettings) -> dict[str, float]:
+def distill_eval_sums(model: torch.nn.Module, batch: dict, settings: DistillSettings) -> dict:
+    terms = distill_terms(model, batch, settings)
+    return {
+        "eval_loss": terms["loss"], "hard_loss": terms["hard"], "divergence": terms["divergence"],
+        "teacher_kl": terms["teacher_kl"], "token_accuracy": terms["correct"], "tokens": batch["num_loss_tokens"],
+    }
+
+
+def distill_metrics(totals: dict) -> dict[str, float]:
     """Token-weighted means over the eval set (not means of batch means): the objective, sft's loss, its
     perplexity and token accuracy, the divergence at T, and KL(teacher || student) at T = 1."""
-    totals = {"eval_loss": 0.0, "hard_loss": 0.0, "divergence": 0.0, "teacher_kl": 0.0, "token_accuracy": 0.0}
-    tokens = 0
-    for batch in batches:
-        terms = distill_terms(model, batch, settings)
-        totals["eval_loss"] += float(terms["loss"])
-        totals["hard_loss"] += float(terms["hard"])
-        totals["divergence"] += float(terms["divergence"])
-        totals["teacher_kl"] += float(terms["teacher_kl"])
-        totals["token_accuracy"] += float(terms["correct"])
-        tokens += batch["num_loss_tokens"]
-    means = {name: value / max(tokens, 1) for name, value in totals.items()}
+    tokens = totals.get("tokens", 0)
+    names = ("eval_loss", "hard_loss", "divergence", "teacher_kl", "token_accuracy")
+    means = {name: float(totals.get(name, 0.0)) / max(tokens, 1) for name in names}
     return {**means, "perplexity": math.exp(min(means["hard_loss"], 50.0)), "eval_tokens": tokens}
 
 
@@ -723,7 +722,8 @@ register(
         model_kind="causal_lm",
         collate=collate_distill,
         loss=distill_loss,
-        evaluate=evaluate_distill,
+        eval_sums=distill_eval_sums,
+        eval_metrics=distill_metrics,
         settings=DistillSettings,
         supports_packing=True,
         reference=teacher_logits,

@@ -14,7 +14,7 @@ rewards, as trl does).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
 from tunesmith.data.collate import IGNORE_INDEX, shift_labels
-from tunesmith.objectives.base import OBJECTIVES, LossOutput, ObjectiveSettings, ObjectiveSpec, register
+from tunesmith.objectives.base import (
+    OBJECTIVES,
+    LossOutput,
+    ObjectiveSettings,
+    ObjectiveSpec,
+    loss_eval_sums,
+    mean_metrics,
+    register,
+)
 from tunesmith.objectives.branched_rows import BEGINNING, branched_row_hidden, branched_rows_pay
 from tunesmith.objectives.causal_lm import (
     _can_skip_unused_logits,
@@ -419,8 +427,8 @@ def _pair_metrics(logps: dict[str, torch.Tensor], result: PairLoss) -> dict[str,
     }
 
 
-def pairwise_objective(loss_function: Callable[[dict, ObjectiveSettings], PairLoss]):
-    """(loss, evaluate) of a pairwise objective built on `loss_function(logps, settings)`."""
+def pairwise_loss(loss_function: Callable[[dict, ObjectiveSettings], PairLoss]):
+    """The `loss` of a pairwise objective built on `loss_function(logps, settings)`."""
 
     def loss(model: torch.nn.Module, batch: dict, settings) -> LossOutput:
         references = {key: value for key, value in batch.items() if "reference_" in key}
@@ -428,39 +436,35 @@ def pairwise_objective(loss_function: Callable[[dict, ObjectiveSettings], PairLo
         result = loss_function(logps, settings)
         return LossOutput(result.losses.sum(), batch["num_loss_tokens"], _pair_metrics(logps, result))
 
-    @torch.no_grad()
-    def evaluate(model: torch.nn.Module, batches: Iterable[dict], settings) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        pairs = 0
-        for batch in batches:
-            output = loss(model, batch, settings)
-            for key, value in {"eval_loss": output.loss_sum, **output.metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-            pairs += output.num_loss_tokens
-        metrics = {key: value / max(pairs, 1) for key, value in totals.items()}
-        return {**metrics, "eval_pairs": pairs}
+    return loss
 
-    return loss, evaluate
+
+def pair_means(totals: dict) -> dict[str, float]:
+    """A pairwise objective's evaluation: its loss and metrics as means over the pairs."""
+    return mean_metrics(totals, "eval_pairs")
 
 
 def dpo_loss_function(logps: dict, settings: DPOSettings) -> PairLoss:
     return PAIRWISE_LOSSES.get(settings.loss, "objective.loss")(logps, settings)
 
 
-_dpo_loss, _dpo_evaluate = pairwise_objective(dpo_loss_function)
+_dpo_loss = pairwise_loss(dpo_loss_function)
 register(ObjectiveSpec(
-    name="dpo", model_kind="causal_lm", collate=collate_pairs, loss=_dpo_loss, evaluate=_dpo_evaluate,
+    name="dpo", model_kind="causal_lm", collate=collate_pairs, loss=_dpo_loss,
+    eval_sums=loss_eval_sums(_dpo_loss), eval_metrics=pair_means,
     settings=DPOSettings, reference=reference_pair_logps, cache_reference=reference_cache_hook("dpo"),
     rows_independent=True,
 ))
-_simpo_loss, _simpo_evaluate = pairwise_objective(simpo_loss)
+_simpo_loss = pairwise_loss(simpo_loss)
 register(ObjectiveSpec(
-    name="simpo", model_kind="causal_lm", collate=collate_pairs, loss=_simpo_loss, evaluate=_simpo_evaluate,
+    name="simpo", model_kind="causal_lm", collate=collate_pairs, loss=_simpo_loss,
+    eval_sums=loss_eval_sums(_simpo_loss), eval_metrics=pair_means,
     settings=SimPOSettings, rows_independent=True,
 ))
-_orpo_loss, _orpo_evaluate = pairwise_objective(orpo_loss)
+_orpo_loss = pairwise_loss(orpo_loss)
 register(ObjectiveSpec(
-    name="orpo", model_kind="causal_lm", collate=collate_pairs, loss=_orpo_loss, evaluate=_orpo_evaluate,
+    name="orpo", model_kind="causal_lm", collate=collate_pairs, loss=_orpo_loss,
+    eval_sums=loss_eval_sums(_orpo_loss), eval_metrics=pair_means,
     settings=ORPOSettings, rows_independent=True,
 ))
 
@@ -512,16 +516,12 @@ def kto_loss(model: torch.nn.Module, batch: dict, settings: KTOSettings) -> Loss
     return LossOutput(losses.sum(), batch["num_loss_tokens"], metrics)
 
 
-@torch.no_grad()
-def evaluate_kto(model: torch.nn.Module, batches: Iterable[dict], settings: KTOSettings) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    examples = 0
-    for batch in batches:
-        output = kto_loss(model, batch, settings)
-        for key, value in {"eval_loss": output.loss_sum, **output.metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-        examples += output.num_loss_tokens
-    desirable = totals.pop("desirable", 0.0)
+def kto_metrics(totals: dict) -> dict[str, float]:
+    """kto's evaluation: rewards and log-probs as means over the desirable or the undesirable examples, the rest
+    over all."""
+    totals = {name: float(value) for name, value in totals.items()}
+    examples = int(totals.get("count", 0))
+    desirable = totals.get("desirable", 0.0)
     undesirable = examples - desirable
     metrics = {
         "eval_loss": totals.get("eval_loss", 0.0) / max(examples, 1),
@@ -538,6 +538,7 @@ def evaluate_kto(model: torch.nn.Module, batches: Iterable[dict], settings: KTOS
 
 
 register(ObjectiveSpec(
-    name="kto", model_kind="causal_lm", collate=collate_unpaired, loss=kto_loss, evaluate=evaluate_kto,
+    name="kto", model_kind="causal_lm", collate=collate_unpaired, loss=kto_loss,
+    eval_sums=loss_eval_sums(kto_loss), eval_metrics=kto_metrics,
     settings=KTOSettings, reference=reference_logps, cache_reference=reference_cache_hook("kto"),
 ))

@@ -8,14 +8,12 @@ label, "reward"); its head reads the hidden state of each sequence's LAST REAL t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 
-from tunesmith.objectives.base import LossOutput, ObjectiveSpec, model_inputs, register
+from tunesmith.objectives.base import LossOutput, ObjectiveSpec, loss_eval_sums, model_inputs, register
 from tunesmith.objectives.causal_lm import _language_model
-from tunesmith.objectives.preference import collate_pairs, pair_row_hidden
+from tunesmith.objectives.preference import collate_pairs, pair_means, pair_row_hidden
 
 
 def sequence_rewards(model: torch.nn.Module, batch: dict, paired: bool = False) -> torch.Tensor:
@@ -50,19 +48,6 @@ def reward_loss(model: torch.nn.Module, batch: dict, settings=None) -> LossOutpu
 
 
 @torch.no_grad()
-def evaluate_reward(model: torch.nn.Module, batches: Iterable[dict], settings=None) -> dict[str, float]:
-    """Preference accuracy on held-out pairs: how often the chosen response scores higher."""
-    totals: dict[str, float] = {}
-    pairs = 0
-    for batch in batches:
-        output = reward_loss(model, batch)
-        for key, value in {"eval_loss": output.loss_sum, **output.metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-        pairs += output.num_loss_tokens
-    return {**{key: value / max(pairs, 1) for key, value in totals.items()}, "eval_pairs": pairs}
-
-
-@torch.no_grad()
 def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
     """Rewards of whole conversations (each ending with the reply to score), rendered by the chat template."""
     from tunesmith.data.templates import ensure_chat_template, render_chat
@@ -86,5 +71,5 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
 
 register(ObjectiveSpec(
     name="reward", model_kind="sequence_classification", collate=collate_pairs, loss=reward_loss,
-    evaluate=evaluate_reward, rows_independent=True,
+    eval_sums=loss_eval_sums(reward_loss), eval_metrics=pair_means, rows_independent=True,
 ))

@@ -40,7 +40,7 @@ from transformers import (
 )
 
 from tunesmith.errors import ConfigError
-from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, register
+from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, mean_metrics, register
 from tunesmith.objectives.branched_rows import BEGINNING, branched_row_hidden, branched_rows_pay, sliding_window
 from tunesmith.objectives.causal_lm import (
     _can_skip_unused_logits,
@@ -530,21 +530,22 @@ def grpo_loss(model: torch.nn.Module, batch: dict, settings: GRPOSettings) -> Lo
                                                                       metrics.items()})
 
 
-@torch.no_grad()
-def evaluate_rewards(model: torch.nn.Module, batches: Iterable[dict], settings: SamplingSettings) -> dict[str, float]:
-    """Mean reward of one greedy completion per eval prompt; eval_loss is its negative."""
-    totals: dict[str, float] = {}
-    count = 0
-    for batch in batches:
-        samples = sample_groups(model, batch, settings, greedy=True)
-        rewards, parts = score_completions(batch, samples, settings)
-        totals["reward"] = totals.get("reward", 0.0) + float(rewards.sum())
-        for name, values in parts.items():
-            totals[f"reward_{name}"] = totals.get(f"reward_{name}", 0.0) + float(sum(values))
-        totals["completion_length"] = totals.get("completion_length", 0.0) + float(samples["completion_mask"].sum())
-        count += len(samples["texts"])
-    metrics = {key: value / max(count, 1) for key, value in totals.items()}
-    return {"eval_loss": -metrics.get("reward", 0.0), **metrics, "eval_prompts": count}
+def reward_eval_sums(model: torch.nn.Module, batch: dict, settings: SamplingSettings) -> dict:
+    """The summed reward (and each reward function's part) of one greedy completion per eval prompt."""
+    samples = sample_groups(model, batch, settings, greedy=True)
+    rewards, parts = score_completions(batch, samples, settings)
+    return {
+        "reward": float(rewards.sum()),
+        **{f"reward_{name}": float(sum(values)) for name, values in parts.items()},
+        "completion_length": float(samples["completion_mask"].sum()),
+        "count": len(samples["texts"]),
+    }
+
+
+def reward_metrics(totals: dict) -> dict[str, float]:
+    """Mean rewards of the eval prompts' greedy completions; eval_loss is the negative mean reward."""
+    metrics = mean_metrics(totals, "eval_prompts")
+    return {**metrics, "eval_loss": -metrics.get("reward", 0.0)}
 
 
 @torch.no_grad()
@@ -565,7 +566,8 @@ def pass_rates(model: torch.nn.Module, batches: Iterable[dict], settings: Sampli
 
 
 register(ObjectiveSpec(
-    name="grpo", model_kind="causal_lm", collate=collate_prompts, loss=grpo_loss, evaluate=evaluate_rewards,
+    name="grpo", model_kind="causal_lm", collate=collate_prompts, loss=grpo_loss,
+    eval_sums=reward_eval_sums, eval_metrics=reward_metrics,
     settings=GRPOSettings, rollout=rollout,
 ))
 
@@ -711,6 +713,7 @@ def ppo_loss(model: torch.nn.Module, batch: dict, settings: PPOSettings) -> Loss
 
 
 register(ObjectiveSpec(
-    name="ppo", model_kind="causal_lm", collate=collate_prompts, loss=ppo_loss, evaluate=evaluate_rewards,
+    name="ppo", model_kind="causal_lm", collate=collate_prompts, loss=ppo_loss,
+    eval_sums=reward_eval_sums, eval_metrics=reward_metrics,
     settings=PPOSettings, rollout=rollout, prepare_model=add_value_head,
 ))

@@ -36,7 +36,7 @@ from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import MethodSpec
 from tunesmith.models import load_model, load_tokenizer, resolve_dtype
 from tunesmith.objectives import OBJECTIVES
-from tunesmith.objectives.base import LossOutput, ObjectiveSpec
+from tunesmith.objectives.base import LossOutput, ObjectiveSpec, add_sums, evaluation_totals
 from tunesmith.objectives.causal_lm import compiled_loss_chunks
 from tunesmith.plan import mixed_precision_of
 from tunesmith.training.checkpoint import (
@@ -210,35 +210,36 @@ def evaluate(
     model, objective: ObjectiveSpec, settings, examples: list[dict], pad_id: int, batch_size: int, device,
     reference: ReferenceModel | None = None, task_names: list[str] = (),
 ) -> dict:
-    """The objective's metrics on `examples`, and for a data mixture each task's as `<task>/<metric>`."""
-    metrics = evaluate_examples(model, objective, settings, examples, pad_id, batch_size, device, reference)
-    for name in task_names:
-        task_examples = [example for example in examples if example.get("task") == name]
-        if task_examples:
-            task_metrics = evaluate_examples(
-                model, objective, settings, task_examples, pad_id, batch_size, device, reference
-            )
-            metrics.update({f"{name}/{key}": value for key, value in task_metrics.items()})
-    return metrics
+    """The objective's metrics on `examples`, and for a data mixture each task's as `<task>/<metric>`.
 
-
-def evaluate_examples(
-    model, objective: ObjectiveSpec, settings, examples: list[dict], pad_id: int, batch_size: int, device,
-    reference: ReferenceModel | None = None,
-) -> dict:
-    lengths = [len(example["input_ids"]) for example in examples]
-    batches = (
-        add_reference_outputs(
-            objective, reference, model,
-            to_device(objective.collate([examples[index] for index in indices], pad_id), device), settings,
-        )
-        for indices in eval_batches(lengths, batch_size)
-    )
+    Each record is evaluated once: a mixture's records in batches of one task, whose totals (the objective's
+    `eval_sums`) make each task's metrics and, added up, the whole set's."""
+    groups: dict[str | None, list[dict]] = {}
+    for example in examples:
+        groups.setdefault(example.get("task") if task_names else None, []).append(example)
     was_training = model.training
     model.eval()
-    metrics = objective.evaluate(model, batches, settings)
+    totals = {}
+    for task, group in groups.items():
+        batches = evaluation_batches(model, objective, settings, group, pad_id, batch_size, device, reference)
+        totals[task] = evaluation_totals(objective, model, batches, settings)
     model.train(was_training)
+    metrics = objective.eval_metrics(functools.reduce(add_sums, totals.values(), {}))
+    for name in task_names:
+        if name in totals:
+            metrics.update({f"{name}/{key}": value for key, value in objective.eval_metrics(totals[name]).items()})
     return metrics
+
+
+def evaluation_batches(
+    model, objective: ObjectiveSpec, settings, examples: list[dict], pad_id: int, batch_size: int, device,
+    reference: ReferenceModel | None = None,
+) -> Iterator[dict]:
+    """`examples` collated in batches of similar length, on the device, with the reference's outputs added."""
+    lengths = [len(example["input_ids"]) for example in examples]
+    for indices in eval_batches(lengths, batch_size):
+        batch = to_device(objective.collate([examples[index] for index in indices], pad_id), device)
+        yield add_reference_outputs(objective, reference, model, batch, settings)
 
 
 def accumulate_gradients(
