@@ -96,31 +96,39 @@ def random_records(count: int, vocab: int, seed: int, task: str, labelled: bool 
     return records
 
 
-@pytest.mark.parametrize("task", ["sft", "classify"])
-def test_mixture_evaluation_runs_each_record_once_and_equals_each_set_alone(task):
-    """A data mixture's metrics, overall and per task, come from ONE pass over the eval records (it ran them twice:
-    the whole set, then each task's) and equal evaluating each set on its own, f1_macro included (a metric that
-    is not a mean of batch values)."""
+def evaluation_setup(task: str):
+    """A tiny model for `task` (sft or classify), 12 eval records of two tasks in mixed order, the objective."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from tunesmith.objectives import OBJECTIVES
-    from tunesmith.training.loop import evaluate
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
     labelled = task == "classify"
     model = (LlamaForSequenceClassification if labelled else LlamaForCausalLM)(config).eval()
-    records = (random_records(7, 50, 1, "chat", labelled) + random_records(5, 50, 2, "spell", labelled))
-    records = [records[index] for index in torch.randperm(len(records)).tolist()]
-    objective = OBJECTIVES.get(task)
+    records = random_records(7, 50, 1, "chat", labelled) + random_records(5, 50, 2, "spell", labelled)
+    return model, [records[index] for index in torch.randperm(len(records)).tolist()], OBJECTIVES.get(task)
+
+
+def counting_rows(model) -> list[int]:
+    """The batch sizes the model's embeddings see from now on."""
+    rows: list[int] = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: rows.append(len(args[0])))
+    return rows
+
+
+@pytest.mark.parametrize("task", ["sft", "classify"])
+def test_mixture_evaluation_runs_each_record_once_and_equals_each_set_alone(task):
+    """A data mixture's metrics, overall and per task, come from ONE pass over the eval records (it ran them twice:
+    the whole set, then each task's) and equal evaluating each set on its own, f1_macro included (a metric that
+    is not a mean of batch values)."""
+    from tunesmith.training.loop import evaluate
+
+    model, records, objective = evaluation_setup(task)
     settings = objective.settings()
-    rows = []
-    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, output: rows.append(len(args[0])))
-    try:
-        metrics = evaluate(model, objective, settings, records, 0, 4, "cpu", task_names=["chat", "spell"])
-    finally:
-        hook.remove()
+    rows = counting_rows(model)
+    metrics = evaluate(model, objective, settings, records, 0, 4, "cpu", task_names=["chat", "spell"])
     assert sum(rows) == len(records)
     whole = evaluate(model, objective, settings, records, 0, 4, "cpu")
     assert set(whole) < set(metrics)
@@ -130,5 +138,45 @@ def test_mixture_evaluation_runs_each_record_once_and_equals_each_set_alone(task
         alone = evaluate(model, objective, settings, [r for r in records if r["task"] == name], 0, 4, "cpu")
         for key, value in alone.items():
             assert metrics[f"{name}/{key}"] == pytest.approx(value, rel=1e-6), f"{name}/{key}"
-    if labelled:  # macro F1 is not a mean of the tasks' F1: the predictions are pooled
+    if task == "classify":  # macro F1 is not a mean of the tasks' F1: the predictions are pooled
         assert metrics["f1_macro"] != pytest.approx((metrics["chat/f1_macro"] + metrics["spell/f1_macro"]) / 2)
+
+
+class OneOfTwo:
+    """A stand-in ProcessGroup of 2 processes, as seen by `rank`: `gather` pairs this process's value with
+    `other` (the other process's; None: empty totals for each task)."""
+
+    def __init__(self, rank: int, other: dict | None = None):
+        self.rank, self.world, self.other, self.sent = rank, 2, other, None
+
+    def gather(self, value: dict) -> list[dict]:
+        self.sent = value
+        other = self.other if self.other is not None else {task: {} for task in value}
+        return [value, other] if self.rank == 0 else [other, value]
+
+
+@pytest.mark.parametrize("task", ["sft", "classify"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_processes_split_the_evaluation_and_add_their_totals(task, sharded):
+    """With 2 processes each evaluates every other batch (it evaluated all of them), and the totals added across
+    them give one process's metrics. Sharded, whose forwards are collective, the process with a batch fewer runs
+    one more whose totals it drops: 12 records at batch 4, one task: 3 batches, 2 + 1 (+ 1)."""
+    from tunesmith.training.loop import evaluate
+
+    model, records, objective = evaluation_setup(task)
+    settings = objective.settings()
+    names = [] if sharded else ["chat", "spell"]  # a mixture: each task's batches split between the processes
+    one_process = evaluate(model, objective, settings, records, 0, 4, "cpu", task_names=names)
+    rows = counting_rows(model)
+    first = OneOfTwo(0)
+    evaluate(model, objective, settings, records, 0, 4, "cpu", task_names=names, group=first, sharded=sharded)
+    first_rows, rows[:] = sum(rows), []
+    second = evaluate(model, objective, settings, records, 0, 4, "cpu", task_names=names,
+                      group=OneOfTwo(1, first.sent), sharded=sharded)
+    if sharded:
+        assert (first_rows, sum(rows)) == (8, 4 + 4)  # the second process's spare batch: the first one again
+    else:
+        assert first_rows + sum(rows) == len(records) and 0 < sum(rows) < len(records)
+    assert set(second) == set(one_process)
+    for name, value in one_process.items():
+        assert second[name] == pytest.approx(value, rel=1e-6), name

@@ -32,10 +32,10 @@ def write_config(tmp_path, model_dir, data, name: str, batch_size: int, method: 
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"model: {{name: {model_dir}}}\n"
-        f"data: {{train: {data}, eval_split: 0.0, max_length: 128, group_by_length: true}}\n"
+        f"data: {{train: {data}, eval_split: 0.2, max_length: 128, group_by_length: true}}\n"
         f"method: {{name: {method}}}\n"
         f"train: {{max_steps: 3, batch_size: {batch_size}, grad_accum: 2, lr: 1e-3, warmup: 0, eval_before: false, "
-        f"seed: 3, save_every: 2, max_grad_norm: 0.5{extra}}}\n"
+        f"seed: 3, save_every: 2, max_grad_norm: 0.5, eval_batch_size: 1{extra}}}\n"
         f"output_dir: {tmp_path / (output or name)}\n"
     )
     return path
@@ -47,12 +47,13 @@ def train(config, *options: str) -> subprocess.CompletedProcess:
 
 
 def losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
 
 
 @pytest.mark.parametrize("method, weights", [("full", "model"), ("lora", "adapter/adapter_model.safetensors")])
 def test_two_sharded_processes_equal_one_process(tiny_llama_dir, tmp_path, method, weights):
-    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(15))
     # Full fine-tuning exports a model in several files: the sharded run gathers and writes them one by one.
     export = ", export_shard_size: 40KB" if method == "full" else ""
     single = write_config(tmp_path, tiny_llama_dir, data, "single", 4, method, export)
@@ -70,6 +71,10 @@ def test_two_sharded_processes_equal_one_process(tiny_llama_dir, tmp_path, metho
 
     summary = json.loads((tmp_path / "sharded" / "summary.json").read_text())
     assert (summary["processes"], summary["sharding"]) == (2, "fsdp")
+    # The final evaluation: 3 held-out records in batches of 1, split 2 + 1 between the processes (the second
+    # runs a spare batch: the sharded forwards are collective), the totals added: one process's metrics.
+    evaluation = json.loads((tmp_path / "single" / "summary.json").read_text())["eval"]
+    assert evaluation["eval_tokens"] > 0 and summary["eval"] == pytest.approx(evaluation, rel=1e-5)
     # Same losses (gradients summed, not averaged, across the shards; clipping on the global norm) and weights.
     assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
     # AdamW turns float rounding in a near-zero gradient into ~1e-6 steps (a lost reduction moves weights ~lr).

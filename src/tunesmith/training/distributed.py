@@ -46,6 +46,14 @@ class ProcessGroup:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def gather(self, value: object) -> list:
+        """`value` (plain numbers, lists, dicts) from every process, in rank order (one collective)."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
         if not self.distributed:
             return

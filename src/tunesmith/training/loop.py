@@ -208,22 +208,36 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def evaluate(
     model, objective: ObjectiveSpec, settings, examples: list[dict], pad_id: int, batch_size: int, device,
-    reference: ReferenceModel | None = None, task_names: list[str] = (),
+    reference: ReferenceModel | None = None, task_names: list[str] = (), group: ProcessGroup | None = None,
+    sharded: bool = False,
 ) -> dict:
     """The objective's metrics on `examples`, and for a data mixture each task's as `<task>/<metric>`.
 
     Each record is evaluated once: a mixture's records in batches of one task, whose totals (the objective's
-    `eval_sums`) make each task's metrics and, added up, the whole set's."""
-    groups: dict[str | None, list[dict]] = {}
+    `eval_sums`) make each task's metrics and, added up, the whole set's. With several processes (`group`) each
+    evaluates every world-th batch and the totals are added across them, so every process gets the same metrics;
+    in a `sharded` run, whose forwards are collective, a process with a batch fewer runs one more and drops it."""
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    by_task: dict[str | None, list[dict]] = {}
     for example in examples:
-        groups.setdefault(example.get("task") if task_names else None, []).append(example)
+        by_task.setdefault(example.get("task") if task_names else None, []).append(example)
     was_training = model.training
     model.eval()
     totals = {}
-    for task, group in groups.items():
-        batches = evaluation_batches(model, objective, settings, group, pad_id, batch_size, device, reference)
-        totals[task] = evaluation_totals(objective, model, batches, settings)
+    for task, records in by_task.items():
+        batches = list(eval_batches([len(record["input_ids"]) for record in records], batch_size))
+        mine = batches[rank::world]
+        collated = evaluation_batches(model, objective, settings, records, mine, pad_id, device, reference)
+        totals[task] = evaluation_totals(objective, model, collated, settings)
+        if sharded and len(mine) < len(batches[::world]):
+            spare = evaluation_batches(model, objective, settings, records, batches[:1], pad_id, device, reference)
+            evaluation_totals(objective, model, spare, settings)
     model.train(was_training)
+    if world > 1:
+        on_host = {task: {name: value.item() if isinstance(value, torch.Tensor) else value
+                          for name, value in task_totals.items()} for task, task_totals in totals.items()}
+        every_process = group.gather(on_host)
+        totals = {task: functools.reduce(add_sums, [part[task] for part in every_process], {}) for task in totals}
     metrics = objective.eval_metrics(functools.reduce(add_sums, totals.values(), {}))
     for name in task_names:
         if name in totals:
@@ -232,12 +246,11 @@ def evaluate(
 
 
 def evaluation_batches(
-    model, objective: ObjectiveSpec, settings, examples: list[dict], pad_id: int, batch_size: int, device,
+    model, objective: ObjectiveSpec, settings, examples: list[dict], batches: list[list[int]], pad_id: int, device,
     reference: ReferenceModel | None = None,
 ) -> Iterator[dict]:
-    """`examples` collated in batches of similar length, on the device, with the reference's outputs added."""
-    lengths = [len(example["input_ids"]) for example in examples]
-    for indices in eval_batches(lengths, batch_size):
+    """`examples` collated by `batches` (lists of indices), on the device, with the reference's outputs added."""
+    for indices in batches:
         batch = to_device(objective.collate([examples[index] for index in indices], pad_id), device)
         yield add_reference_outputs(objective, reference, model, batch, settings)
 
@@ -517,7 +530,8 @@ def train(
         console.print(f"resumed from {newest.name} (step {state['step']})")
     elif train_config.eval_before and data.eval:
         state["eval_before"] = evaluate(
-            model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference, task_names
+            model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference, task_names,
+            group, sharded,
         )
         console.print(f"before training: {format_metrics(state['eval_before'])}")
 
@@ -538,7 +552,8 @@ def train(
     def evaluate_and_track() -> bool:
         """Evaluate, keep the best weights, and say whether early stopping should end the run."""
         metrics = evaluate(
-            model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference, task_names
+            model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference, task_names,
+            group, sharded,
         )
         state["last_eval"] = {"step": state["step"], "metrics": metrics}
         if log is not None:
