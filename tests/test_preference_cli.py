@@ -80,6 +80,49 @@ def test_score_prints_and_writes_the_reward_models_scores(reward_run, tmp_path, 
     assert [row["score"] for row in scored] == pytest.approx(expected, abs=1e-5)
 
 
+def test_rollout_scores_run_each_groups_prompt_once_and_equal_whole_conversations(reward_run, tmp_path):
+    """grpo / ppo score G completions of each prompt with `objective.reward_run`: each group's common tokens run
+    once and its endings continue from their KV cache; the scores equal scoring each conversation whole. One
+    ending is another's prefix, one is empty, and the 3 prompts' groups of 3 split into batches of 2 groups."""
+    from tunesmith.data.templates import render_chat
+    from tunesmith.models import load_run
+    from tunesmith.objectives.reward import score_conversations
+    from tunesmith.objectives.rl import reward_model_scores
+
+    model, tokenizer = load_run(reward_run, device="cpu")
+    endings = [["4", "4 plus", "No idea at all, maybe 7."], ["It is 6.", "Six", "It is 6. Sure."], ["", "0", "zero"]]
+    conversations = [[{"role": "user", "content": PAIRS[index]["prompt"]}, {"role": "assistant", "content": text}]
+                     for index, texts in zip((2, 3, 0), endings, strict=True) for text in texts]
+    positions: list[int] = []
+    embeddings = model.get_input_embeddings()
+    hook = embeddings.register_forward_hook(lambda module, args, output: positions.append(args[0].numel()))
+    try:
+        grouped = reward_model_scores(model, tokenizer, conversations, group=3, batch_size=6)
+    finally:
+        hook.remove()
+    whole = score_conversations(model, tokenizer, conversations)
+    assert grouped == pytest.approx(whole, abs=1e-5)
+    assert len(set(whole)) == len(whole)  # each conversation its own score
+    tokens = sum(len(tokenizer(render_chat(messages, tokenizer), add_special_tokens=False)["input_ids"])
+                 for messages in conversations)
+    # 2 batches of 2 forwards (the prefixes, then the endings), padding included fewer positions than the whole
+    assert len(positions) == 4 and sum(positions) < tokens, (positions, tokens)
+
+
+def test_grpo_learns_from_a_reward_run(reward_run, tiny_llama_dir, tmp_path):
+    """`objective.reward_run` through the loop: every rollout's completions are scored by the reward model, on
+    the policy's device, and its scores are logged as their own reward part."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"question": pair["prompt"], "answer": "#### 0"} for pair in PAIRS])
+    result = train(run_config(
+        tiny_llama_dir, data, tmp_path / "run", task="grpo", method={"name": "lora", "r": 4}, data={"eval": str(data)},
+        objective={"rewards": [], "reward_run": str(reward_run), "group_size": 3, "max_new_tokens": 6},
+        train={"max_steps": 2, "batch_size": 2},
+    ))
+    steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(step["reward"] == step["reward_reward_model"] for step in steps if "loss" in step)
+    assert result.summary["eval"]["reward_reward_model"] == result.summary["eval"]["reward"] != 0
+
+
 def test_score_errors_are_one_line(reward_run, sft_run, tmp_path, capsys):
     good = json.dumps({"prompt": "hi", "response": "hello"})
     bad_json = tmp_path / "bad.jsonl"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GenericForSequenceClassification
 
 from tunesmith.data.collate import IGNORE_INDEX, collate_padded
 from tunesmith.models import unwrapped_model
@@ -59,11 +60,16 @@ def _can_skip_unused_logits(model: torch.nn.Module) -> bool:
 
 def continues_from_cache(model: torch.nn.Module) -> bool:
     """Whether a forward can continue from another's KV cache in transformers' default dynamic kind: not with
-    prefix tuning (its virtual tokens live in the cache) or models that keep caches of other kinds."""
+    prefix tuning (its virtual tokens live in the cache) or models that keep caches of other kinds. A decoder's
+    classification head (a reward model: transformers' generic one, no `generate`) runs a causal LM's backbone."""
     peft_config = getattr(model, "active_peft_config", None)
-    supports_dynamic_cache = getattr(_language_model(model), "_supports_default_dynamic_cache", None)
-    return (not (peft_config is not None and peft_config.is_prompt_learning) and supports_dynamic_cache is not None
-            and supports_dynamic_cache())
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return False
+    language_model = _language_model(model)
+    if isinstance(language_model, GenericForSequenceClassification):
+        return True
+    supports_dynamic_cache = getattr(language_model, "_supports_default_dynamic_cache", None)
+    return supports_dynamic_cache is not None and supports_dynamic_cache()
 
 
 class CausalLMSettings(ObjectiveSettings):

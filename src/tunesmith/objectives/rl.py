@@ -201,10 +201,12 @@ def _tokenizer_of(folder: str):
 
 
 @functools.lru_cache(maxsize=2)
-def _reward_model(run_dir: str):
+def _reward_model(run_dir: str, device: str):
+    """The reward model of a `reward` run, frozen, on the policy's device (it scores every rollout), and its
+    tokenizer."""
     from tunesmith.models import load_run
 
-    model, tokenizer = load_run(Path(run_dir), device="cpu")
+    model, tokenizer = load_run(Path(run_dir), device=device)
     return model.requires_grad_(False), tokenizer
 
 
@@ -339,15 +341,79 @@ def score_completions(
         parts[name] = values
         total += weight * torch.tensor(values, dtype=torch.float32)
     if settings.reward_run is not None:
-        from tunesmith.objectives.reward import score_conversations
-
-        reward_model, reward_tokenizer = _reward_model(str(settings.reward_run))
+        reward_model, reward_tokenizer = _reward_model(str(settings.reward_run), str(samples["sequences"].device))
         conversations = [[*prompt, {"role": "assistant", "content": text}]
                          for prompt, text in zip(prompts, samples["texts"], strict=True)]
-        values = score_conversations(reward_model, reward_tokenizer, conversations)
+        values = reward_model_scores(reward_model, reward_tokenizer, conversations, group)
         parts["reward_model"] = values
         total += torch.tensor(values, dtype=torch.float32)
     return total, parts
+
+
+@torch.no_grad()
+def reward_model_scores(
+    reward_model: torch.nn.Module, tokenizer, conversations: list[list[dict]], group: int, batch_size: int = 8
+) -> list[float]:
+    """A reward model's score of each conversation, where each `group` in a row shares its prompt: as
+    `score_conversations` scores them whole, with each group's common tokens run once.
+
+    The group's conversations are rendered and tokenised whole (so each ends in exactly the tokens it would
+    alone); their longest common prefix (all but at least one token of the shortest) runs once, and each
+    ending continues from its KV cache (`continued_forward`): B x L + BG x E positions instead of BG x (L + E).
+    The score is read at each ending's last token, as `sequence_rewards` reads it. Whole conversations where
+    the model cannot continue from a cache."""
+    from tunesmith.data.templates import ensure_chat_template, render_chat
+    from tunesmith.objectives.reward import score_conversations
+
+    if group == 1 or not continues_from_cache(reward_model):
+        return score_conversations(reward_model, tokenizer, conversations, batch_size)
+    ensure_chat_template(tokenizer)
+    rows = [tokenizer(render_chat(messages, tokenizer), add_special_tokens=False)["input_ids"]
+            for messages in conversations]
+    classifier = _language_model(reward_model)
+    backbone = getattr(classifier, classifier.base_model_prefix)
+    device = next(reward_model.parameters()).device
+    pad = tokenizer.pad_token_id
+    scores: list[float] = []
+    per_batch = max(1, batch_size // group) * group
+    for start in range(0, len(rows), per_batch):
+        batch_rows = rows[start:start + per_batch]
+        groups = [batch_rows[first:first + group] for first in range(0, len(batch_rows), group)]
+        shared = [common_prefix_length(members) for members in groups]  # (B,) L
+        width = max(shared)
+        if width == 0:  # nothing shared (one-token conversations): nothing to continue from
+            scores += score_conversations(reward_model, tokenizer, conversations[start:start + per_batch], batch_size)
+            continue
+        prefix_ids = torch.tensor([[pad] * (width - length) + members[0][:length]
+                                   for members, length in zip(groups, shared, strict=True)], device=device)
+        prefix_mask = torch.tensor([[0] * (width - length) + [1] * length for length in shared], device=device)
+        endings = [row[length:] for members, length in zip(groups, shared, strict=True) for row in members]
+        longest = max(len(ending) for ending in endings)
+        ending_ids = torch.tensor([ending + [pad] * (longest - len(ending)) for ending in endings], device=device)
+        ending_mask = torch.tensor([[1] * len(ending) + [0] * (longest - len(ending)) for ending in endings],
+                                   device=device)  # (BG, E)
+        prefixes = {"input_ids": prefix_ids, "attention_mask": prefix_mask,  # (B, L) left-padded
+                    "position_ids": (prefix_mask.cumsum(-1) - 1).clamp(min=0)}
+        starts = torch.tensor(shared, device=device).repeat_interleave(group)  # (BG,)
+        continuations = {
+            "input_ids": ending_ids,
+            "attention_mask": torch.cat([prefix_mask.repeat_interleave(group, 0), ending_mask], dim=1),  # (BG, L + E)
+            "position_ids": starts[:, None] + torch.arange(longest, device=device)[None, :],  # (BG, E)
+        }
+        _, hidden = continued_forward(backbone, prefixes, continuations, group)  # (BG, E, H)
+        last = ending_mask.sum(-1) - 1  # (BG,)
+        pooled = hidden[torch.arange(len(endings), device=device), last]  # (BG, H)
+        scores += classifier.score(pooled).float().squeeze(-1).tolist()
+    return scores
+
+
+def common_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens every row shares, leaving at least one token of the shortest row out."""
+    shortest = min(len(row) for row in rows)
+    for index in range(shortest - 1):
+        if any(row[index] != rows[0][index] for row in rows[1:]):
+            return index
+    return max(shortest - 1, 0)
 
 
 def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> torch.Tensor:
