@@ -46,6 +46,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama_dir, tmp_
 
     summary = json.loads((tmp_path / "double" / "summary.json").read_text())
     assert summary["processes"] == 2
+    # The first process reports; the other trains silently (each printed every line).
+    assert two.stdout.count("tokens in") == 1 and two.stderr.count("training") == 1, two.stderr
     rows = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     rows_two = [json.loads(line) for line in (tmp_path / "double" / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in rows if "loss" in row]

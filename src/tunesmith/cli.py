@@ -50,7 +50,7 @@ def train(
     """Fine-tune: config -> run directory (model or adapter, metrics, summary)."""
     from tunesmith.config import load_config
     from tunesmith.pipeline import run
-    from tunesmith.training.launch import inside_launch, launch_with_accelerate
+    from tunesmith.training.launch import inside_launch, launch_rank, launch_with_accelerate
 
     run_config = load_config(config, overrides)
     accelerate_config = run_config.train.accelerate_config
@@ -59,6 +59,8 @@ def train(
         arguments += ["--resume"] * resume + ["--overwrite"] * overwrite
         raise typer.Exit(launch_with_accelerate(accelerate_config, arguments))
     result = run(run_config, resume=resume, overwrite=overwrite)
+    if launch_rank() != 0:  # every process of a launched run has the same summary: the first one prints it
+        raise typer.Exit(result.exit_code)
     summary = result.summary
     table = Table(title=f"run {result.run_dir}")
     table.add_column("metric")

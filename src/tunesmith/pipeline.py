@@ -13,6 +13,7 @@ from rich.console import Console
 
 from tunesmith.config import RunConfig
 from tunesmith.training import TrainResult, train
+from tunesmith.training.launch import launch_rank
 
 
 def curated_dir(config: RunConfig) -> Path:
@@ -26,7 +27,8 @@ def with_train_file(config: RunConfig, path: Path) -> RunConfig:
 def run(
     config: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None
 ) -> TrainResult:
-    console = console or Console(stderr=True)
+    main = launch_rank() == 0  # with several processes, the first one reports and evaluates the result
+    console = console or Console(stderr=True, quiet=not main)
     if config.curate is not None and not resume:
         from tunesmith.curate import curate
 
@@ -38,7 +40,7 @@ def run(
         config = with_train_file(config, curated_dir(config) / "kept.jsonl")
 
     trained = train(config, resume=resume, overwrite=overwrite, console=console)
-    if config.eval is not None and trained.exit_code == 0:
+    if config.eval is not None and trained.exit_code == 0 and main:
         from tunesmith.evaluate import evaluate
 
         evaluate([str(trained.run_dir)], config.eval, trained.run_dir / "eval", baseline="base")

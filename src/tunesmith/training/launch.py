@@ -81,6 +81,11 @@ def inside_launch() -> bool:
     return "WORLD_SIZE" in os.environ or LAUNCHED_BY_US in os.environ
 
 
+def launch_rank() -> int:
+    """This process's rank in a launched run (0 outside one), read before the run's process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launch_with_accelerate(accelerate_config: Path, train_arguments: list[str]) -> int:
     """Run `tunesmith train` through `accelerate launch --config_file`; returns its exit code."""
     settings = read_accelerate_config(accelerate_config)
