@@ -7,13 +7,15 @@ evaluation of the result goes to `<output_dir>/eval/`.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
 
 from tunesmith.config import RunConfig
+from tunesmith.filelock import file_lock
 from tunesmith.training import TrainResult, train
-from tunesmith.training.launch import launch_rank
+from tunesmith.training.launch import launch_id, launch_rank
 
 
 def curated_dir(config: RunConfig) -> Path:
@@ -30,12 +32,7 @@ def run(
     main = launch_rank() == 0  # with several processes, the first one reports and evaluates the result
     console = console or Console(stderr=True, quiet=not main)
     if config.curate is not None and not resume:
-        from tunesmith.curate import curate
-
-        result = curate(config.curate, [config.data.train], curated_dir(config))
-        console.print(f"curated {result.records_in:,} records: kept {result.kept:,}, rejected {result.rejected:,} "
-                      f"(report: {result.output_dir / 'report.html'})")
-        config = with_train_file(config, result.output_dir / "kept.jsonl")
+        config = with_train_file(config, curate_once(config, console) / "kept.jsonl")
     elif config.curate is not None:  # resume trains on what the first run curated
         config = with_train_file(config, curated_dir(config) / "kept.jsonl")
 
@@ -46,3 +43,26 @@ def run(
         evaluate([str(trained.run_dir)], config.eval, trained.run_dir / "eval", baseline="base")
         console.print(f"evaluation: {trained.run_dir / 'eval' / 'report.html'}")
     return trained
+
+
+def curate_once(config: RunConfig, console: Console) -> Path:
+    """Curate the run's data into `curated_dir`. In a launch of several processes the first to take the
+    folder's lock curates and leaves a marker naming the launch; the others find it and read what it wrote
+    (each wrote the same files at once)."""
+    from tunesmith.curate import curate
+
+    output_dir = curated_dir(config)
+    launch = launch_id()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(output_dir.with_name(output_dir.name + ".lock")) if launch is not None else nullcontext():
+        marker = output_dir / "launch.txt"
+        if launch is not None and marker.exists() and marker.read_text(encoding="utf-8") == launch:
+            console.print(f"curated by another process of this launch: {output_dir / 'report.html'}")
+            return output_dir
+        marker.unlink(missing_ok=True)
+        result = curate(config.curate, [config.data.train], output_dir)
+        console.print(f"curated {result.records_in:,} records: kept {result.kept:,}, rejected {result.rejected:,} "
+                      f"(report: {result.output_dir / 'report.html'})")
+        if launch is not None:
+            marker.write_text(launch, encoding="utf-8")
+    return output_dir

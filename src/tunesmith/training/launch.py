@@ -86,6 +86,15 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launch_id() -> str | None:
+    """A name of the current launch of several processes, the same in each of its processes on a machine (None
+    outside one): the rendezvous address, the launcher's run id and its process (their parent)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    parts = [os.environ.get(name, "") for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")]
+    return ":".join([*parts, str(os.getppid())])
+
+
 def launch_with_accelerate(accelerate_config: Path, train_arguments: list[str]) -> int:
     """Run `tunesmith train` through `accelerate launch --config_file`; returns its exit code."""
     settings = read_accelerate_config(accelerate_config)
