@@ -233,7 +233,8 @@ def sampling_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     `generate` gives them under left padding (the mask's running count). The dynamic cache stays for processes
     sampling on sharded layers (one that finishes first runs dummy steps for the others, `synced_gpus`, which a
     cache sized to its own completions would not hold) and for models with sliding-window layers (transformers'
-    static sliding layers sample otherwise than its dynamic cache from left-padded prompts: tests/test_rl_grpo.py)."""
+    static sliding layers sample otherwise than its dynamic cache from left-padded prompts: tests/test_rl_grpo.py),
+    and under autocast (keys and values of more than one dtype)."""
     if input_ids.shape[1] < 2 or not continues_from_cache(model):
         return None
     language_model = _language_model(model)
@@ -244,7 +245,10 @@ def sampling_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     # The backbone only: the cache is what is wanted, not the head's (B, P - 1, V) logits.
     backbone = getattr(language_model, language_model.base_model_prefix, language_model)
     _, prompt_cache = repeated_prefix_cache(backbone, inputs, group)  # (BG, P - 1), each prompt's rows side by side
-    if sharded_across_processes(model) or sliding_window(language_model.config) is not None:
+    # Under autocast the keys and values come out float32 or bf16 by the path that made them (the rotary embedding
+    # leaves float32 keys): a static cache holds one dtype.
+    autocast = torch.is_autocast_enabled(input_ids.device.type)
+    if sharded_across_processes(model) or sliding_window(language_model.config) is not None or autocast:
         return prompt_cache
     cache = StaticCache(config=language_model.config, max_cache_len=input_ids.shape[1] + new_tokens)
     for index, layer in enumerate(prompt_cache.layers):

@@ -282,8 +282,10 @@ def accumulate_gradients(
     task_losses: dict[str, tuple[torch.Tensor, int]] = {}
 
     def part_loss(part: dict) -> tuple[torch.Tensor, tuple[LossOutput, str | None]]:
-        batch = training_batch(objective, reference, model, to_device(part, accelerator.device), settings)
+        # The reference's outputs and a rollout's samples under the training's autocast too: the same precision
+        # as the policy's loss (the log-ratios start at zero), and on a GPU bf16 matmuls rather than float32.
         with accelerator.autocast():
+            batch = training_batch(objective, reference, model, to_device(part, accelerator.device), settings)
             output = objective.loss(model, batch, settings)
         return output.loss_sum / step_loss_tokens, (output, batch.get("task"))
 
@@ -485,7 +487,8 @@ def train(
         console.print("train.sharding: fsdp on one process: nothing to shard across; training unsharded")
     if train_config.cpu_offload and not sharded:
         console.print("train.cpu_offload: only sharded layers are offloaded; this run is not sharded")
-    reference = cache_reference_outputs(objective, reference, model, data.train + data.eval, config)
+    with accelerator.autocast():  # the precision the reference's outputs would have per step
+        reference = cache_reference_outputs(objective, reference, model, data.train + data.eval, config)
     before_backward = None
     cuda_graphs = train_config.compile and train_config.compile_mode in CUDA_GRAPH_MODES
     if sharded and not train_config.reduce_each_micro_batch:  # reduce-scatter in the step's last backward only
@@ -520,6 +523,14 @@ def train(
         # The data position counts global micro-batches of this size, whatever the process count.
         "global_batch": train_config.batch_size * group.world,
     }
+
+    def evaluate_eval_set() -> dict:
+        """The metrics on the eval set, under the training's autocast (as the training computes the loss; on a GPU
+        bf16 matmuls rather than float32 for float32 weights)."""
+        with accelerator.autocast():
+            return evaluate(model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference,
+                            task_names, group, sharded)
+
     if resume:
         newest = complete_checkpoints(checkpoints_dir)[-1]
         try:
@@ -529,10 +540,7 @@ def train(
         check_resume_batch(state, train_config.batch_size, group.world)
         console.print(f"resumed from {newest.name} (step {state['step']})")
     elif train_config.eval_before and data.eval:
-        state["eval_before"] = evaluate(
-            model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference, task_names,
-            group, sharded,
-        )
+        state["eval_before"] = evaluate_eval_set()
         console.print(f"before training: {format_metrics(state['eval_before'])}")
 
     log = MetricsLog(run_dir, train_config.report_to, append=resume) if group.is_main else None
@@ -551,10 +559,7 @@ def train(
 
     def evaluate_and_track() -> bool:
         """Evaluate, keep the best weights, and say whether early stopping should end the run."""
-        metrics = evaluate(
-            model, objective, config.objective, data.eval, pad_id, eval_batch_size, device, reference, task_names,
-            group, sharded,
-        )
+        metrics = evaluate_eval_set()
         state["last_eval"] = {"step": state["step"], "metrics": metrics}
         if log is not None:
             log.write({"step": state["step"], **metrics})
