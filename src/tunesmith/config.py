@@ -230,7 +230,9 @@ class TrainConfig(Section):
         "training instead of every step; full fine-tuning then holds no frozen copy of the model.",
     )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast on GPUs that support it, none on CPU."
+        "auto", description="auto: bf16 autocast on GPUs that support it, none on CPU. The autocast covers the loss, "
+        "the reference's outputs, rollouts and evaluation alike (as Trainer and Lightning evaluate): with float32 "
+        "weights the eval metrics are those of the bf16 computation; `no` evaluates in float32."
     )
     sharding: Literal["auto", "none", "fsdp"] = Field(
         "auto",
