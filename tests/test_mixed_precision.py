@@ -53,3 +53,13 @@ def test_evaluation_runs_under_the_training_autocast(tiny_llama_dir, tmp_path, m
     train(run_config(tiny_llama_dir, data, tmp_path / "run", data={"eval_split": 0.25},
                      train={"max_steps": 1, "eval_before": True, "mixed_precision": "bf16"}))
     assert seen == [True, True]  # before training and after the step
+
+
+def test_one_process_trains_again_with_another_precision(tiny_llama_dir, tmp_path):
+    """accelerate keeps one state per process and refused a second run's other precision (a notebook, an
+    in-process search): `AcceleratorState has already been initialized and cannot be changed`."""
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(4))
+    for index, precision in enumerate(("no", "bf16", "no")):
+        result = train(run_config(tiny_llama_dir, data, tmp_path / f"{index}", train={
+            "max_steps": 1, "mixed_precision": precision}))
+        assert result.exit_code == 0

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, is_initialized
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -375,6 +376,16 @@ def mixed_precision(setting: str) -> str:
     return mixed_precision_of(setting, on_gpu=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
+def run_accelerator(precision: str) -> Accelerator:
+    """The run's Accelerator. accelerate keeps one state per process and refuses a precision other than its first
+    run's: a single process that trains again with another one (a notebook, an in-process search) starts afresh;
+    processes of a launched group keep theirs."""
+    if is_initialized() and AcceleratorState().mixed_precision != precision and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state()
+    # cpu=True on CPU-only machines: without it accelerate ignores a torchrun / accelerate launch world.
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
 def train(
     config: RunConfig,
     resume: bool = False,
@@ -386,10 +397,7 @@ def train(
     objective = OBJECTIVES.get(config.task, "task")
     method = METHODS.get(config.method.name, "method.name")
     train_config = config.train
-    # cpu=True on CPU-only machines: without it accelerate ignores a torchrun / accelerate launch world.
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision(train_config.mixed_precision), cpu=not torch.cuda.is_available()
-    )
+    accelerator = run_accelerator(mixed_precision(train_config.mixed_precision))
     group = ProcessGroup(accelerator)
     console = console or Console(stderr=True, quiet=not group.is_main)
     if train_config.release_memory and accelerator.device.type == "cpu":
