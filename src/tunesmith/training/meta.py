@@ -173,13 +173,14 @@ def meta_train(
     Returns one record per outer step: the step, ε, the tasks drawn, and the inner loss at the first
     and the last inner step (means over the tasks); `on_step(record)` is called after each step.
     """
-    from accelerate import Accelerator
+
+    from tunesmith.training.loop import run_accelerator
 
     check_objective(objective)
     empty = sorted(name for name, examples in tasks.items() if not examples)
     if not tasks or empty:
         raise DataError(f"meta-train: every task needs training examples; none for {empty or 'any task'}")
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or run_accelerator("no")
     rng = random.Random(meta.seed)
     torch.manual_seed(meta.seed)
     names = sorted(tasks)
@@ -220,13 +221,15 @@ def adaptation_loss(
     parameters = trainable_parameters(model)
     saved = [parameter.detach().clone() for parameter in parameters]
     batch_size = meta.inner_batch_size
-    before = evaluate(model, objective, settings, query, pad_id, batch_size, accelerator.device)["eval_loss"]
+    with accelerator.autocast():  # as the inner steps compute their loss
+        before = evaluate(model, objective, settings, query, pad_id, batch_size, accelerator.device)["eval_loss"]
     batches = task_batches(support, batch_size, objective.collate, pad_id, random.Random(meta.seed))
     was_training = model.training
     model.train()
     adapt(model, parameters, batches, meta, objective, settings, accelerator)
     model.train(was_training)
-    after = evaluate(model, objective, settings, query, pad_id, batch_size, accelerator.device)["eval_loss"]
+    with accelerator.autocast():
+        after = evaluate(model, objective, settings, query, pad_id, batch_size, accelerator.device)["eval_loss"]
     with torch.no_grad():
         for parameter, value in zip(parameters, saved, strict=True):
             parameter.copy_(value)
@@ -299,7 +302,6 @@ def meta_train_run(
     metrics.jsonl with one line per outer step, summary.json), so the result is the starting point of
     a later fine-tuning run. `meta` defaults to the config's `meta:` section.
     """
-    from accelerate import Accelerator
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from tunesmith.data import write_rejects
@@ -308,7 +310,7 @@ def meta_train_run(
     from tunesmith.models import load_model, load_tokenizer
     from tunesmith.objectives import OBJECTIVES
     from tunesmith.training.distributed import ProcessGroup
-    from tunesmith.training.loop import export_weights, mixed_precision, prepare_run_dir
+    from tunesmith.training.loop import export_weights, mixed_precision, prepare_run_dir, run_accelerator
     from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 
     meta = meta if meta is not None else (config.meta or MetaConfig())
@@ -318,9 +320,7 @@ def meta_train_run(
     check_objective(objective)
     if config.data.mixture is None:
         raise ConfigError("data.mixture: meta-train learns across tasks; give them as data.mixture, one dataset each")
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision(config.train.mixed_precision), cpu=not torch.cuda.is_available()
-    )
+    accelerator = run_accelerator(mixed_precision(config.train.mixed_precision))
     group = ProcessGroup(accelerator)
     if group.world > 1:
         raise ConfigError("meta-train runs in one process; start it without torchrun or accelerate launch")
