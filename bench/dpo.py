@@ -31,11 +31,10 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from workers import report, run_worker
+from workers import report, run_worker, step_timer
 
 from tunesmith.training.metrics import peak_memory_mb
 
@@ -155,7 +154,6 @@ def run_trl(args: argparse.Namespace) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from tunesmith.config import ModelConfig
@@ -166,20 +164,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     model = get_peft_model(load_model(ModelConfig(name=args.model), "dpo"), LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
 
-    class StepTimer(TrainerCallback):
-        """Sums the time of each optimiser step (its micro-batches' forward and backward, and the update)."""
-
-        def __init__(self):
-            self.seconds = 0.0
-            self.started = 0.0
-
-        def on_step_begin(self, *_, **__):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            self.seconds += time.perf_counter() - self.started
-
-    timer = StepTimer()
+    timer = step_timer()
     collator = MicroBatchCollator(tokenizer.pad_token_id)
     with tempfile.TemporaryDirectory() as folder:
         config = DPOConfig(

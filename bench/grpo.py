@@ -22,10 +22,9 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from workers import report, run_worker
+from workers import first_records, report, run_worker, step_timer
 
 from tunesmith.training.metrics import peak_memory_mb
 
@@ -53,11 +52,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the job and the figures here")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     return parser.parse_args()
-
-
-def questions(args: argparse.Namespace) -> list[dict]:
-    with DATA.open(encoding="utf-8") as lines:
-        return [json.loads(line) for line, _ in zip(lines, range(args.prompts), strict=False)]
 
 
 def run_tunesmith(args: argparse.Namespace) -> dict:
@@ -92,7 +86,6 @@ def run_trl(args: argparse.Namespace) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from tunesmith.config import ModelConfig
@@ -107,27 +100,14 @@ def run_trl(args: argparse.Namespace) -> dict:
     dataset = Dataset.from_list([
         {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": record["question"]}],
          "answer": record["answer"]}
-        for record in questions(args)
+        for record in first_records(DATA, args.prompts)
     ])
     correctness = REWARD_FUNCTIONS.get("gsm8k_correctness")
 
     def gsm8k_correctness(prompts, completions, answer, **_) -> list[float]:
         return correctness(prompts, [completion[0]["content"] for completion in completions], answer)
 
-    class StepTimer(TrainerCallback):
-        """Sums the time of each optimiser step: generation, rewards, the reference and the update."""
-
-        def __init__(self):
-            self.seconds = 0.0
-            self.started = 0.0
-
-        def on_step_begin(self, *_, **__):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            self.seconds += time.perf_counter() - self.started
-
-    timer = StepTimer()
+    timer = step_timer()
     with tempfile.TemporaryDirectory() as folder:
         config = GRPOConfig(
             output_dir=folder, use_cpu=not torch.cuda.is_available(),

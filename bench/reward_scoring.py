@@ -17,13 +17,13 @@ Prints the seconds per round, the medians and their ratio, and the largest score
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from workers import first_records
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft" / "gsm8k_train.jsonl"
 
@@ -49,8 +49,7 @@ def main() -> int:
     model_config = ModelConfig(name=args.model)
     tokenizer = load_tokenizer(model_config)
     model = load_model(model_config, "reward", label_names=["reward"]).eval().requires_grad_(False)
-    with DATA.open(encoding="utf-8") as lines:
-        records = [json.loads(line) for line, _ in zip(lines, range(args.prompts), strict=False)]
+    records = first_records(DATA, args.prompts)
     conversations = []
     for record in records:
         answer = tokenizer(record["answer"] + " " + record["answer"], add_special_tokens=False)["input_ids"]

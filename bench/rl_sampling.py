@@ -18,13 +18,13 @@ Prints the seconds per round, their medians and the ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from workers import first_records
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft" / "gsm8k_train.jsonl"
 
@@ -51,8 +51,7 @@ def main() -> int:
     args = parse_args()
     model_config = ModelConfig(name=args.model)
     tokenizer = load_tokenizer(model_config)
-    with DATA.open(encoding="utf-8") as lines:
-        records = [json.loads(line) for line, _ in zip(lines, range(args.prompts), strict=False)]
+    records = first_records(DATA, args.prompts)
     examples = [tokenize_preference_record({"prompt": [{"role": "user", "content": record["question"]}],
                                             "answer": record["answer"]}, "grpo", tokenizer, 512)[0]
                 for record in records]

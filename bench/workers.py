@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -38,3 +39,28 @@ def status_mb(field: str) -> float:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def first_records(path: Path, count: int) -> list[dict]:
+    """The first `count` records of a JSON-lines file, read in place."""
+    with path.open(encoding="utf-8") as lines:
+        return [json.loads(line) for line, _ in zip(lines, range(count), strict=False)]
+
+
+def step_timer():
+    """A transformers TrainerCallback whose `seconds` sums the time of each optimiser step (for trl's trainers:
+    the step's generation, if any, its micro-batches' forward and backward, and the update)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds = 0.0
+            self.started = 0.0
+
+        def on_step_begin(self, *_, **__):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.seconds += time.perf_counter() - self.started
+
+    return StepTimer()
