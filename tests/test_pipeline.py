@@ -33,7 +33,8 @@ def test_curate_then_train_then_evaluate(tiny_llama_dir, tmp_path):
 
 def test_the_processes_of_a_launch_curate_once(tiny_llama_dir, tmp_path, monkeypatch):
     """Under torchrun every process runs the pipeline: one curates, the others read its files (they all wrote
-    kept.jsonl at once). A later launch curates again; so does every run outside a launch."""
+    kept.jsonl at once). A later launch curates again, as does one whose data changed; so does every run outside
+    a launch."""
     from rich.console import Console
 
     import tunesmith.curate
@@ -52,7 +53,10 @@ def test_the_processes_of_a_launch_curate_once(tiny_llama_dir, tmp_path, monkeyp
     monkeypatch.setenv("MASTER_PORT", "29501")  # the next launch
     curate_once(config, console)
     assert len(calls) == 2
+    write_jsonl(data, chat_records(5))  # the same launch address, other data
+    curate_once(config, console)
+    assert len(calls) == 3 and len((curated_dir(config) / "kept.jsonl").read_text().splitlines()) == 5
     monkeypatch.delenv("WORLD_SIZE")
     curate_once(config, console)
     curate_once(config, console)
-    assert len(calls) == 4
+    assert len(calls) == 5

@@ -7,6 +7,7 @@ evaluation of the result goes to `<output_dir>/eval/`.
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -47,16 +48,19 @@ def run(
 
 def curate_once(config: RunConfig, console: Console) -> Path:
     """Curate the run's data into `curated_dir`. In a launch of several processes the first to take the
-    folder's lock curates and leaves a marker naming the launch; the others find it and read what it wrote
-    (each wrote the same files at once)."""
+    folder's lock curates and leaves a marker naming the launch, the curate settings and the input files (names,
+    sizes, times); the others find it and read what it wrote (each wrote the same files at once). A later launch
+    with the same rendezvous address and unchanged inputs and settings reads it too: the same records."""
     from tunesmith.curate import curate
 
     output_dir = curated_dir(config)
     launch = launch_id()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(output_dir.with_name(output_dir.name + ".lock")) if launch is not None else nullcontext():
-        marker = output_dir / "launch.txt"
-        if launch is not None and marker.exists() and marker.read_text(encoding="utf-8") == launch:
+        marker = output_dir / "launch.json"
+        key = json.dumps({"launch": launch, "curate": config.curate.model_dump(mode="json"),
+                          "inputs": file_fingerprints(config.data.train)}, sort_keys=True)
+        if launch is not None and marker.exists() and marker.read_text(encoding="utf-8") == key:
             console.print(f"curated by another process of this launch: {output_dir / 'report.html'}")
             return output_dir
         marker.unlink(missing_ok=True)
@@ -64,5 +68,11 @@ def curate_once(config: RunConfig, console: Console) -> Path:
         console.print(f"curated {result.records_in:,} records: kept {result.kept:,}, rejected {result.rejected:,} "
                       f"(report: {result.output_dir / 'report.html'})")
         if launch is not None:
-            marker.write_text(launch, encoding="utf-8")
+            marker.write_text(key, encoding="utf-8")
     return output_dir
+
+
+def file_fingerprints(path: Path) -> list[list]:
+    """[name, size, modification time] of the file, or of every file under the folder."""
+    files = sorted(item for item in path.rglob("*") if item.is_file()) if path.is_dir() else [path]
+    return [[str(item.resolve()), item.stat().st_size, item.stat().st_mtime_ns] for item in files]

@@ -87,12 +87,11 @@ def launch_rank() -> int:
 
 
 def launch_id() -> str | None:
-    """A name of the current launch of several processes, the same in each of its processes on a machine (None
-    outside one): the rendezvous address, the launcher's run id and its process (their parent)."""
+    """A name of the current launch of several processes, the same in each of them on every machine (None outside
+    one): the rendezvous address and the launcher's run id."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return None
-    parts = [os.environ.get(name, "") for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")]
-    return ":".join([*parts, str(os.getppid())])
+    return ":".join(os.environ.get(name, "") for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
 
 
 def launch_with_accelerate(accelerate_config: Path, train_arguments: list[str]) -> int:
