@@ -102,7 +102,7 @@ def job_micro_batches(args: argparse.Namespace) -> tuple[list[list[dict]], objec
     examples = prepare_data(config, tokenizer).train
     one_process = ProcessGroup(SimpleNamespace(process_index=0, num_processes=1, is_main_process=True))
     stream = micro_batch_stream([len(example["input_ids"]) for example in examples], config, 0, one_process)
-    batches = [[examples[index] for index in next(stream)] for _ in range(args.steps * args.grad_accum)]
+    batches = [[examples[index] for index in next(stream).indices] for _ in range(args.steps * args.grad_accum)]
     return batches, tokenizer
 
 

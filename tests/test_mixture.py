@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from helpers import chat_records, run_config, write_jsonl
 from tunesmith.data.collate import task_batch_order
 from tunesmith.data.mixture import draw_counts, draw_examples, mixture_probabilities
 from tunesmith.errors import ConfigError
-from tunesmith.training.loop import train
+from tunesmith.training.distributed import ProcessGroup
+from tunesmith.training.loop import micro_batch_stream, train
 
 
 def instruction_records(count: int) -> list[dict]:
@@ -44,6 +46,29 @@ def test_task_batch_order_gives_one_task_per_batch_and_every_item_once():
     assert sorted(index for batch in order for index in batch) == list(range(len(tasks)))
     assert order != task_batch_order(lengths, tasks, batch_size=4, seed=1, epoch=1, group_by_length=True)
     assert order == task_batch_order(lengths, tasks, batch_size=4, seed=1, epoch=0, group_by_length=True)
+
+
+def test_every_global_batch_is_trained_and_an_empty_share_runs_a_stand_in(tiny_llama_dir, tmp_path):
+    # 3 processes x batch 2: task a's batches hold 6 and 3 items, b's 5, c's 2 (one process gets none).
+    tasks = ["a"] * 9 + ["b"] * 5 + ["c"] * 2
+    lengths = [10 + index for index in range(len(tasks))]
+    config = run_config(tiny_llama_dir, write_jsonl(tmp_path / "chats.jsonl", chat_records(2)), tmp_path / "run",
+                        data={"group_by_length": True}, train={"batch_size": 2, "seed": 1})
+    groups = [ProcessGroup(SimpleNamespace(process_index=rank, num_processes=3, is_main_process=rank == 0))
+              for rank in range(3)]
+    per_epoch = 4
+    streams = [micro_batch_stream(lengths, config, 0, group, tasks) for group in groups]
+    shares = [[next(stream) for _ in range(3 * per_epoch)] for stream in streams]
+    for epoch in range(2):
+        epoch_shares = [share for rank_shares in shares for share in rank_shares[epoch * per_epoch:][:per_epoch]]
+        trained = [index for share in epoch_shares if not share.stand_in for index in share.indices]
+        assert sorted(trained) == list(range(len(tasks)))  # every item once an epoch, none skipped
+        stand_ins = [share for share in epoch_shares if share.stand_in]
+        assert len(stand_ins) == 1 and [tasks[index] for index in stand_ins[0].indices] == ["c"]
+    # Every process advances one share per global batch, so a resumed stream continues where it stopped.
+    for start in (1, per_epoch, per_epoch + 2):
+        resumed = micro_batch_stream(lengths, config, start, groups[2], tasks)
+        assert [next(resumed) for _ in range(3)] == shares[2][start:start + 3]
 
 
 def test_mixture_trains_with_per_task_losses_and_eval_metrics(tiny_llama_dir, tmp_path):

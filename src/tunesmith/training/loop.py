@@ -133,22 +133,32 @@ def epoch_order(
     return task_batch_order(lengths, tasks, global_size, config.train.seed, epoch, config.data.group_by_length)
 
 
+@dataclass(frozen=True)
+class Share:
+    """This process's items of one global micro-batch. A global batch smaller than the number of processes
+    leaves some processes nothing: they run a `stand_in` (the batch's first item) whose loss is weighted 0, so
+    every process runs the same forwards and collectives and the weights move as one process's would."""
+
+    indices: list[int]
+    stand_in: bool = False
+
+
 def micro_batch_stream(
     lengths: list[int], config: RunConfig, start: int, group: ProcessGroup, tasks: list[str] | None = None
-) -> Iterator[list[int]]:
-    """This process's item indices for each micro-batch, epoch after epoch, from micro-batch `start`.
+) -> Iterator[Share]:
+    """This process's share of each global micro-batch, epoch after epoch, from global micro-batch `start`.
 
     A global micro-batch holds batch_size x processes items and each process takes its share, so
-    the order of global batches does not depend on how many processes there are. With several
-    processes, a global batch too small to give every process an item (an epoch's tail) is skipped.
+    the order of global batches does not depend on how many processes there are, and every global batch is
+    trained on (an epoch's tail, a mixture task's last batch), however few items it holds.
     """
     per_epoch = len(epoch_order(lengths, tasks, config, group, 0))
     epoch, offset = divmod(start, per_epoch)
     while True:
         order = epoch_order(lengths, tasks, config, group, epoch)
         for global_batch in order[offset:]:
-            if len(global_batch) >= group.world:
-                yield group.shard(global_batch)
+            mine = group.shard(global_batch)
+            yield Share(mine) if mine else Share(global_batch[:1], stand_in=True)
         epoch, offset = epoch + 1, 0
 
 
@@ -270,24 +280,31 @@ def accumulate_gradients(
     all processes when `step_loss_tokens` is given), so the accumulated gradient is the gradient
     of the mean over every loss token of the step, whatever the split into micro-batches, parts and
     processes: batch 8 x accumulation 1 == batch 2 x accumulation 4 == 2 processes x batch 4.
+    A part marked `stand_in` (a process's empty share: `Share`) runs its forward and backward with the loss
+    weighted 0 and counts nowhere.
     `before_backward(last)` runs before each backward (last: the step's final one).
     `cuda_graphs`: the layers were compiled in a CUDA-graph mode (`train.compile_mode`).
     `rows`: run each micro-batch's parts in parallel threads (training/parallel_rows.py), with the gradients of
     `trainable` added in part order.
     """
     if step_loss_tokens is None:
-        step_loss_tokens = sum(part["num_loss_tokens"] for parts in micro_batches for part in parts)
+        step_loss_tokens = sum(part["num_loss_tokens"] for parts in micro_batches for part in parts
+                               if "stand_in" not in part)
     step_loss_tokens = max(step_loss_tokens, 1)
     step_loss = torch.zeros((), device=accelerator.device)
     step_metrics: dict[str, torch.Tensor] = {}
     task_losses: dict[str, tuple[torch.Tensor, int]] = {}
 
-    def part_loss(part: dict) -> tuple[torch.Tensor, tuple[LossOutput, str | None]]:
+    def part_loss(part: dict) -> tuple[torch.Tensor, tuple[LossOutput, str | None] | None]:
+        part = dict(part)
+        stand_in = part.pop("stand_in", False)
         # The reference's outputs and a rollout's samples under the training's autocast too: the same precision
         # as the policy's loss (the log-ratios start at zero), and on a GPU bf16 matmuls rather than float32.
         with accelerator.autocast():
             batch = training_batch(objective, reference, model, to_device(part, accelerator.device), settings)
             output = objective.loss(model, batch, settings)
+        if stand_in:  # a process's empty share (`Share`): the same forward and backward collectives, no gradient
+            return output.loss_sum * 0.0, None
         return output.loss_sum / step_loss_tokens, (output, batch.get("task"))
 
     for index, parts in enumerate(micro_batches):
@@ -305,7 +322,10 @@ def accumulate_gradients(
                     before_backward(index == len(micro_batches) - 1 and part_index == len(parts) - 1)
                 accelerator.backward(loss)
                 results.append((loss.detach(), extra))
-        for loss, (output, task) in results:
+        for loss, counted in results:
+            if counted is None:
+                continue
+            output, task = counted
             step_loss += loss
             # Objectives report summed metrics (reward accuracy, margins, KL); like the loss, they are
             # divided by the step's unit count, so they are means over the whole step.
@@ -614,14 +634,16 @@ def train(
             # longest row), parts of nearly equal token counts.
             micro_batches = []
             for _ in range(train_config.grad_accum):
-                indices = next(stream)
-                groups = balanced_parts(indices, [lengths[index] for index in indices], row_threads)
+                share = next(stream)
+                groups = balanced_parts(share.indices, [lengths[index] for index in share.indices], row_threads)
                 collated = [collate([items[index] for index in group], pad_id) for group in groups]
-                if tasks is not None:
-                    for batch in collated:
-                        batch["task"] = tasks[indices[0]]
+                for batch in collated:
+                    if tasks is not None:
+                        batch["task"] = tasks[share.indices[0]]
+                    if share.stand_in:
+                        batch["stand_in"] = True
                 micro_batches.append(collated)
-            parts = [part for collated in micro_batches for part in collated]
+            parts = [part for collated in micro_batches for part in collated if "stand_in" not in part]
             local_counts = [
                 sum(part["num_loss_tokens"] for part in parts),
                 sum(part["num_tokens"] for part in parts),
