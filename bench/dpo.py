@@ -32,9 +32,8 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
-from workers import report, run_worker, step_timer
+from workers import loop_micro_batches, report, run_worker, step_timer
 
 from tunesmith.training.metrics import peak_memory_mb
 
@@ -58,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--gradient-checkpointing", type=int, choices=(0, 1), default=0,
+                        help="1: both tools recompute activations in the backward pass (trl's default); 0: neither")
     parser.add_argument("--release-memory", type=int, choices=(0, 1), default=0,
                         help="1: tunesmith runs with train.release_memory (lower peak RSS on CPU, fewer tokens/s)")
     parser.add_argument("--tools", default=",".join(TOOLS))
@@ -82,28 +83,15 @@ def job_config(args: argparse.Namespace, output_dir: Path):
         "method": {"name": "lora", "r": args.rank, "dropout": 0.0},
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "lr": args.lr, "warmup": 0, "scheduler": "constant", "seed": args.seed, "eval_before": False,
-                  "log_every": 1, "release_memory": bool(args.release_memory)},
+                  "log_every": 1, "gradient_checkpointing": bool(args.gradient_checkpointing),
+                  "release_memory": bool(args.release_memory)},
         "output_dir": str(output_dir),
     })
 
 
 def job_micro_batches(args: argparse.Namespace) -> tuple[list[list[dict]], object]:
-    """The examples of every micro-batch tunesmith's loop trains on, in its order, and the tokenizer.
-
-    Uses the loop's own `micro_batch_stream` (one process), so trl gets exactly these batches.
-    """
-    from tunesmith.data import prepare_data
-    from tunesmith.models import load_tokenizer
-    from tunesmith.training.distributed import ProcessGroup
-    from tunesmith.training.loop import micro_batch_stream
-
-    config = job_config(args, Path(tempfile.mkdtemp()))
-    tokenizer = load_tokenizer(config.model)
-    examples = prepare_data(config, tokenizer).train
-    one_process = ProcessGroup(SimpleNamespace(process_index=0, num_processes=1, is_main_process=True))
-    stream = micro_batch_stream([len(example["input_ids"]) for example in examples], config, 0, one_process)
-    batches = [[examples[index] for index in next(stream).indices] for _ in range(args.steps * args.grad_accum)]
-    return batches, tokenizer
+    """The examples of every micro-batch tunesmith's loop trains on, in its order, and the tokenizer."""
+    return loop_micro_batches(job_config(args, Path(tempfile.mkdtemp())), args.steps * args.grad_accum)
 
 
 # --- workers: one tool each, in its own process ---------------------------------------------
@@ -172,7 +160,8 @@ def run_trl(args: argparse.Namespace) -> dict:
             bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # tunesmith's `auto` precision
             per_device_train_batch_size=1, gradient_accumulation_steps=args.grad_accum, max_steps=args.steps,
             learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            beta=args.beta, loss_type=["sigmoid"], max_length=args.max_length, logging_steps=1, save_strategy="no",
+            beta=args.beta, loss_type=["sigmoid"], max_length=args.max_length,
+            gradient_checkpointing=bool(args.gradient_checkpointing), logging_steps=1, save_strategy="no",
             report_to=[], seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False,
             train_sampling_strategy="sequential",
         )
@@ -212,7 +201,7 @@ def worker_main(args: argparse.Namespace) -> None:
 def run_tool(tool: str, args: argparse.Namespace) -> dict:
     options = {"worker": tool}
     shared = ("model", "data", "pairs", "max_length", "batch_size", "grad_accum", "steps", "lr", "beta", "rank",
-              "seed", "threads", "release_memory")
+              "seed", "threads", "gradient_checkpointing", "release_memory")
     options |= {name: getattr(args, name) for name in shared}
     figures = run_worker(__file__, options, args.threads)
     if figures is None:

@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--gradient-checkpointing", type=int, choices=(0, 1), default=0,
+                        help="1: both tools recompute activations in the backward pass (trl's default); 0: neither")
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--json", type=Path, help="also write the job and the figures here")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
@@ -68,7 +70,8 @@ def run_tunesmith(args: argparse.Namespace) -> dict:
                           "max_new_tokens": args.new_tokens, "temperature": args.temperature, "beta": args.beta},
             "method": {"name": "lora", "r": args.rank, "dropout": 0.0},
             "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "scheduler": "constant",
-                      "warmup": 0, "seed": args.seed, "eval_before": False, "log_every": 1},
+                      "warmup": 0, "seed": args.seed, "eval_before": False, "log_every": 1,
+                      "gradient_checkpointing": bool(args.gradient_checkpointing)},
             "output_dir": str(Path(folder) / "run"),
         })
         result = train(config)
@@ -117,6 +120,7 @@ def run_trl(args: argparse.Namespace) -> dict:
             beta=args.beta, epsilon=0.2, loss_type="grpo", max_steps=args.steps, learning_rate=args.lr,
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no",
             report_to=[], seed=args.seed, dataloader_num_workers=0,
+            gradient_checkpointing=bool(args.gradient_checkpointing),
         )
         trainer = GRPOTrainer(model=model, reward_funcs=[gsm8k_correctness], args=config, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[timer])
@@ -145,7 +149,7 @@ def main() -> None:
         report(figures)
         return
     shared = ("model", "prompts", "batch_size", "group", "new_tokens", "temperature", "beta", "steps", "lr", "rank",
-              "seed", "threads")
+              "seed", "threads", "gradient_checkpointing")
     figures = {}
     for tool in (tool for tool in args.tools.split(",") if tool):
         figures[tool] = run_worker(__file__, {"worker": tool} | {name: getattr(args, name) for name in shared},

@@ -64,3 +64,20 @@ def step_timer():
             self.seconds += time.perf_counter() - self.started
 
     return StepTimer()
+
+
+def loop_micro_batches(config, count: int) -> tuple[list[list[dict]], object]:
+    """The examples of the first `count` micro-batches tunesmith's loop trains `config` on, in its order (its own
+    `micro_batch_stream`, one process), and the tokenizer: a peer fed these trains on exactly the same batches."""
+    from types import SimpleNamespace
+
+    from tunesmith.data import prepare_data
+    from tunesmith.models import load_tokenizer
+    from tunesmith.training.distributed import ProcessGroup
+    from tunesmith.training.loop import micro_batch_stream
+
+    tokenizer = load_tokenizer(config.model)
+    examples = prepare_data(config, tokenizer).train
+    one_process = ProcessGroup(SimpleNamespace(process_index=0, num_processes=1, is_main_process=True))
+    stream = micro_batch_stream([len(example["input_ids"]) for example in examples], config, 0, one_process)
+    return [[examples[index] for index in next(stream).indices] for _ in range(count)], tokenizer
