@@ -33,9 +33,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from workers import loop_micro_batches, report, run_worker, step_timer
-
-from tunesmith.training.metrics import peak_memory_mb
+from workers import loop_micro_batches, pair_worker, print_pair_figures, run_tools, step_timer, write_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "preference" / "dpo_en_demo.json"
@@ -185,51 +183,24 @@ def run_trl(args: argparse.Namespace) -> dict:
 WORKERS = {"tunesmith": run_tunesmith, "trl": run_trl}
 
 
-def worker_main(args: argparse.Namespace) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    figures = WORKERS[args.worker](args)
-    figures["pairs_per_s"] = figures["pairs"] / figures["train_seconds"]
-    figures["peak_memory_mb"] = peak_memory_mb()
-    report(figures)
-
-
 # --- the driver --------------------------------------------------------------------------------
-
-
-def run_tool(tool: str, args: argparse.Namespace) -> dict:
-    options = {"worker": tool}
-    shared = ("model", "data", "pairs", "max_length", "batch_size", "grad_accum", "steps", "lr", "beta", "rank",
-              "seed", "threads", "gradient_checkpointing", "release_memory")
-    options |= {name: getattr(args, name) for name in shared}
-    figures = run_worker(__file__, options, args.threads)
-    if figures is None:
-        raise SystemExit(f"{tool} failed (its stderr is above)")
-    return figures
 
 
 def main() -> None:
     args = parse_args()
     if args.worker:
-        worker_main(args)
+        pair_worker(WORKERS, args)
         return
-    figures = {tool: run_tool(tool, args) for tool in args.tools.split(",") if tool}
+    figures = run_tools(__file__, args, ("model", "data", "pairs", "max_length", "batch_size", "grad_accum", "steps",
+                                         "lr", "beta", "rank", "seed", "threads", "gradient_checkpointing",
+                                         "release_memory"))
     usable = figures.get("tunesmith", {}).get("pairs_in_data", "?")
 
     print(f"\njob: {args.model}, DPO sigmoid beta={args.beta}, LoRA r={args.rank} all-linear, first {args.pairs} "
           f"records of {args.data.name} ({usable} usable pairs), max length {args.max_length}, batch "
           f"{args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, constant lr {args.lr}, "
           f"seed {args.seed}, {args.threads} threads\n")
-    print(f"{'tool':<10} {'pairs':>6} {'seconds':>8} {'pairs/s':>8} {'peak MB':>8}")
-    for tool, row in figures.items():
-        print(f"{tool:<10} {row['pairs']:>6} {row['train_seconds']:>8.1f} {row['pairs_per_s']:>8.3f} "
-              f"{row['peak_memory_mb']:>8.0f}")
-    print("\nper step: " + "  ".join(f"{tool} loss / reward accuracy / margin" for tool in figures))
-    for step in range(max(len(row["losses"]) for row in figures.values())):
-        cells = [f"{row['losses'][step]:.4f} / {row['reward_accuracy'][step]:.2f} / {row['reward_margin'][step]:+.4f}"
-                 if step < len(row["losses"]) else "-" for row in figures.values()]
-        print(f"{step + 1:>4}  " + "    ".join(f"{cell:<28}" for cell in cells))
+    print_pair_figures(figures)
     agree = True
     for tool, row in figures.items():
         if row["losses"] and abs(row["losses"][0] - math.log(2)) > 1e-3:
@@ -245,10 +216,7 @@ def main() -> None:
                              "mean_loss_relative_difference": relative}
         print(f"tunesmith / trl: pairs/s x{figures['ratios']['pairs_per_s']:.2f}, peak memory "
               f"x{figures['ratios']['peak_memory']:.2f}, mean loss differs by {100 * relative:.2f}%")
-    if args.json:
-        job = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-               if key not in ("worker", "json", "tools")}
-        args.json.write_text(json.dumps({"job": job, **figures}, indent=2))
+    write_figures(args, figures)
     if not agree:
         raise SystemExit(f"loss curves disagree (step 1 must be ln 2; means within {100 * args.loss_tolerance:.0f}%)")
 

@@ -24,7 +24,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from workers import first_records, report, run_worker, step_timer
+from workers import first_records, report, run_tools, step_timer, write_figures
 
 from tunesmith.training.metrics import peak_memory_mb
 
@@ -148,14 +148,8 @@ def main() -> None:
         figures["peak_memory_mb"] = peak_memory_mb()
         report(figures)
         return
-    shared = ("model", "prompts", "batch_size", "group", "new_tokens", "temperature", "beta", "steps", "lr", "rank",
-              "seed", "threads", "gradient_checkpointing")
-    figures = {}
-    for tool in (tool for tool in args.tools.split(",") if tool):
-        figures[tool] = run_worker(__file__, {"worker": tool} | {name: getattr(args, name) for name in shared},
-                                   args.threads)
-        if figures[tool] is None:
-            raise SystemExit(f"{tool} failed (its stderr is above)")
+    figures = run_tools(__file__, args, ("model", "prompts", "batch_size", "group", "new_tokens", "temperature",
+                                         "beta", "steps", "lr", "rank", "seed", "threads", "gradient_checkpointing"))
     print(f"\njob: {args.model}, GRPO on the first {args.prompts} GSM8K questions, {args.batch_size} prompts x "
           f"{args.group} completions of up to {args.new_tokens} tokens a step, temperature {args.temperature}, beta "
           f"{args.beta}, LoRA r={args.rank}, {args.steps} steps, lr {args.lr}, seed {args.seed}, "
@@ -172,9 +166,7 @@ def main() -> None:
                              "mean_reward": (statistics.fmean(ours["reward"]), statistics.fmean(theirs["reward"]))}
         print(f"tunesmith / trl: x{figures['ratios']['speed']:.2f} faster a step, peak memory "
               f"x{figures['ratios']['peak_memory']:.2f}")
-    if args.json:
-        job = {key: value for key, value in vars(args).items() if key not in ("worker", "json", "tools")}
-        args.json.write_text(json.dumps({"job": job, **figures}, indent=2))
+    write_figures(args, figures)
 
 
 if __name__ == "__main__":

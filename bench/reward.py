@@ -19,7 +19,10 @@ token (which ends every reply), so trl's rows are padded with `<|endoftext|>` in
 
 Figures: pairs/s (pairs trained over the summed optimiser-step time; tunesmith's step time includes collation,
 trl's starts after its batches are collated), peak memory, and per step the loss, accuracy and margin; then
-the ratios tunesmith / trl. Exits 1 when a step's loss differs by more than --loss-tolerance (relative).
+the ratios tunesmith / trl. Exits 1 when a step's loss differs by more than --loss-tolerance (relative). The
+comparison holds where a step's micro-batches hold equal numbers of pairs (every step of the default job): trl
+logs the mean of its micro-batches' mean losses, tunesmith the mean over the step's pairs, so a step that takes an
+epoch's smaller last micro-batch differs by construction (e.g. `--pairs 8`: 7 usable pairs, step 1 of 2 + 1).
 
 Requires trl (`pip install trl`).
 """
@@ -32,9 +35,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from workers import loop_micro_batches, report, run_worker, step_timer
-
-from tunesmith.training.metrics import peak_memory_mb
+from workers import loop_micro_batches, pair_worker, print_pair_figures, run_tools, step_timer, write_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "preference" / "dpo_en_demo.json"
@@ -99,8 +100,8 @@ def run_tunesmith(args: argparse.Namespace) -> dict:
         "pairs_in_data": result.summary["data"]["used_train"],  # after skipping pairs truncated to nothing
         "train_seconds": result.summary["train_seconds"],
         "losses": [row["loss"] for row in steps],
-        "accuracy": [row["reward_accuracy"] for row in steps],
-        "margin": [row["reward_margin"] for row in steps],
+        "reward_accuracy": [row["reward_accuracy"] for row in steps],
+        "reward_margin": [row["reward_margin"] for row in steps],
     }
 
 
@@ -161,22 +162,12 @@ def run_trl(args: argparse.Namespace) -> dict:
         "pairs": collator.pairs,
         "train_seconds": timer.seconds,
         "losses": [entry["loss"] for entry in logs],
-        "accuracy": [entry["accuracy"] for entry in logs],
-        "margin": [entry["margin"] for entry in logs],
+        "reward_accuracy": [entry["accuracy"] for entry in logs],
+        "reward_margin": [entry["margin"] for entry in logs],
     }
 
 
 WORKERS = {"tunesmith": run_tunesmith, "trl": run_trl}
-
-
-def worker_main(args: argparse.Namespace) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    figures = WORKERS[args.worker](args)
-    figures["pairs_per_s"] = figures["pairs"] / figures["train_seconds"]
-    figures["peak_memory_mb"] = peak_memory_mb()
-    report(figures)
 
 
 # --- the driver --------------------------------------------------------------------------------
@@ -185,31 +176,17 @@ def worker_main(args: argparse.Namespace) -> None:
 def main() -> None:
     args = parse_args()
     if args.worker:
-        worker_main(args)
+        pair_worker(WORKERS, args)
         return
-    shared = ("model", "data", "pairs", "max_length", "batch_size", "grad_accum", "steps", "lr", "rank", "seed",
-              "threads", "gradient_checkpointing")
-    figures = {}
-    for tool in (tool for tool in args.tools.split(",") if tool):
-        figures[tool] = run_worker(__file__, {"worker": tool} | {name: getattr(args, name) for name in shared},
-                                   args.threads)
-        if figures[tool] is None:
-            raise SystemExit(f"{tool} failed (its stderr is above)")
+    figures = run_tools(__file__, args, ("model", "data", "pairs", "max_length", "batch_size", "grad_accum", "steps",
+                                         "lr", "rank", "seed", "threads", "gradient_checkpointing"))
     usable = figures.get("tunesmith", {}).get("pairs_in_data", "?")
 
     print(f"\njob: {args.model} with a one-output head, Bradley-Terry loss, LoRA r={args.rank} all-linear + the head, "
           f"first {args.pairs} records of {args.data.name} ({usable} usable pairs), max length {args.max_length}, "
           f"batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, constant lr {args.lr}, "
           f"seed {args.seed}, {args.threads} threads\n")
-    print(f"{'tool':<10} {'pairs':>6} {'seconds':>8} {'pairs/s':>8} {'peak MB':>8}")
-    for tool, row in figures.items():
-        print(f"{tool:<10} {row['pairs']:>6} {row['train_seconds']:>8.1f} {row['pairs_per_s']:>8.3f} "
-              f"{row['peak_memory_mb']:>8.0f}")
-    print("\nper step: " + "  ".join(f"{tool} loss / accuracy / margin" for tool in figures))
-    for step in range(max(len(row["losses"]) for row in figures.values())):
-        cells = [f"{row['losses'][step]:.4f} / {row['accuracy'][step]:.2f} / {row['margin'][step]:+.4f}"
-                 if step < len(row["losses"]) else "-" for row in figures.values()]
-        print(f"{step + 1:>4}  " + "    ".join(f"{cell:<28}" for cell in cells))
+    print_pair_figures(figures)
     agree = True
     ours, theirs = figures.get("tunesmith"), figures.get("trl")
     if ours and theirs:
@@ -220,10 +197,7 @@ def main() -> None:
                              "largest_step_loss_relative_difference": max(differences)}
         print(f"tunesmith / trl: pairs/s x{figures['ratios']['pairs_per_s']:.2f}, peak memory "
               f"x{figures['ratios']['peak_memory']:.2f}, step losses differ by at most {100 * max(differences):.3f}%")
-    if args.json:
-        job = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-               if key not in ("worker", "json", "tools")}
-        args.json.write_text(json.dumps({"job": job, **figures}, indent=2))
+    write_figures(args, figures)
     if not agree:
         raise SystemExit(f"loss curves disagree (each step within {100 * args.loss_tolerance:.1f}%)")
 

@@ -81,3 +81,51 @@ def loop_micro_batches(config, count: int) -> tuple[list[list[dict]], object]:
     one_process = ProcessGroup(SimpleNamespace(process_index=0, num_processes=1, is_main_process=True))
     stream = micro_batch_stream([len(example["input_ids"]) for example in examples], config, 0, one_process)
     return [[examples[index] for index in next(stream).indices] for _ in range(count)], tokenizer
+
+
+def run_tools(script: str, args, shared: tuple[str, ...]) -> dict[str, dict]:
+    """Each tool of `args.tools` (comma-separated) run as a worker of `script` with the options named in `shared`
+    copied from `args`; its figures by tool. Exits naming the tool that failed."""
+    figures = {}
+    for tool in (tool for tool in args.tools.split(",") if tool):
+        figures[tool] = run_worker(script, {"worker": tool} | {name: getattr(args, name) for name in shared},
+                                   args.threads)
+        if figures[tool] is None:
+            raise SystemExit(f"{tool} failed (its stderr is above)")
+    return figures
+
+
+def write_figures(args, figures: dict) -> None:
+    """With `--json PATH`: the job (every option but the driver's own) and the figures, as one JSON object."""
+    if args.json:
+        job = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+               if key not in ("worker", "json", "tools")}
+        args.json.write_text(json.dumps({"job": job, **figures}, indent=2))
+
+
+def pair_worker(workers: dict, args) -> None:
+    """A preference benchmark's worker: `workers[args.worker](args)` at `args.threads`, reported with its pairs/s
+    (pairs over the summed step time) and peak memory."""
+    import torch
+
+    from tunesmith.training.metrics import peak_memory_mb
+
+    torch.set_num_threads(args.threads)
+    figures = workers[args.worker](args)
+    figures["pairs_per_s"] = figures["pairs"] / figures["train_seconds"]
+    figures["peak_memory_mb"] = peak_memory_mb()
+    report(figures)
+
+
+def print_pair_figures(figures: dict[str, dict]) -> None:
+    """A preference benchmark's table: each tool's pairs, seconds, pairs/s and peak memory, then per step each
+    tool's loss, reward accuracy and reward margin."""
+    print(f"{'tool':<10} {'pairs':>6} {'seconds':>8} {'pairs/s':>8} {'peak MB':>8}")
+    for tool, row in figures.items():
+        print(f"{tool:<10} {row['pairs']:>6} {row['train_seconds']:>8.1f} {row['pairs_per_s']:>8.3f} "
+              f"{row['peak_memory_mb']:>8.0f}")
+    print("\nper step: " + "  ".join(f"{tool} loss / reward accuracy / margin" for tool in figures))
+    for step in range(max(len(row["losses"]) for row in figures.values())):
+        cells = [f"{row['losses'][step]:.4f} / {row['reward_accuracy'][step]:.2f} / {row['reward_margin'][step]:+.4f}"
+                 if step < len(row["losses"]) else "-" for row in figures.values()]
+        print(f"{step + 1:>4}  " + "    ".join(f"{cell:<28}" for cell in cells))

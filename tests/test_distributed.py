@@ -33,7 +33,7 @@ def train_one_process(config: Path, *options: str) -> subprocess.CompletedProces
 
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama_dir, tmp_path):
     # 13 training records: global micro-batches of 4, 4, 4 and 1 (in a shuffled order); the process left without
-    # a record of the last runs a stand-in weighted 0 (its share was skipped, and the 2 runs parted there).
+    # a record of the last runs a stand-in weighted 0 (that batch used to be skipped, and the 2 runs parted there).
     data = write_jsonl(tmp_path / "chats.jsonl", chat_records(16))
     single = write_config(tmp_path, tiny_llama_dir, data, "single", batch_size=4)
     double = write_config(tmp_path, tiny_llama_dir, data, "double", batch_size=2)
