@@ -129,3 +129,11 @@ def print_pair_figures(figures: dict[str, dict]) -> None:
         cells = [f"{row['losses'][step]:.4f} / {row['reward_accuracy'][step]:.2f} / {row['reward_margin'][step]:+.4f}"
                  if step < len(row["losses"]) else "-" for row in figures.values()]
         print(f"{step + 1:>4}  " + "    ".join(f"{cell:<28}" for cell in cells))
+
+
+def trains_in_bf16(precision: str) -> bool:
+    """Whether a benchmark job in `precision` (auto, fp32, bf16) trains in bf16: `auto` does where tunesmith's
+    `auto` does, on a CUDA device with bf16 (weights in bf16, bf16 autocast)."""
+    import torch
+
+    return precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
