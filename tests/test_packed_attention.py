@@ -8,7 +8,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from tunesmith.training import packed_attention as attention_module
-from tunesmith.training.packed_attention import NAME, causal_attention_by_matmul, packed_attention, record_spans
+from tunesmith.training.packed_attention import (
+    NAME,
+    causal_attention_by_matmul,
+    masked_attention_by_matmul,
+    packed_attention,
+    record_spans,
+    takes_masked_matmul,
+)
 
 
 def packed_batch(vocab: int) -> dict:
@@ -287,3 +294,58 @@ def test_a_sliding_window_model_keeps_its_window_in_packed_rows(tmp_path):
     with packed_attention(model):
         packed_logits, _ = forward_and_grads(model, batch)
     torch.testing.assert_close(packed_logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def branched_mask(dtype: torch.dtype) -> torch.Tensor:
+    """(2, 1, 11, 11) additive mask of two branched rows (objectives/branched_rows.py): a beginning of 3 tokens,
+    two continuations after it that see the beginning and themselves, causal; the second row ends in padding
+    (2 columns) whose queries see themselves only."""
+    branch = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2], [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3]])
+    lengths = torch.tensor([11, 9])
+    column = torch.arange(11)[None, :]
+    sees = (column.t() >= column) & (column < lengths[:, None])[:, None, :]
+    sees &= (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    sees |= torch.eye(11, dtype=torch.bool)
+    return torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]
+
+
+@pytest.mark.parametrize("blocks_from", [512, 4])
+def test_masked_matmul_attention_equals_sdpa_under_the_same_mask(blocks_from, monkeypatch):
+    """Branched rows' causal mask: the CPU half-precision kernel (query heads grouped, the mask's blocks inside the
+    first matmul, in one block of query rows or several) against PyTorch's SDPA under the same mask in float32:
+    outputs and the gradients of query, key and value, to bf16's rounding. Two masks in turn, so a bias cached
+    for the wrong mask would show."""
+    monkeypatch.setattr(attention_module, "QUERY_BLOCKS_FROM_LENGTH", blocks_from)
+    generator = torch.Generator().manual_seed(0)
+    mask = branched_mask(torch.bfloat16)
+    for mask_now in (mask, mask.flip(0), mask):
+        query, key, value = (torch.randn(2, heads, 11, 8, generator=generator) for heads in (6, 2, 2))
+        grad = torch.randn(2, 6, 11, 8, generator=generator)
+        results = []
+        for dtype in (torch.bfloat16, torch.float32):
+            inputs = [tensor.to(dtype).requires_grad_(True) for tensor in (query, key, value)]
+            if dtype == torch.bfloat16:
+                assert takes_masked_matmul(inputs[0], inputs[1], mask_now, dropout=0.0)
+                output = masked_attention_by_matmul(*inputs, mask_now, scaling=0.3)
+            else:
+                output = torch.nn.functional.scaled_dot_product_attention(
+                    *inputs, attn_mask=mask_now.float().clamp(min=torch.finfo(torch.float32).min), scale=0.3,
+                    enable_gqa=True)
+            output.backward(grad.to(dtype))
+            results.append([output.float(), *(tensor.grad.float() for tensor in inputs)])
+        for ours, reference in zip(*results, strict=True):
+            torch.testing.assert_close(ours, reference, atol=2e-2, rtol=2e-2)
+
+
+def test_the_masked_kernel_takes_causal_half_precision_masks_only():
+    """A mask that lets a query see a later key (a bidirectional prefix) cannot be cut into query blocks; float32,
+    dropout and a boolean mask stay with SDPA."""
+    mask = branched_mask(torch.bfloat16)
+    query, key = torch.zeros(2, 6, 11, 8, dtype=torch.bfloat16), torch.zeros(2, 2, 11, 8, dtype=torch.bfloat16)
+    assert takes_masked_matmul(query, key, mask, dropout=0.0)
+    bidirectional = mask.clone()
+    bidirectional[:, :, 0, 1] = 0
+    assert not takes_masked_matmul(query, key, bidirectional, dropout=0.0)
+    assert not takes_masked_matmul(query, key, mask, dropout=0.1)
+    assert not takes_masked_matmul(query.float(), key.float(), mask.float(), dropout=0.0)
+    assert not takes_masked_matmul(query, key, mask == 0, dropout=0.0)

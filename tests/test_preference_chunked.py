@@ -269,3 +269,41 @@ def test_a_sliding_window_model_keeps_two_rows_where_its_window_is_shorter(tiny_
     assert preference.pair_row_hidden(model, batch, torch.tensor([0]), torch.tensor([0])) is None
     with torch.no_grad():
         torch.testing.assert_close(sequence_logps(model, batch, 4, paired=True)[0], full_logits_logps(model, batch))
+
+
+def test_pair_rows_in_a_bf16_training_step_take_the_masked_kernel(tiny_llama_dir, monkeypatch):
+    """Inside a CPU training step (`step_attention`, masked) the pair rows' causal mask goes to the half-precision
+    masked kernel in every layer: log-probs and LoRA gradients equal transformers' SDPA under the same mask, to
+    bf16's rounding."""
+    from tunesmith.training import packed_attention
+    from tunesmith.training.packed_attention import step_attention
+
+    model_config = ModelConfig(name=str(tiny_llama_dir))
+    batch = prefix_pair_batch(load_tokenizer(model_config))
+    torch.manual_seed(0)
+    lora = METHODS.get("lora")
+    model = lora.apply(load_model(model_config, "dpo"), lora.settings(), "dpo").train()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    calls = []
+    kernel = packed_attention.masked_attention_by_matmul
+    monkeypatch.setattr(packed_attention, "masked_attention_by_matmul", lambda *args: calls.append(1) or kernel(*args))
+
+    def logps_and_gradients(masked: bool):
+        model.zero_grad(set_to_none=True)
+        with step_attention(model, packed=False, masked=masked), torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, _ = sequence_logps(model, batch, 4, paired=True)
+        (logps * torch.linspace(1.0, 2.0, len(logps))).sum().backward()
+        return logps.detach(), [parameter.grad.clone() for parameter in model.parameters() if parameter.requires_grad]
+
+    masked_logps, masked_grads = logps_and_gradients(True)
+    assert len(calls) == model.config.num_hidden_layers
+    sdpa_logps, sdpa_grads = logps_and_gradients(False)
+    assert len(calls) == model.config.num_hidden_layers
+    assert model.config._attn_implementation == "sdpa"  # restored after the step
+    torch.testing.assert_close(masked_logps, sdpa_logps, rtol=2e-2, atol=0.5)
+    for ours, reference in zip(masked_grads, sdpa_grads, strict=True):
+        assert reference.abs().sum() > 0
+        torch.testing.assert_close(ours, reference, rtol=5e-2, atol=5e-2 * reference.abs().max().item())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from tunesmith.objectives.causal_lm import _language_model
+from tunesmith.training.packed_attention import MASKED_NAME
 
 BEGINNING = 0
 """The branch number of a row's shared beginning; continuations are 1, 2, ..."""
@@ -29,7 +30,8 @@ def takes_branched_rows(model: torch.nn.Module, width: int | None = None) -> boo
     wider than its window, where the window hides nothing."""
     config = _language_model(model).config
     window = sliding_window(config)
-    return config._attn_implementation == "sdpa" and (window is None or (width is not None and width <= window))
+    return config._attn_implementation in ("sdpa", MASKED_NAME) and (
+        window is None or (width is not None and width <= window))
 
 
 def sliding_window(model_config) -> int | None:

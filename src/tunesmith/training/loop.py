@@ -53,7 +53,7 @@ from tunesmith.training.distributed import ProcessGroup
 from tunesmith.training.memory import return_large_buffers_to_the_os
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
-from tunesmith.training.packed_attention import packed_attention
+from tunesmith.training.packed_attention import step_attention
 from tunesmith.training.parallel_rows import RowThreads, active_dropout, balanced_parts, parallel_rows_choice
 from tunesmith.training.recompute import enable_recompute
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs, training_batch
@@ -519,6 +519,8 @@ def train(
         reference = cache_reference_outputs(objective, reference, model, data.train + data.eval, config)
     before_backward = None
     cuda_graphs = train_config.compile and train_config.compile_mode in CUDA_GRAPH_MODES
+    # The masked-rows attention kernel helps on the CPU only; compiled layers keep SDPA, which they trace.
+    masked_rows = accelerator.device.type == "cpu" and not train_config.compile
     if sharded and not train_config.reduce_each_micro_batch:  # reduce-scatter in the step's last backward only
         before_backward = functools.partial(reduce_gradients, model)
     optimizer = accelerator.prepare_optimizer(build_optimizer(model, train_config, method, config.method))
@@ -650,8 +652,9 @@ def train(
                 sum(part["input_ids"].numel() for part in parts),
             ]
             step_loss_tokens, step_tokens, step_positions = group.sum(local_counts)
-            # Packed rows: each record attends within itself through causal kernels, no block mask.
-            with packed_attention(model) if config.data.packing else nullcontext():
+            # Packed rows: each record attends within itself through causal kernels, no block mask; branched rows
+            # (pairs, rl groups) under their causal mask through the masked-rows kernel on the CPU in half precision.
+            with step_attention(model, packed=config.data.packing, masked=masked_rows):
                 step_loss, step_metrics, task_losses = accumulate_gradients(
                     model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens,
                     before_backward, cuda_graphs, rows, trainable,

@@ -290,17 +290,127 @@ AttentionInterface.register(NAME, packed_sdpa_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, packed_rows_mask)
 
 
+# --- rows under a causal additive mask (branched rows: objectives/branched_rows.py) ---------------------------------
+
+MASKED_NAME = "tunesmith_masked_sdpa"
+
+
+class _CausalMasks(threading.local):
+    """Whether the forward's additive mask is causal (nothing above its diagonal can be seen), read once per
+    forward: every layer receives the same mask tensor. Also each query block's bias, cut from the mask and laid
+    out for the grouped query heads, built once per forward rather than once per layer. One per thread
+    (`train.parallel_rows`)."""
+
+    def __init__(self):
+        self.mask: weakref.ref | None = None
+        self.causal = False
+        self.biases: dict[tuple, torch.Tensor] = {}
+
+    def is_causal(self, mask: torch.Tensor) -> bool:
+        if self.mask is None or self.mask() is not mask:
+            length = mask.shape[-1]
+            above = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu(1)
+            self.causal = bool((mask[..., above] == torch.finfo(mask.dtype).min).all())
+            self.mask = weakref.ref(mask)
+            self.biases = {}
+        return self.causal
+
+    def block_bias(self, mask: torch.Tensor, start: int, end: int, key_heads: int, groups: int) -> torch.Tensor:
+        """(B * Hkv, groups * (end - start), end): the mask's rows start..end over the keys up to `end`, repeated
+        for each query head of a key head's group, for each key head."""
+        key = (start, end, key_heads, groups)
+        if key not in self.biases:
+            rows = mask[:, 0, start:end, :end].repeat(1, groups, 1)  # (B, G*(end-start), end)
+            self.biases[key] = rows[:, None].expand(-1, key_heads, -1, -1).reshape(-1, *rows.shape[1:])
+        return self.biases[key]
+
+
+_causal_masks = _CausalMasks()
+
+
+def masked_attention_by_matmul(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Attention of rows (B, H, L, D) from (B, Hkv, L, D) keys and values under a causal additive mask
+    (B, 1, L, L), as `causal_attention_by_matmul` computes one record: the query heads of a key head stacked,
+    the scale and the mask's block added inside the first matmul, the softmax on the half-precision scores, and
+    rows of 512 or more in QUERY_BLOCKS blocks, each attending to the keys up to its last row (the mask hides
+    the rest). Returns (B, H, L, D)."""
+    rows, heads, length, dim = query.shape
+    key_heads = key.shape[1]
+    groups = heads // key_heads
+    scale = dim**-0.5 if scaling is None else scaling
+    blocks = QUERY_BLOCKS if length >= QUERY_BLOCKS_FROM_LENGTH else 1
+    spans = list(itertools.pairwise(length * index // blocks for index in range(blocks + 1)))
+    keys = key.reshape(rows * key_heads, length, dim).transpose(-1, -2)  # (B*Hkv, D, L)
+    values = value.reshape(rows * key_heads, length, dim)  # (B*Hkv, L, D)
+    outputs = []
+    for (start, end), block in zip(spans, query.split([end - start for start, end in spans], dim=2), strict=True):
+        grouped_rows = block.reshape(rows * key_heads, groups * (end - start), dim)  # (B*Hkv, G*(end-start), D)
+        bias = _causal_masks.block_bias(mask, start, end, key_heads, groups)  # (B*Hkv, G*(end-start), end)
+        scores = torch.baddbmm(bias, grouped_rows, keys[:, :, :end], alpha=scale)  # (B*Hkv, G*(end-start), end)
+        weights = torch.softmax(scores, dim=-1)
+        outputs.append((weights @ values[:, :end]).reshape(rows, heads, end - start, dim))
+    return outputs[0] if blocks == 1 else torch.cat(outputs, dim=2)
+
+
+def takes_masked_matmul(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> bool:
+    """Half precision on the CPU (where PyTorch's masked SDPA kernel is slow: one layer of two 958-token pair
+    rows, 9 heads, forward + backward in bf16, 92-104 ms against 40-42 ms here), whole rows, no dropout, and an
+    additive causal mask of the rows' full size."""
+    return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
+            and mask is not None and mask.dtype == query.dtype and mask.dim() == 4 and mask.shape[1] == 1
+            and query.shape[2] == key.shape[2] == mask.shape[2] == mask.shape[3]
+            and _causal_masks.is_causal(mask))
+
+
+@torch.compiler.disable
+def masked_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (B, H, T, D)
+    key: torch.Tensor,  # (B, Hkv, T, D)
+    value: torch.Tensor,  # (B, Hkv, T, D)
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract (output (B, T, H, D), no weights): `masked_attention_by_matmul`
+    where it applies (`takes_masked_matmul`), transformers' SDPA function otherwise. Under a half-precision
+    autocast the inputs are cast to its dtype first, as autocast casts SDPA's (float32 weights give float32
+    queries: the rotary embedding's float32 cos / sin promote them)."""
+    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = (tensor.to(dtype) for tensor in (query, key, value))
+    if not takes_masked_matmul(query, key, attention_mask, dropout):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    return masked_attention_by_matmul(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(MASKED_NAME, masked_sdpa_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(MASKED_NAME, sdpa_mask)
+
+
 @contextmanager
-def packed_attention(model: torch.nn.Module):
-    """Use the per-record attention inside the block (training on packed rows), SDPA again after it
-    (so exported configs and later evaluation or generation are untouched)."""
+def step_attention(model: torch.nn.Module, packed: bool, masked: bool):
+    """Inside the block (a training step), attention for the step's rows: per record for `packed` rows
+    (`packed_sdpa_attention`), or with `masked` the masked-rows kernel wherever a forward passes a causal additive
+    mask (`masked_sdpa_attention`: a preference pair's or an rl group's branched rows); SDPA again after it (so
+    exported configs and later evaluation or generation are untouched). Set once for the step, not per forward:
+    `train.parallel_rows` runs forwards of one model in several threads."""
     base = unwrapped_model(model)
     previous = base.config._attn_implementation
-    if previous != "sdpa":  # eager / flash kernels chosen by the user are left alone
+    if previous != "sdpa" or not (packed or masked):  # eager / flash kernels chosen by the user are left alone
         yield
         return
-    base.set_attn_implementation(NAME)
+    base.set_attn_implementation(NAME if packed else MASKED_NAME)
     try:
         yield
     finally:
         base.set_attn_implementation(previous)
+
+
+def packed_attention(model: torch.nn.Module):
+    """The per-record attention of packed rows inside the block (`step_attention`)."""
+    return step_attention(model, packed=True, masked=False)
