@@ -71,7 +71,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", type=int, choices=(0, 1), default=0,
                         help="1: both tools recompute activations in the backward pass (trl's default); 0: neither")
     parser.add_argument("--tools", default=",".join(TOOLS))
-    parser.add_argument("--loss-tolerance", type=float, default=0.01)
+    parser.add_argument("--loss-tolerance", type=float,
+                        help="the largest relative difference of a step's loss; default 1%% in fp32, 5%% in bf16 (the "
+                        "tools round differently: pair rows against two rows, their attention kernels)")
     parser.add_argument("--json", type=Path, help="also write the job and the figures here")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -202,10 +204,11 @@ def main() -> None:
           f"seed {args.seed}, {args.threads} threads, {'bf16' if trains_in_bf16(args.precision) else 'fp32'}\n")
     print_pair_figures(figures)
     agree = True
+    tolerance = args.loss_tolerance or (0.05 if trains_in_bf16(args.precision) else 0.01)
     ours, theirs = figures.get("tunesmith"), figures.get("trl")
     if ours and theirs:
         differences = [abs(mine - peer) / peer for mine, peer in zip(ours["losses"], theirs["losses"], strict=True)]
-        agree = max(differences) <= args.loss_tolerance
+        agree = max(differences) <= tolerance
         figures["ratios"] = {"pairs_per_s": ours["pairs_per_s"] / theirs["pairs_per_s"],
                              "peak_memory": ours["peak_memory_mb"] / theirs["peak_memory_mb"],
                              "largest_step_loss_relative_difference": max(differences)}
@@ -213,7 +216,7 @@ def main() -> None:
               f"x{figures['ratios']['peak_memory']:.2f}, step losses differ by at most {100 * max(differences):.3f}%")
     write_figures(args, figures)
     if not agree:
-        raise SystemExit(f"loss curves disagree (each step within {100 * args.loss_tolerance:.1f}%)")
+        raise SystemExit(f"loss curves disagree (each step within {100 * tolerance:.1f}%)")
 
 
 if __name__ == "__main__":
