@@ -155,11 +155,17 @@ def test_records_longer_than_the_matmul_limit_take_the_flash_kernel(monkeypatch)
     assert used == [8]
 
 
-def test_packed_bfloat16_training_forward_matches_the_masked_path(tiny_llama_dir, monkeypatch):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa",
-                                                 dtype=torch.bfloat16).train()
+@pytest.mark.parametrize("precision", ["bf16 model", "bf16 autocast"])
+def test_packed_bfloat16_training_forward_matches_the_masked_path(precision, tiny_llama_dir, monkeypatch):
+    """A bf16 model, or float32 weights under bf16 autocast (whose queries come out of the rotary embedding in
+    float32: cast to bf16, as autocast casts SDPA's), take the half-precision matmul kernel per record."""
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, attn_implementation="sdpa",
+        dtype=torch.bfloat16 if precision == "bf16 model" else torch.float32).train()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast")
     batch = packed_batch(model.config.vocab_size)
-    masked_logits, _ = forward_and_grads(model, batch)
+    with autocast:
+        masked_logits, _ = forward_and_grads(model, batch)
     biases_built = []
     build = attention_module._RecordLengths.causal_bias
 
@@ -171,7 +177,7 @@ def test_packed_bfloat16_training_forward_matches_the_masked_path(tiny_llama_dir
     triu_calls = []
     triu = torch.Tensor.triu
     monkeypatch.setattr(torch.Tensor, "triu", lambda self, *args: triu_calls.append(self.shape) or triu(self, *args))
-    with packed_attention(model):
+    with packed_attention(model), autocast:
         packed_logits, _ = forward_and_grads(model, batch)
     torch.testing.assert_close(packed_logits.float(), masked_logits.float(), atol=5e-2, rtol=5e-2)
     # every layer asked for each record's causal bias; each distinct record length's was built once

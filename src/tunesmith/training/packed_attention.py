@@ -235,6 +235,19 @@ def varlen_packed_attention(
     return kernel(flat(query), flat(key), flat(value), offsets, longest, scaling).reshape(batch, length, heads, dim)
 
 
+def autocast_inputs(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention inputs in the autocast dtype where autocast is on, as autocast casts SDPA's: float32 weights
+    give float32 queries under a bf16 autocast (the rotary embedding's float32 cos / sin promote them), and the
+    half-precision kernels here choose by the inputs' dtype."""
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 @torch.compiler.disable  # record lengths change per batch: `train.compile` leaves attention eager
 def packed_sdpa_attention(
     module: torch.nn.Module,
@@ -259,6 +272,7 @@ def packed_sdpa_attention(
             window is not None and max(max(row) for row in _record_lengths.of(position_ids)) > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
+    query, key, value = autocast_inputs(query, key, value)
     if uses_varlen(query, dropout):
         return varlen_packed_attention(query, key, value, position_ids, scaling, varlen_kernel()), None
     rows = []
@@ -376,12 +390,8 @@ def masked_sdpa_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract (output (B, T, H, D), no weights): `masked_attention_by_matmul`
-    where it applies (`takes_masked_matmul`), transformers' SDPA function otherwise. Under a half-precision
-    autocast the inputs are cast to its dtype first, as autocast casts SDPA's (float32 weights give float32
-    queries: the rotary embedding's float32 cos / sin promote them)."""
-    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-        query, key, value = (tensor.to(dtype) for tensor in (query, key, value))
+    where it applies (`takes_masked_matmul`), transformers' SDPA function otherwise (`autocast_inputs` first)."""
+    query, key, value = autocast_inputs(query, key, value)
     if not takes_masked_matmul(query, key, attention_mask, dropout):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
