@@ -126,36 +126,53 @@ QUERY_BLOCKS_FROM_LENGTH = 512
 def causal_attention_by_matmul(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
 ) -> torch.Tensor:
-    """Causal attention of one record (1, H, L, D) from (1, Hkv, L, D) keys and values, as two batched
-    matmuls and a softmax per block of query rows (QUERY_BLOCKS). The query heads that share a key head are
-    stacked along the query axis, so keys and values are never repeated per head. The scale and the causal
-    bias are applied inside the first matmul (baddbmm: one rounding of the scaled, biased float32 sum), and
-    the softmax runs on the half-precision scores: PyTorch's CPU kernel works in float32 inside and rounds its
-    output once, as `softmax(dtype=float32).to(dtype)` would, without the two float32 copies of the (L, L)
-    scores for the forward and two more for the backward.
+    """Causal attention of one record (1, H, L, D) from (1, Hkv, L, D) keys and values: `attention_by_matmul`
+    with each query block's causal bias.
 
     Used for bfloat16 / float16 on CPU, where PyTorch's flash kernel's backward is the slow part of a
     step (see MATMUL_ATTENTION_MAX_LENGTH). One layer, 9 heads, forward + backward in bfloat16, record of
     512 tokens, fastest of 18 runs on this project's CPU: flash 20.5 ms, this kernel with a separate scale,
     mask and float32 softmax (transformers' eager recipe) 23.0 ms, this kernel in one block 10.9 ms.
     """
-    _, heads, length, dim = query.shape
+    key_heads = key.shape[1]
+
+    def causal_bias(start: int, end: int, groups: int) -> torch.Tensor:
+        bias = _record_lengths.causal_bias(start, end, groups, query.dtype, query.device)  # (G*(end-start), end)
+        return bias.expand(key_heads, -1, -1)
+
+    return attention_by_matmul(query, key, value, scaling, causal_bias)
+
+
+def attention_by_matmul(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+    block_bias: Callable[[int, int, int], torch.Tensor],
+) -> torch.Tensor:
+    """Attention of rows (B, H, L, D) from (B, Hkv, L, D) keys and values under a causal layout, as two batched
+    matmuls and a softmax per block of query rows (QUERY_BLOCKS). The query heads that share a key head are
+    stacked along the query axis, so keys and values are never repeated per head. `block_bias(start, end,
+    groups)` gives the additive bias (B * Hkv, groups * (end - start), end) of the query rows start..end over the
+    keys up to `end` (a block attends to no later key); the scale and the bias are applied inside the first
+    matmul (baddbmm: one rounding of the scaled, biased float32 sum), and the softmax runs on the half-precision
+    scores: PyTorch's CPU kernel works in float32 inside and rounds its output once, as
+    `softmax(dtype=float32).to(dtype)` would, without the two float32 copies of the (L, L) scores for the
+    forward and two more for the backward."""
+    rows, heads, length, dim = query.shape
     key_heads = key.shape[1]
     groups = heads // key_heads
     scale = dim**-0.5 if scaling is None else scaling
     blocks = QUERY_BLOCKS if length >= QUERY_BLOCKS_FROM_LENGTH else 1
     spans = list(itertools.pairwise(length * index // blocks for index in range(blocks + 1)))
-    # split, not slices: one backward concatenates the blocks' query gradients (a slice's zero-fills all of them)
-    query_blocks = query[0].split([end - start for start, end in spans], dim=1)
+    keys = key.reshape(rows * key_heads, length, dim).transpose(-1, -2)  # (B*Hkv, D, L)
+    values = value.reshape(rows * key_heads, length, dim)  # (B*Hkv, L, D)
     outputs = []
-    for (start, end), rows in zip(spans, query_blocks, strict=True):
-        grouped_rows = rows.reshape(key_heads, groups * (end - start), dim)  # (Hkv, G*B, D)
-        bias = _record_lengths.causal_bias(start, end, groups, query.dtype, query.device)  # (G*B, end)
-        seen = key[0, :, :end].transpose(-1, -2)  # (Hkv, D, end): the keys up to the block's last row
-        scores = torch.baddbmm(bias.expand(key_heads, -1, -1), grouped_rows, seen, alpha=scale)  # (Hkv, G*B, end)
+    # split, not slices: one backward concatenates the blocks' query gradients (a slice's zero-fills all of them)
+    for (start, end), block in zip(spans, query.split([end - start for start, end in spans], dim=2), strict=True):
+        grouped_rows = block.reshape(rows * key_heads, groups * (end - start), dim)  # (B*Hkv, G*(end-start), D)
+        bias = block_bias(start, end, groups)  # (B*Hkv, G*(end-start), end)
+        scores = torch.baddbmm(bias, grouped_rows, keys[:, :, :end], alpha=scale)  # (B*Hkv, G*(end-start), end)
         weights = torch.softmax(scores, dim=-1)
-        outputs.append((weights @ value[0, :, :end]).reshape(heads, end - start, dim))
-    return (outputs[0] if blocks == 1 else torch.cat(outputs, dim=1))[None]
+        outputs.append((weights @ values[:, :end]).reshape(rows, heads, end - start, dim))
+    return outputs[0] if blocks == 1 else torch.cat(outputs, dim=2)
 
 
 def record_attention(
@@ -346,26 +363,11 @@ def masked_attention_by_matmul(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
 ) -> torch.Tensor:
     """Attention of rows (B, H, L, D) from (B, Hkv, L, D) keys and values under a causal additive mask
-    (B, 1, L, L), as `causal_attention_by_matmul` computes one record: the query heads of a key head stacked,
-    the scale and the mask's block added inside the first matmul, the softmax on the half-precision scores, and
-    rows of 512 or more in QUERY_BLOCKS blocks, each attending to the keys up to its last row (the mask hides
-    the rest). Returns (B, H, L, D)."""
-    rows, heads, length, dim = query.shape
+    (B, 1, L, L): `attention_by_matmul` with the mask's blocks as the bias. Returns (B, H, L, D)."""
     key_heads = key.shape[1]
-    groups = heads // key_heads
-    scale = dim**-0.5 if scaling is None else scaling
-    blocks = QUERY_BLOCKS if length >= QUERY_BLOCKS_FROM_LENGTH else 1
-    spans = list(itertools.pairwise(length * index // blocks for index in range(blocks + 1)))
-    keys = key.reshape(rows * key_heads, length, dim).transpose(-1, -2)  # (B*Hkv, D, L)
-    values = value.reshape(rows * key_heads, length, dim)  # (B*Hkv, L, D)
-    outputs = []
-    for (start, end), block in zip(spans, query.split([end - start for start, end in spans], dim=2), strict=True):
-        grouped_rows = block.reshape(rows * key_heads, groups * (end - start), dim)  # (B*Hkv, G*(end-start), D)
-        bias = _causal_masks.block_bias(mask, start, end, key_heads, groups)  # (B*Hkv, G*(end-start), end)
-        scores = torch.baddbmm(bias, grouped_rows, keys[:, :, :end], alpha=scale)  # (B*Hkv, G*(end-start), end)
-        weights = torch.softmax(scores, dim=-1)
-        outputs.append((weights @ values[:, :end]).reshape(rows, heads, end - start, dim))
-    return outputs[0] if blocks == 1 else torch.cat(outputs, dim=2)
+    return attention_by_matmul(
+        query, key, value, scaling,
+        lambda start, end, groups: _causal_masks.block_bias(mask, start, end, key_heads, groups))
 
 
 def takes_masked_matmul(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> bool:
