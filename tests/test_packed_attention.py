@@ -343,9 +343,10 @@ def test_masked_matmul_attention_equals_sdpa_under_the_same_mask(blocks_from, mo
             torch.testing.assert_close(ours, reference, atol=2e-2, rtol=2e-2)
 
 
-def test_the_masked_kernel_takes_causal_half_precision_masks_only():
+def test_the_masked_kernel_takes_causal_half_precision_masks_only(monkeypatch):
     """A mask that lets a query see a later key (a bidirectional prefix) cannot be cut into query blocks; float32,
-    dropout and a boolean mask stay with SDPA."""
+    dropout, a boolean mask and rows longer than the matmul limit (whose probabilities it would keep) stay with
+    SDPA."""
     mask = branched_mask(torch.bfloat16)
     query, key = torch.zeros(2, 6, 11, 8, dtype=torch.bfloat16), torch.zeros(2, 2, 11, 8, dtype=torch.bfloat16)
     assert takes_masked_matmul(query, key, mask, dropout=0.0)
@@ -355,3 +356,5 @@ def test_the_masked_kernel_takes_causal_half_precision_masks_only():
     assert not takes_masked_matmul(query, key, mask, dropout=0.1)
     assert not takes_masked_matmul(query.float(), key.float(), mask.float(), dropout=0.0)
     assert not takes_masked_matmul(query, key, mask == 0, dropout=0.0)
+    monkeypatch.setattr(attention_module, "MATMUL_ATTENTION_MAX_LENGTH", 10)
+    assert not takes_masked_matmul(query, key, mask, dropout=0.0)

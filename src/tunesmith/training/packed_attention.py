@@ -372,11 +372,12 @@ def masked_attention_by_matmul(
 
 def takes_masked_matmul(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> bool:
     """Half precision on the CPU (where PyTorch's masked SDPA kernel is slow: one layer of two 958-token pair
-    rows, 9 heads, forward + backward in bf16, 92-104 ms against 40-42 ms here), whole rows, no dropout, and an
-    additive causal mask of the rows' full size."""
+    rows, 9 heads, forward + backward in bf16, 92-104 ms against 40-42 ms here), whole rows of at most
+    MATMUL_ATTENTION_MAX_LENGTH (the kernel keeps each block's probabilities for the backward, which grow with the
+    square of the length; SDPA keeps none), no dropout, and an additive causal mask of the rows' full size."""
     return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
             and mask is not None and mask.dtype == query.dtype and mask.dim() == 4 and mask.shape[1] == 1
-            and query.shape[2] == key.shape[2] == mask.shape[2] == mask.shape[3]
+            and query.shape[2] == key.shape[2] == mask.shape[2] == mask.shape[3] <= MATMUL_ATTENTION_MAX_LENGTH
             and _causal_masks.is_causal(mask))
 
 
