@@ -26,7 +26,7 @@ Requires trl (`pip install trl`).
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
 import os
 import statistics
@@ -39,6 +39,7 @@ from workers import (
     print_pair_figures,
     run_tools,
     step_timer,
+    train_pairs,
     trains_in_bf16,
     write_figures,
 )
@@ -108,20 +109,7 @@ def job_micro_batches(args: argparse.Namespace) -> tuple[list[list[dict]], objec
 
 
 def run_tunesmith(args: argparse.Namespace) -> dict:
-    from tunesmith.training import train
-
-    with tempfile.TemporaryDirectory() as folder:
-        result = train(job_config(args, Path(folder) / "run"))
-        rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [row for row in rows if "loss" in row]
-    return {
-        "pairs": sum(row["loss_tokens"] for row in steps),  # dpo counts pairs as its loss units
-        "pairs_in_data": result.summary["data"]["used_train"],  # after skipping pairs truncated to nothing
-        "train_seconds": result.summary["train_seconds"],
-        "losses": [row["loss"] for row in steps],
-        "reward_accuracy": [row["reward_accuracy"] for row in steps],
-        "reward_margin": [row["reward_margin"] for row in steps],
-    }
+    return train_pairs(functools.partial(job_config, args))
 
 
 class MicroBatchCollator:

@@ -137,3 +137,25 @@ def trains_in_bf16(precision: str) -> bool:
     import torch
 
     return precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def train_pairs(config_at) -> dict:
+    """A preference job trained by tunesmith, `config_at(output_dir)` its run config (a pair task: dpo, reward,
+    whose loss units are pairs): the pairs trained, the usable pairs, the summed step time and per step the loss,
+    reward accuracy and reward margin from its metrics."""
+    import tempfile
+
+    from tunesmith.training import train
+
+    with tempfile.TemporaryDirectory() as folder:
+        result = train(config_at(Path(folder) / "run"))
+        rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    return {
+        "pairs": sum(row["loss_tokens"] for row in steps),
+        "pairs_in_data": result.summary["data"]["used_train"],  # after skipping pairs truncated to nothing
+        "train_seconds": result.summary["train_seconds"],
+        "losses": [row["loss"] for row in steps],
+        "reward_accuracy": [row["reward_accuracy"] for row in steps],
+        "reward_margin": [row["reward_margin"] for row in steps],
+    }
