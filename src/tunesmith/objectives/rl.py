@@ -606,7 +606,8 @@ def reward_eval_sums(model: torch.nn.Module, batch: dict, settings: SamplingSett
     rewards, parts = score_completions(batch, samples, settings)
     return {
         "reward": float(rewards.sum()),
-        **{f"reward_{name}": float(sum(values)) for name, values in parts.items()},
+        # summed as the total is (float32), so a run with one reward function reports one number for both
+        **{f"reward_{name}": float(torch.tensor(values, dtype=torch.float32).sum()) for name, values in parts.items()},
         "completion_length": float(samples["completion_mask"].sum()),
         "count": len(samples["texts"]),
     }

@@ -57,6 +57,7 @@ from tunesmith.training.packed_attention import step_attention
 from tunesmith.training.parallel_rows import RowThreads, active_dropout, balanced_parts, parallel_rows_choice
 from tunesmith.training.recompute import enable_recompute
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs, training_batch
+from tunesmith.training.rms_norm import use_fast_rms_norm
 from tunesmith.training.sharded_export import save_sharded_model, streamable
 from tunesmith.training.sharding import (
     adapter_parameters,
@@ -621,8 +622,11 @@ def train(
     )
     # Last, so the reference copy and continual anchors hold plain modules; after fully_shard (FSDP's hooks
     # stay outside the compiled graphs: training/compile.py).
+    # Compiled layers fuse the norms themselves.
     if train_config.compile:
         compile_layers(model, train_config.compile_mode)
+    else:
+        use_fast_rms_norm(model)
     model.train()
     with (StopSignal() as stop_signal, progress,
           compiled_loss_chunks() if train_config.compile else nullcontext(),
