@@ -75,6 +75,25 @@ def _softmax_rows(
     return max(SOFTMAX_BLOCK_ELEMENTS // vocabulary, 1)
 
 
+# On the CPU in half precision, oneDNN builds (JIT-compiles) a matmul kernel for each new shape and caches it: the
+# head's forward and backward for a new number of positions took 5-8 and 12-23 ms to build, against 20-25 ms to
+# run each (SmolLM2-135M, 600-900 positions, one thread); and with packed rows almost every chunk brings a new
+# count. Rounded up to a multiple of this, a run meets at most loss_chunk_tokens / 64 shapes, built once each,
+# for at most 63 rows more of the two matmuls. Float32 CPU matmuls (no kernels built per shape) and GPUs take
+# the chunk as it is.
+MATMUL_ROW_MULTIPLE = 64
+
+
+def _matmul_rows(chunk: torch.Tensor) -> torch.Tensor:
+    """`chunk` (C, H) with zero rows added up to a multiple of MATMUL_ROW_MULTIPLE where that saves building
+    kernels (half precision on the CPU); as it is elsewhere. A matmul's output row depends only on its input row,
+    so the first C rows of the logits are the same either way."""
+    if chunk.device.type != "cpu" or chunk.dtype not in (torch.bfloat16, torch.float16):
+        return chunk
+    extra = -chunk.shape[0] % MATMUL_ROW_MULTIPLE
+    return F.pad(chunk, (0, 0, 0, extra)) if extra else chunk
+
+
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     device = hidden.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
@@ -105,10 +124,10 @@ def _loss_and_gradients(
     workspace = None  # (block_rows, V) float32, one for every block of every chunk of the call
     with torch.autocast(hidden.device.type, enabled=False):
         for start, end in _chunk_bounds(hidden.shape[0], chunk_tokens):
-            chunk = hidden[start:end].to(dtype)  # (C, H)
-            logits = F.linear(chunk, matmul_weight, matmul_bias)  # (C, V)
+            chunk = _matmul_rows(hidden[start:end].to(dtype))  # (C', H): C' >= C, any rows past C zero
+            logits = F.linear(chunk, matmul_weight, matmul_bias)  # (C', V)
             if correct is not None:  # before the softmax works over the logits
-                correct += (logits.argmax(-1) == targets[start:end]).sum()
+                correct += (logits[: end - start].argmax(-1) == targets[start:end]).sum()
             rows = block_rows or end - start
             blocks = range(start, end, rows)
             if len(blocks) > 1 and workspace is None:
@@ -119,9 +138,10 @@ def _loss_and_gradients(
                 block_workspace = None if len(blocks) == 1 else workspace[: last - first]
                 block_sum, _ = chunk_loss(*block, workspace=block_workspace, gradient=any(needs))
                 loss_sum += block_sum
-            grad_logits = logits  # (C, V)
-            if grad_hidden is not None:
-                grad_hidden[start:end] = grad_logits @ matmul_weight  # (C, H), rounded to hidden's dtype
+            grad_logits = logits  # (C', V)
+            grad_logits[end - start :].zero_()  # the added rows: no loss, no gradient
+            if grad_hidden is not None:  # (C, H), rounded to hidden's dtype
+                grad_hidden[start:end] = (grad_logits @ matmul_weight)[: end - start]
             if grad_weight is not None:
                 grad_weight += (grad_logits.t() @ chunk).to(weight.dtype)  # (V, H)
             if grad_bias is not None:
