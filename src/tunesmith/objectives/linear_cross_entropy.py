@@ -57,13 +57,14 @@ def softmax_cross_entropy(
     return loss_sum, logits.copy_(exps)
 
 
-# On the CPU the float32 softmax of half-precision logits runs over blocks of at most this many logits (16 MiB),
+# On the CPU the float32 softmax of half-precision logits runs over blocks of at most this many logits (1 MiB),
 # all in one float32 buffer: a float32 copy of the whole chunk would be a fresh mapping each time (glibc maps
-# large blocks; a page fault per 4 KiB of it). 900 positions, vocabulary 49,152, bfloat16, fastest of 5 on this
-# project's CPU: chunk loss 396 -> 330 ms; in training, micro-batches alternated: 483 -> 386 ms per 1,000 loss
-# positions, and no 180 MB float32 copy of the chunk. GPUs take the chunk whole,
+# large blocks; a page fault per 4 KiB of it), and a block this small stays in the core's L2 cache through the
+# softmax's eight passes over it. 448 positions, vocabulary 49,152, bfloat16, one thread, best of 3: 30.3-32.8 ms
+# in blocks of 85 rows (16 MiB, the size before), 31.1 in 16 rows, 22.7 in 4 rows (this size: 5); in training
+# (`bench/train_throughput.py --precision bf16`) +2.6-3.3% tokens/s. GPUs take the chunk whole,
 # and so does the compiled loss (train.compile: no float32 buffer exists in its fused kernels).
-SOFTMAX_BLOCK_ELEMENTS = 1 << 22
+SOFTMAX_BLOCK_ELEMENTS = 1 << 18
 
 
 def _softmax_rows(
