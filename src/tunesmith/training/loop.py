@@ -621,8 +621,8 @@ def train(
         console=console,
     )
     # Last, so the reference copy and continual anchors hold plain modules; after fully_shard (FSDP's hooks
-    # stay outside the compiled graphs: training/compile.py).
-    # Compiled layers fuse the norms themselves.
+    # stay outside the compiled graphs: training/compile.py). Eager layers get the RMSNorm with its own
+    # backward; compiled ones fuse their norms themselves.
     if train_config.compile:
         compile_layers(model, train_config.compile_mode)
     else:
