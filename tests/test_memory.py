@@ -1,13 +1,18 @@
-"""train.release_memory: freed tensor buffers leave the process at once (glibc), instead of staying resident."""
+"""glibc malloc on CPU: freed tensor buffers kept in the process while training (the default), or given back to
+the system at once (`train.release_memory`)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
+from helpers import chat_records, run_config, write_jsonl
 
-PROBE = """
+LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt; others are untouched")
+
+RELEASE_PROBE = """
 import sys, torch
 from tunesmith.training.memory import return_large_buffers_to_the_os
 
@@ -24,13 +29,59 @@ del tensors[::2]  # free every other one: holes in the middle of the heap when o
 print(before - resident_mb())
 """
 
+KEEP_PROBE = """
+import sys, torch
+from contextlib import nullcontext
+from tunesmith.training.memory import kept_freed_memory
 
-def released_mb(mode: str) -> float:
-    result = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
-    return float(result.stdout.strip())
+def resident_mb():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096 / 2**20
+
+with kept_freed_memory() if sys.argv[1] == "kept" else nullcontext(True) as applied:
+    assert applied
+    torch.ones(2**21).sum()  # one 8 MiB buffer freed: by default glibc now serves 8 MiB from the heap too
+    tensors = [torch.ones(2**21) for _ in range(24)]  # 24 x 8 MiB at the heap's top, touched
+    before = resident_mb()
+    del tensors  # the heap's top is free: trimmed by default, kept for the next step when kept
+    inside = before - resident_mb()
+print(inside, before - resident_mb())
+"""
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt; other platforms are untouched")
+def released_mb(probe: str, mode: str) -> list[float]:
+    result = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True)
+    return [float(value) for value in result.stdout.split()]
+
+
+@LINUX_ONLY
 def test_freed_buffers_leave_the_resident_set_only_with_release_memory():
-    assert released_mb("on") > 80  # 12 x 8 MiB freed
-    assert released_mb("off") < 40  # glibc keeps them in the heap
+    assert released_mb(RELEASE_PROBE, "on")[0] > 80  # 12 x 8 MiB freed
+    assert released_mb(RELEASE_PROBE, "off")[0] < 40  # glibc keeps them in the heap
+
+
+@LINUX_ONLY
+def test_freed_buffers_stay_for_reuse_while_kept_and_are_trimmed_after():
+    inside, after = released_mb(KEEP_PROBE, "kept")
+    assert inside < 20  # 192 MiB freed, all of it still the process's
+    assert after > 150  # given back when the block ends
+    inside, _ = released_mb(KEEP_PROBE, "default")
+    assert inside > 150  # glibc's default trims the heap's free top at once
+
+
+def test_cpu_training_keeps_freed_memory_unless_released(tiny_llama_dir, tmp_path, monkeypatch):
+    import tunesmith.training.loop as loop
+
+    entered = []
+
+    @contextmanager
+    def spy():
+        entered.append(True)
+        yield True
+
+    monkeypatch.setattr(loop, "kept_freed_memory", spy)
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(8))
+    loop.train(run_config(tiny_llama_dir, data, tmp_path / "kept", train={"max_steps": 1}))
+    assert entered == [True]
+    loop.train(run_config(tiny_llama_dir, data, tmp_path / "released", train={"max_steps": 1, "release_memory": True}))
+    assert entered == [True]

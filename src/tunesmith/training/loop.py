@@ -50,7 +50,7 @@ from tunesmith.training.checkpoint import (
 from tunesmith.training.compile import CUDA_GRAPH_MODES, check_compile_mode, check_compiler, compile_layers
 from tunesmith.training.deepspeed_config import check_global_batch, zero_plan
 from tunesmith.training.distributed import ProcessGroup
-from tunesmith.training.memory import return_large_buffers_to_the_os
+from tunesmith.training.memory import kept_freed_memory, return_large_buffers_to_the_os
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import step_attention
@@ -628,7 +628,8 @@ def train(
     else:
         use_fast_rms_norm(model)
     model.train()
-    with (StopSignal() as stop_signal, progress,
+    keep_memory = accelerator.device.type == "cpu" and not train_config.release_memory
+    with (StopSignal() as stop_signal, progress, kept_freed_memory() if keep_memory else nullcontext(),
           compiled_loss_chunks() if train_config.compile else nullcontext(),
           RowThreads(row_threads, torch.get_num_threads()) if row_threads > 1 else nullcontext() as rows):
         bar = progress.add_task("train", total=total_steps, completed=state["step"], loss="-", lr="-", tps="-")

@@ -1,14 +1,21 @@
-"""Returning freed memory to the operating system on CPU (glibc).
+"""glibc malloc on CPU: freed tensor buffers kept for the next step, or given back to the system at once.
 
-glibc's malloc serves requests under its mmap threshold from the heap, and that threshold rises
-(up to 32 MiB) each time a large block is freed, so after the first step most activation buffers
-come from the heap, where freed blocks stay part of the process (its resident set) and fragment:
-RSS climbs micro-batch after micro-batch although the live tensors do not grow. Fixing the
-threshold at 1 MiB (mallopt M_MMAP_THRESHOLD, which also stops it from adapting) makes every
-large tensor buffer its own mapping, given back to the system the moment the tensor is freed.
-The cost is a page fault per 4 KiB page on first touch of each new buffer. Measured on a 2-core CPU
-(bench/dpo.py, bench/train_throughput.py, SmolLM2-135M LoRA): peak RSS -38% (4,885 -> 3,000 MB for
-DPO; 5,101 -> 3,225 MB for SFT) at 15-20% fewer tokens/s, hence an option (`train.release_memory`).
+glibc's malloc serves requests under its mmap threshold from the heap and maps larger ones on their own;
+the threshold starts at 128 KiB and rises (up to 32 MiB) each time a mapped block is freed, and the heap's free
+top goes back to the system once it passes the trim threshold (128 KiB, rising with the mmap threshold). A
+training step allocates and frees the same activation buffers over and over, so by default many of them are
+fresh mappings or freshly grown heap, page-faulted and zeroed by the kernel 4 KiB at a time, every step: a
+`perf record` of the CPU benchmark job (bench/train_throughput.py, bf16) put 8% of its time in the kernel
+(page clearing the most) and 9% in malloc itself.
+
+`kept_freed_memory` (the default for CPU training) raises both thresholds for the run: buffers up to 32 MiB come
+from the heap and the heap never shrinks, so a step reuses the memory the step before freed. Peak resident
+memory is the same (the same live tensors; bench/README.md), and what the heap holds is trimmed when training
+ends. `return_large_buffers_to_the_os` (`train.release_memory`) does the opposite: every buffer over 1 MiB is its
+own mapping, given back to the system the moment the tensor is freed, so resident memory tracks the live tensors
+(heap fragmentation otherwise lets it climb micro-batch after micro-batch) at the cost of a page fault per page of
+every new buffer: peak RSS -38% (5,101 -> 3,225 MB for the SFT job, 4,885 -> 3,000 MB for DPO) at 15-20% fewer
+tokens/s, measured on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -16,19 +23,56 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-MMAP_THRESHOLD_BYTES = 1 << 20
+# mallopt's parameter numbers (glibc's malloc.h)
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+
+RELEASE_MMAP_THRESHOLD = 1 << 20
+KEPT_MMAP_THRESHOLD = 32 << 20  # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit), the most its adjustment reaches
+KEPT_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int: the heap's free top is never given back while training
+KEPT_TOP_PAD = 64 << 20  # the heap grows in 64 MiB steps, not one system call per new buffer
+# After training: the thresholds glibc's own adjustment reaches once a 32 MiB block has been freed, and no pad.
+AFTER_TRIM_THRESHOLD = 2 * KEPT_MMAP_THRESHOLD
+AFTER_TOP_PAD = 0
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc (it has mallopt and malloc_trim), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (both glibc-only: musl and others lack them)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def return_large_buffers_to_the_os() -> bool:
     """Set glibc's mmap threshold to 1 MiB for this process; False where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, RELEASE_MMAP_THRESHOLD))
 
+
+@contextmanager
+def kept_freed_memory() -> Iterator[bool]:
+    """glibc keeps freed buffers (up to 32 MiB each) in the process for reuse while the block runs; after it, the
+    trim threshold glibc would have reached, and the heap's free memory trimmed. Yields False (and changes nothing)
+    where the C library is not glibc."""
+    libc = _glibc()
+    if libc is None:
+        yield False
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, KEPT_MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
+    libc.mallopt(M_TOP_PAD, KEPT_TOP_PAD)
+    try:
+        yield True
+    finally:
+        libc.mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
+        libc.mallopt(M_TOP_PAD, AFTER_TOP_PAD)
+        libc.malloc_trim(0)
