@@ -12,13 +12,15 @@ from helpers import chat_records, run_config, write_jsonl
 
 LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt; others are untouched")
 
-RELEASE_PROBE = """
-import sys, torch
-from tunesmith.training.memory import return_large_buffers_to_the_os
-
+RESIDENT_MB = """
 def resident_mb():
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * 4096 / 2**20
+"""
+
+RELEASE_PROBE = RESIDENT_MB + """
+import sys, torch
+from tunesmith.training.memory import return_large_buffers_to_the_os
 
 if sys.argv[1] == "on":
     assert return_large_buffers_to_the_os()
@@ -29,14 +31,10 @@ del tensors[::2]  # free every other one: holes in the middle of the heap when o
 print(before - resident_mb())
 """
 
-KEEP_PROBE = """
+KEEP_PROBE = RESIDENT_MB + """
 import sys, torch
 from contextlib import nullcontext
 from tunesmith.training.memory import kept_freed_memory
-
-def resident_mb():
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * 4096 / 2**20
 
 with kept_freed_memory() if sys.argv[1] == "kept" else nullcontext(True) as applied:
     assert applied
