@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -11,10 +13,11 @@ import sys
 import pytest
 import torch
 from helpers import assert_same_weights, chat_records, run_config, write_jsonl
+from rich.console import Console
 from safetensors.torch import load_file
 
 from tunesmith.errors import ConfigError
-from tunesmith.training import train
+from tunesmith.training import loop, train
 from tunesmith.training.compile import check_compile_mode, check_compiler
 
 needs_compiler = pytest.mark.skipif(
@@ -42,6 +45,30 @@ def test_compiled_layers_train_to_the_eager_weights(tiny_llama_dir, tmp_path):
         torch.testing.assert_close(value, weights[False][name], atol=1e-5, rtol=1e-4)
         moved |= "lora_B" in name and bool(value.abs().sum() > 0)
     assert moved  # the adapters trained (B starts at zero)
+
+
+def test_a_compiled_cpu_run_says_its_rows_stay_in_one_thread(tiny_llama_dir, tmp_path, monkeypatch):
+    """Where eager rows would run in threads, a compiled run says it keeps them in one (and why), so a CPU user
+    learns that compiling costs speed there. What is under test is the choice and the note, not the compiler."""
+    monkeypatch.setattr(loop, "check_compiler", lambda device: None)
+    monkeypatch.setattr(loop, "compile_layers", lambda model, mode: None)
+    monkeypatch.setattr(loop, "compiled_loss_chunks", contextlib.nullcontext)
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(4))
+    printed = {}
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for compiled in (False, True):
+            config = run_config(tiny_llama_dir, data, tmp_path / f"compile-{compiled}", data={"packing": True},
+                                method={"name": "lora", "r": 4},
+                                train={"max_steps": 1, "batch_size": 2, "compile": compiled})
+            console = Console(file=io.StringIO(), width=300)
+            assert train(config, console=console).exit_code == 0
+            printed[compiled] = console.file.getvalue()
+    finally:
+        torch.set_num_threads(saved_threads)
+    assert "rows split over 2 threads" in printed[False] and "not thread-safe" not in printed[False]
+    assert "not thread-safe" in printed[True] and "rows split over" not in printed[True]
 
 
 def test_no_compiler_is_a_config_error_before_any_work(monkeypatch):

@@ -199,7 +199,8 @@ class TrainConfig(Section):
         False,
         description="torch.compile each decoder layer and the loss (the first steps compile, ~1 min on CPU); works "
         "with train.sharding: fsdp. On an H100 (full fine-tuning, 16 x 2048 tokens, bf16): +45% tokens/s and "
-        "33% less memory than eager; on the CPU benchmark: 2-13% more tokens/s, 27% less memory (bench/README.md).",
+        "33% less memory than eager. On a CPU eager is faster (compiled rows run in sequence, not in "
+        "train.parallel_rows' threads): the CPU benchmark 3-5% fewer tokens/s, 8-9% less memory (bench/README.md).",
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default",

@@ -5,11 +5,13 @@ time does not grow with depth; the loss is compiled on its own (below); the data
 attention stay eager (the attention function is excluded from tracing: its record lengths vary from
 batch to batch). What
 the compiler gains is fusing a layer's elementwise work (RMSNorm, RoPE, SiLU x up, LoRA's scale,
-residual adds) into fewer passes over memory. On this project's 2-core CPU the benchmark job
-(SmolLM2-135M LoRA, 24 steps of packed 512-token rows), layers and loss compiled, ran 2-13% faster
-than eager after its compiling steps (191.6 and 213.8 vs 188.7 tokens/s in two runs) with 27% lower
-peak memory (3,284 vs 4,490 MB). The fusion is meant for GPUs, where the elementwise passes are most
-of a step (an H100 profile of full fine-tuning at 2048 tokens: matmuls 20% of the kernel time).
+residual adds) into fewer passes over memory. The fusion is meant for GPUs, where the elementwise passes are
+most of a step (an H100 profile of full fine-tuning at 2048 tokens: matmuls 20% of the kernel time). On a
+CPU the eager step is faster: compiled code is not thread-safe (pytorch/pytorch#118260), so compiled rows run
+in sequence, without `train.parallel_rows` and the CPU attention kernel for masked rows. On this project's
+2-core CPU the benchmark job (SmolLM2-135M LoRA, 20 steps of packed 512-token rows) ran 3-5% slower compiled
+than eager after its compiling steps (bf16 743-755 vs 772-787 tokens/s, float32 392-398 vs 408-412; the whole run
+6-16% slower) at 8-9% less peak memory (bench/README.md).
 Generation-heavy objectives (grpo, ppo) gain little: decoding changes shapes every token.
 
 One shape per run: a layer is traced again whenever its inputs change shape, dtype, stride or kind,

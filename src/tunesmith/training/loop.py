@@ -526,14 +526,18 @@ def train(
         before_backward = functools.partial(reduce_gradients, model)
     optimizer = accelerator.prepare_optimizer(build_optimizer(model, train_config, method, config.method))
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    row_threads = parallel_rows_choice(
-        train_config.parallel_rows, device=accelerator.device, processes=group.world, compiled=train_config.compile,
+    choose_row_threads = functools.partial(
+        parallel_rows_choice, train_config.parallel_rows, device=accelerator.device, processes=group.world,
         mixed_precision=accelerator.mixed_precision, rows_independent=objective.rows_independent,
         reference_per_batch=reference is not None, batch_size=train_config.batch_size, dropout=active_dropout(model),
         trainable_share=trainable_params / total_params,
     )
+    row_threads = choose_row_threads(compiled=train_config.compile)
     if row_threads > 1:
         console.print(f"parallel rows: each micro-batch's rows split over {row_threads} threads (train.parallel_rows)")
+    elif train_config.compile and choose_row_threads(compiled=False) > 1:
+        console.print("[yellow]note:[/] train.compile runs each micro-batch's rows in one thread (compiled code is not "
+                      "thread-safe); on a CPU the eager step with its rows in threads is faster (bench/README.md)")
     scheduler = build_scheduler(optimizer, train_config, total_steps)
     device = accelerator.device
     eval_batch_size = train_config.eval_batch_size or train_config.batch_size

@@ -67,7 +67,7 @@ def parallel_rows_choice(
     reasons = [
         (device.type != "cpu", f"it is for CPU runs; this one runs on {device.type}"),
         (processes > 1, f"it is for one process; this run has {processes}"),
-        (compiled, "train.compile is on"),
+        (compiled, "train.compile is on (compiled code is not thread-safe)"),
         (mixed_precision == "fp16", "fp16 loss scaling is on"),
         (not rows_independent, "this task's loss is not a sum of per-record terms computed from the rows alone"),
         (reference_per_batch, "a reference model runs per batch (train.cache_reference: true stores its outputs once)"),
