@@ -84,3 +84,25 @@ def test_cpu_training_keeps_freed_memory_unless_released(tiny_llama_dir, tmp_pat
     assert entered == [True]
     loop.train(run_config(tiny_llama_dir, data, tmp_path / "released", train={"max_steps": 1, "release_memory": True}))
     assert entered == [True]
+
+
+def test_evaluation_keeps_freed_memory_for_a_model_on_cpu(monkeypatch):
+    import torch
+
+    import tunesmith.evaluate.run as run
+    from tunesmith.evaluate.config import EvalSuiteConfig
+    from tunesmith.evaluate.tasks import System
+
+    entered = []
+
+    @contextmanager
+    def spy():
+        entered.append(True)
+        yield True
+
+    monkeypatch.setattr(run, "kept_freed_memory", spy)
+    suite = EvalSuiteConfig.model_construct(tasks=[], seed=0)
+    run.run_suite(System("model", "causal_lm", model=torch.nn.Linear(2, 2)), suite)
+    assert entered == [True]
+    run.run_suite(System("outputs", "predictions", predictions=[]), suite)  # no model: nothing to keep
+    assert entered == [True]

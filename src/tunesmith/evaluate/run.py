@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from tunesmith.evaluate.compare import compare_task, learn_forget
 from tunesmith.evaluate.config import EvalSuiteConfig
 from tunesmith.evaluate.stats import bootstrap_ci
 from tunesmith.evaluate.tasks import TASKS, System, TaskOutput
+from tunesmith.training.memory import kept_freed_memory
 
 
 def _stderr(message: str) -> None:
@@ -86,6 +88,14 @@ def predictions_suite(system: System) -> EvalSuiteConfig:
 
 
 def run_suite(system: System, suite: EvalSuiteConfig, log: Callable[[str], None] = _stderr) -> dict[str, TaskOutput]:
+    # On a CPU, scoring batch after batch reuses the buffers the batch before freed (training/memory.py): MMLU
+    # scoring of SmolLM2-135M 2.4-5% faster (bench/README.md).
+    parameter = next(system.model.parameters(), None) if isinstance(system.model, torch.nn.Module) else None
+    with kept_freed_memory() if parameter is not None and parameter.device.type == "cpu" else nullcontext():
+        return _run_tasks(system, suite, log)
+
+
+def _run_tasks(system: System, suite: EvalSuiteConfig, log: Callable[[str], None]) -> dict[str, TaskOutput]:
     outputs: dict[str, TaskOutput] = {}
     for task in suite.tasks:
         spec = TASKS.get(task.type)

@@ -8,11 +8,12 @@ fresh mappings or freshly grown heap, page-faulted and zeroed by the kernel 4 Ki
 `perf record` of the CPU benchmark job (bench/train_throughput.py, bf16) put 8% of its time in the kernel
 (page clearing the most) and 9% in malloc itself.
 
-`kept_freed_memory` (the default for CPU training) raises both thresholds for the run: buffers up to 32 MiB come
-from the heap and the heap never shrinks, so a step reuses the memory the step before freed: 18% fewer page
-faults in an 8-step bf16 run, +2% bf16 tokens/s by the median of 8 before/after pairs (-3% to +10%, this
-machine's run-to-run spread), peak resident memory the same (float32: the same speed, its steps GEMM-bound, and
-+2-4% peak; bench/README.md). What the heap holds is trimmed when training ends.
+`kept_freed_memory` (the default for CPU training, and for `tunesmith eval`'s suites on a CPU model) raises both
+thresholds while it runs: buffers up to 32 MiB come from the heap and the heap never shrinks, so a step reuses the
+memory the step before freed: 18% fewer page faults in an 8-step bf16 run, +2% bf16 tokens/s by the median of 8
+before/after pairs (-3% to +10%, this machine's run-to-run spread), peak resident memory the same (float32: the
+same speed, its steps GEMM-bound, and +2-4% peak; MMLU scoring 2.4-5% faster at 0-6% more peak; bench/README.md).
+What the heap holds is trimmed when training (or an evaluated system's suite) ends.
 
 `return_large_buffers_to_the_os` (`train.release_memory`) does the opposite: every buffer over 1 MiB is its own
 mapping, given back to the system the moment the tensor is freed, so resident memory tracks the live tensors
