@@ -1,11 +1,12 @@
-"""glibc malloc on CPU: freed tensor buffers kept in the process while training (the default), or given back to
-the system at once (`train.release_memory`)."""
+"""glibc malloc on CPU: freed tensor buffers kept in the process while training or evaluating (the default), or
+given back to the system at once (`train.release_memory`)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 from helpers import chat_records, run_config, write_jsonl
@@ -68,16 +69,22 @@ def test_freed_buffers_stay_for_reuse_while_kept_and_are_trimmed_after():
     assert inside > 150  # glibc's default: each buffer unmapped as it is freed
 
 
-def test_cpu_training_keeps_freed_memory_unless_released(tiny_llama_dir, tmp_path, monkeypatch):
-    import tunesmith.training.loop as loop
-
-    entered = []
+def entry_recorder(entered: list) -> Callable[[], AbstractContextManager[bool]]:
+    """A stand-in for `kept_freed_memory` that records each entry in `entered`."""
 
     @contextmanager
     def spy():
         entered.append(True)
         yield True
 
+    return spy
+
+
+def test_cpu_training_keeps_freed_memory_unless_released(tiny_llama_dir, tmp_path, monkeypatch):
+    import tunesmith.training.loop as loop
+
+    entered = []
+    spy = entry_recorder(entered)
     monkeypatch.setattr(loop, "kept_freed_memory", spy)
     data = write_jsonl(tmp_path / "train.jsonl", chat_records(8))
     loop.train(run_config(tiny_llama_dir, data, tmp_path / "kept", train={"max_steps": 1}))
@@ -94,12 +101,7 @@ def test_evaluation_keeps_freed_memory_for_a_model_on_cpu(monkeypatch):
     from tunesmith.evaluate.tasks import System
 
     entered = []
-
-    @contextmanager
-    def spy():
-        entered.append(True)
-        yield True
-
+    spy = entry_recorder(entered)
     monkeypatch.setattr(run, "kept_freed_memory", spy)
     suite = EvalSuiteConfig.model_construct(tasks=[], seed=0)
     run.run_suite(System("model", "causal_lm", model=torch.nn.Linear(2, 2)), suite)
