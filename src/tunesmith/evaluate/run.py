@@ -16,6 +16,7 @@ import torch
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.evaluate.compare import compare_task, learn_forget
 from tunesmith.evaluate.config import EvalSuiteConfig
+from tunesmith.evaluate.scoring import model_device
 from tunesmith.evaluate.stats import bootstrap_ci
 from tunesmith.evaluate.tasks import TASKS, System, TaskOutput
 from tunesmith.training.memory import kept_freed_memory
@@ -90,8 +91,8 @@ def predictions_suite(system: System) -> EvalSuiteConfig:
 def run_suite(system: System, suite: EvalSuiteConfig, log: Callable[[str], None] = _stderr) -> dict[str, TaskOutput]:
     # On a CPU, scoring batch after batch reuses the buffers the batch before freed (training/memory.py): MMLU
     # scoring of SmolLM2-135M 2.4-5% faster (bench/README.md).
-    parameter = next(system.model.parameters(), None) if isinstance(system.model, torch.nn.Module) else None
-    with kept_freed_memory() if parameter is not None and parameter.device.type == "cpu" else nullcontext():
+    on_cpu = system.model is not None and model_device(system.model).type == "cpu"  # predictions have no model
+    with kept_freed_memory() if on_cpu else nullcontext():
         return _run_tasks(system, suite, log)
 
 

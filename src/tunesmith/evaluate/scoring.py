@@ -47,7 +47,8 @@ def encode_item(tokenizer, context: str, continuations: Sequence[str]) -> Encode
     return EncodedItem(context_ids, [whole[len(context_ids):] for whole in wholes])
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """Where the model's weights are."""
     return next(model.parameters()).device
 
 
@@ -84,7 +85,7 @@ def score_encoded(
 ) -> list[list[float]]:
     """`score_continuations` on already tokenized items."""
     max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
-    device = _device(model)
+    device = model_device(model)
     items = [_left_truncated(item, max_length) for item in encoded]
     results: list[list[float]] = [[] for _ in items]
     share_prefixes = _prefix_cache_is_exact(model)
@@ -226,7 +227,7 @@ def document_nll(model, tokenizer, texts: Sequence[str], window: int, stride: in
     The first token has no context and is not scored (the tokenizer's BOS, if it adds one, is it).
     """
     stride = stride or window
-    device = _device(model)
+    device = model_device(model)
     # (text index, token ids of the window, how many trailing tokens of it are scored)
     windows: list[tuple[int, list[int], int]] = []
     for index, text in enumerate(texts):
