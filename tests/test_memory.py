@@ -21,15 +21,22 @@ def resident_mb():
 
 RELEASE_PROBE = RESIDENT_MB + """
 import sys, torch
-from tunesmith.training.memory import return_large_buffers_to_the_os
+from contextlib import nullcontext
+from tunesmith.training.memory import released_freed_memory
 
-if sys.argv[1] == "on":
-    assert return_large_buffers_to_the_os()
-torch.ones(2**21).sum()  # one 8 MiB buffer freed: glibc raises its threshold above that size when off
-tensors = [torch.ones(2**21) for _ in range(24)]  # 24 x 8 MiB, touched
-before = resident_mb()
-del tensors[::2]  # free every other one: holes in the middle of the heap when off
-print(before - resident_mb())
+
+def freed_every_other_buffer_mb():
+    torch.ones(2**21).sum()  # one 8 MiB buffer freed: glibc raises its threshold above that size by default
+    tensors = [torch.ones(2**21) for _ in range(24)]  # 24 x 8 MiB, touched
+    before = resident_mb()
+    del tensors[::2]  # free every other one: holes in the middle of the heap unless each is its own mapping
+    return before - resident_mb()
+
+
+with released_freed_memory() if sys.argv[1] == "on" else nullcontext(True) as applied:
+    assert applied
+    inside = freed_every_other_buffer_mb()
+print(inside, freed_every_other_buffer_mb())
 """
 
 KEEP_PROBE = RESIDENT_MB + """
@@ -55,9 +62,11 @@ def released_mb(probe: str, mode: str) -> list[float]:
 
 
 @LINUX_ONLY
-def test_freed_buffers_leave_the_resident_set_only_with_release_memory():
-    assert released_mb(RELEASE_PROBE, "on")[0] > 80  # 12 x 8 MiB freed
-    assert released_mb(RELEASE_PROBE, "off")[0] < 40  # glibc keeps them in the heap
+def test_freed_buffers_leave_the_resident_set_only_while_released():
+    inside, after = released_mb(RELEASE_PROBE, "on")
+    assert inside > 80  # 12 x 8 MiB freed, each given back
+    assert after < 40  # after the block, glibc keeps them in its heap again
+    assert released_mb(RELEASE_PROBE, "off")[0] < 40  # glibc's default keeps them in the heap
 
 
 @LINUX_ONLY
@@ -80,17 +89,23 @@ def entry_recorder(entered: list) -> Callable[[], AbstractContextManager[bool]]:
     return spy
 
 
-def test_cpu_training_keeps_freed_memory_unless_released(tiny_llama_dir, tmp_path, monkeypatch):
+def test_cpu_training_keeps_or_releases_freed_memory_for_the_whole_run(tiny_llama_dir, tmp_path, monkeypatch):
     import tunesmith.training.loop as loop
 
-    entered = []
-    spy = entry_recorder(entered)
-    monkeypatch.setattr(loop, "kept_freed_memory", spy)
+    policies = []
+
+    @contextmanager
+    def spy(release: bool):
+        policies.append({"release": release})
+        yield True
+        policies[-1]["exported"] = (run_dir / "model").is_dir()  # the run, its export included, ran inside
+
+    monkeypatch.setattr(loop, "freed_memory", spy)
     data = write_jsonl(tmp_path / "train.jsonl", chat_records(8))
-    loop.train(run_config(tiny_llama_dir, data, tmp_path / "kept", train={"max_steps": 1}))
-    assert entered == [True]
-    loop.train(run_config(tiny_llama_dir, data, tmp_path / "released", train={"max_steps": 1, "release_memory": True}))
-    assert entered == [True]
+    for release in (False, True):
+        run_dir = tmp_path / f"release-{release}"
+        loop.train(run_config(tiny_llama_dir, data, run_dir, train={"max_steps": 1, "release_memory": release}))
+    assert policies == [{"release": False, "exported": True}, {"release": True, "exported": True}]
 
 
 def test_evaluation_keeps_freed_memory_for_a_model_on_cpu(monkeypatch):

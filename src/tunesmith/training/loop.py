@@ -50,7 +50,7 @@ from tunesmith.training.checkpoint import (
 from tunesmith.training.compile import CUDA_GRAPH_MODES, check_compile_mode, check_compiler, compile_layers
 from tunesmith.training.deepspeed_config import check_global_batch, zero_plan
 from tunesmith.training.distributed import ProcessGroup
-from tunesmith.training.memory import kept_freed_memory, return_large_buffers_to_the_os
+from tunesmith.training.memory import freed_memory
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import step_attention
@@ -415,14 +415,26 @@ def train(
     console: Console | None = None,
 ) -> TrainResult:
     """Run one fine-tuning job described by `config`; `should_stop(step)` lets tests simulate a kill."""
+    accelerator = run_accelerator(mixed_precision(config.train.mixed_precision))
+    # On a CPU the policy for freed buffers (kept for reuse, or given back: train.release_memory) holds for the
+    # whole run, from loading to export (training/memory.py).
+    with freed_memory(config.train.release_memory) if accelerator.device.type == "cpu" else nullcontext():
+        return _train(config, accelerator, resume, overwrite, should_stop, console)
+
+
+def _train(
+    config: RunConfig,
+    accelerator: Accelerator,
+    resume: bool,
+    overwrite: bool,
+    should_stop: Callable[[int], bool] | None,
+    console: Console | None,
+) -> TrainResult:
     objective = OBJECTIVES.get(config.task, "task")
     method = METHODS.get(config.method.name, "method.name")
     train_config = config.train
-    accelerator = run_accelerator(mixed_precision(train_config.mixed_precision))
     group = ProcessGroup(accelerator)
     console = console or Console(stderr=True, quiet=not group.is_main)
-    if train_config.release_memory and accelerator.device.type == "cpu":
-        return_large_buffers_to_the_os()  # resident memory tracks the live tensors, step after step
     if train_config.compile:
         check_compiler(accelerator.device)
         check_compile_mode(train_config.compile_mode, group.world)
@@ -632,9 +644,7 @@ def train(
     else:
         use_fast_rms_norm(model)
     model.train()
-    keep_memory = accelerator.device.type == "cpu" and not train_config.release_memory
-    with (StopSignal() as stop_signal, progress, kept_freed_memory() if keep_memory else nullcontext(),
-          compiled_loss_chunks() if train_config.compile else nullcontext(),
+    with (StopSignal() as stop_signal, progress, compiled_loss_chunks() if train_config.compile else nullcontext(),
           RowThreads(row_threads, torch.get_num_threads()) if row_threads > 1 else nullcontext() as rows):
         bar = progress.add_task("train", total=total_steps, completed=state["step"], loss="-", lr="-", tps="-")
         while state["step"] < total_steps:

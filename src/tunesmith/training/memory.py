@@ -15,11 +15,15 @@ before/after pairs (-3% to +10%, this machine's run-to-run spread), peak residen
 same speed, its steps GEMM-bound, and +2-4% peak; MMLU scoring 2.4-5% faster at 0-6% more peak; bench/README.md).
 What the heap holds is trimmed when training (or an evaluated system's suite) ends.
 
-`return_large_buffers_to_the_os` (`train.release_memory`) does the opposite: every buffer over 1 MiB is its own
-mapping, given back to the system the moment the tensor is freed, so resident memory tracks the live tensors
-(heap fragmentation otherwise lets it climb micro-batch after micro-batch) at the cost of a page fault per page of
-every new buffer: peak RSS -38% (5,101 -> 3,225 MB for the SFT job, 4,885 -> 3,000 MB for DPO) at 15-20% fewer
+`released_freed_memory` (`train.release_memory`) does the opposite: every buffer over 1 MiB is its own mapping,
+given back to the system the moment the tensor is freed, so resident memory tracks the live tensors (heap
+fragmentation otherwise lets it climb micro-batch after micro-batch) at the cost of a page fault per page of every
+new buffer: peak RSS -38% (5,101 -> 3,225 MB for the SFT job, 4,885 -> 3,000 MB for DPO) at 15-20% fewer
 tokens/s, measured on a 2-core CPU.
+
+`freed_memory(release)` is the one a CPU training run enters, around the whole run: loading, the evaluation before
+training, caching the reference, the steps and the export. Both leave the process, when they end, with the
+thresholds glibc's own adjustment reaches once a 32 MiB block has been freed, and its heap trimmed.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import ctypes
 import ctypes.util
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 # mallopt's parameter numbers (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -55,10 +59,19 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None  # musl has neither
 
 
-def return_large_buffers_to_the_os() -> bool:
-    """Set glibc's mmap threshold to 1 MiB for this process; False where the C library is not glibc."""
+@contextmanager
+def released_freed_memory() -> Iterator[bool]:
+    """glibc gives every buffer over 1 MiB back to the system as soon as it is freed, while the block runs; after
+    it, as `kept_freed_memory` leaves things. Yields False (and changes nothing) where the C library is not glibc."""
     libc = _glibc()
-    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, RELEASE_MMAP_THRESHOLD))
+    if libc is None:
+        yield False
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, RELEASE_MMAP_THRESHOLD)
+    try:
+        yield True
+    finally:
+        _after(libc)
 
 
 @contextmanager
@@ -76,6 +89,17 @@ def kept_freed_memory() -> Iterator[bool]:
     try:
         yield True
     finally:
-        libc.mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
-        libc.mallopt(M_TOP_PAD, AFTER_TOP_PAD)
-        libc.malloc_trim(0)
+        _after(libc)
+
+
+def freed_memory(release: bool) -> AbstractContextManager[bool]:
+    """A CPU training run's policy for freed buffers: given back at once (`train.release_memory`) or kept."""
+    return released_freed_memory() if release else kept_freed_memory()
+
+
+def _after(libc: ctypes.CDLL) -> None:
+    """glibc's thresholds as its own adjustment leaves them after a 32 MiB block is freed; the heap trimmed."""
+    libc.mallopt(M_MMAP_THRESHOLD, KEPT_MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
+    libc.mallopt(M_TOP_PAD, AFTER_TOP_PAD)
+    libc.malloc_trim(0)
