@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
+from tunesmith.training.weight_casts import cast_weight
+
 
 def _fast_adapter(layer: LoraLinear, x: torch.Tensor) -> str | None:
     """The adapter the fast path can compute for `layer` on `x`, or None when peft's forward must run."""
@@ -46,7 +48,10 @@ def lora_linear_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> 
     lora_b = layer.lora_B[name].weight  # (out, r)
     base = layer.base_layer
     rows = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so the base output below is a tensor of its own, not a view
-    result = F.linear(rows, base.weight, base.bias)  # (N, out)
+    weight = base.weight
+    if torch.is_autocast_enabled(x.device.type):  # a frozen float32 weight cast once a run, not in every call
+        weight = cast_weight(weight, torch.get_autocast_dtype(x.device.type))
+    result = F.linear(rows, weight, base.bias)  # (N, out)
     down = F.linear(rows, lora_a) * layer.scaling[name]  # (N, r)
     # Added in place: no copy of the (N, out) base output (out-of-place addmm's first pass). Autograd allows it,
     # since the base matmul's backward needs its inputs only. In-place ops get no autocast: cast B as it would.

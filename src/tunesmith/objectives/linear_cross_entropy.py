@@ -26,6 +26,7 @@ import torch.nn.modules.module as nn_module
 from torch.autograd.function import once_differentiable
 
 from tunesmith.data.collate import IGNORE_INDEX
+from tunesmith.training.weight_casts import cast_weight
 
 SoftmaxCrossEntropy = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -114,7 +115,7 @@ def _loss_and_gradients(
     `correct` (evaluation), a counter: the positions whose most likely token is their target are added to it.
     `dtype`: the matmuls' (default: autocast's where it is on, else the hidden states')."""
     dtype = dtype or _compute_dtype(hidden)
-    matmul_weight = weight.to(dtype)  # (V, H): cast once, not per chunk (autocast caches no frozen weight)
+    matmul_weight = cast_weight(weight, dtype)  # (V, H): cast once, not per chunk (training/weight_casts.py)
     matmul_bias = None if bias is None else bias.to(dtype)
     need_hidden, need_weight, need_bias = needs
     grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
@@ -187,7 +188,7 @@ class _RowSumsDeferred(torch.autograd.Function):
         ctx.row_sizes, ctx.chunk_tokens, ctx.chunk_loss = row_sizes, chunk_tokens, chunk_loss
         ctx.save_for_backward(hidden, weight, bias, targets)
         # Cast once for all rows (float32 weights under autocast), not once per row.
-        matmul_weight, matmul_bias = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
+        matmul_weight, matmul_bias = cast_weight(weight, ctx.dtype), None if bias is None else bias.to(ctx.dtype)
         row_sums = []
         for row_hidden, row_targets in zip(hidden.split(row_sizes), targets.split(row_sizes), strict=True):
             scale = (row_targets != IGNORE_INDEX).float()
