@@ -27,7 +27,9 @@ class ModelConfig(Section):
         description="Built-in alias (see `tunesmith models`), a local Hugging Face folder, or a .gguf file."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; auto = bfloat16 where the hardware supports it, else float32."
+        "auto", description="Weights dtype; auto = bfloat16 on a CUDA GPU that supports it, else float32 (on a CPU "
+        "with bf16 matmuls, AMX or AVX512-BF16, bfloat16 with train.mixed_precision bf16 trains fastest: "
+        "bench/README.md)."
     )
     allow_download: bool = Field(False, description="Allow fetching `name` from the Hugging Face hub.")
     allow_pickle: bool = Field(False, description="Allow loading pickled (.bin) weights; safetensors otherwise.")
@@ -233,7 +235,8 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, none on CPU. The autocast covers the loss, "
         "the reference's outputs, rollouts and evaluation alike (as Trainer and Lightning evaluate): with float32 "
-        "weights the eval metrics are those of the bf16 computation; `no` evaluates in float32."
+        "weights the eval metrics are those of the bf16 computation; `no` evaluates in float32. Frozen float32 "
+        "weights (LoRA's base) are cast to bf16 once a run, not in every forward (training/weight_casts.py)."
     )
     sharding: Literal["auto", "none", "fsdp"] = Field(
         "auto",
