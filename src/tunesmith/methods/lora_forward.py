@@ -10,7 +10,9 @@ removes most of the elementwise `mul` / `add` time of a LoRA step (bench/README.
 It replaces peft's forward only where it is the same computation: vanilla LoRA (no DoRA or other
 variant), no dropout, exactly one active adapter, not merged, adapters enabled, a plain `nn.Linear`
 base, no per-call arguments (mixed-batch adapter names), and the update in the base output's dtype
-(or under autocast, which computes both in one dtype anyway). Every other call goes to peft's forward.
+(or under autocast, which computes both in one dtype anyway); and, adapters disabled (the reference model of
+preference objectives), the base linear alone. Every other call goes to peft's forward. Under autocast the base
+weight's cast comes from training/weight_casts.py: made once a training run, not in every call.
 """
 
 from __future__ import annotations
@@ -40,18 +42,26 @@ def _fast_adapter(layer: LoraLinear, x: torch.Tensor) -> str | None:
     return name
 
 
+def _base_output(base: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`base(x)`; under autocast with the frozen weight's cast made once a run, not in every call."""
+    weight = base.weight
+    if torch.is_autocast_enabled(x.device.type):
+        weight = cast_weight(weight, torch.get_autocast_dtype(x.device.type))
+    return F.linear(x, weight, base.bias)
+
+
 def lora_linear_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    name = None if args or kwargs else _fast_adapter(layer, x)
-    if name is None:
+    if args or kwargs:
         return LoraLinear.forward(layer, x, *args, **kwargs)
+    if layer.disable_adapters and not layer.merged and type(layer.base_layer) is torch.nn.Linear:
+        return _base_output(layer.base_layer, x)  # adapters off: the reference model of dpo, kto, ...
+    name = _fast_adapter(layer, x)
+    if name is None:
+        return LoraLinear.forward(layer, x)
     lora_a = layer.lora_A[name].weight  # (r, in)
     lora_b = layer.lora_B[name].weight  # (out, r)
-    base = layer.base_layer
     rows = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so the base output below is a tensor of its own, not a view
-    weight = base.weight
-    if torch.is_autocast_enabled(x.device.type):  # a frozen float32 weight cast once a run, not in every call
-        weight = cast_weight(weight, torch.get_autocast_dtype(x.device.type))
-    result = F.linear(rows, weight, base.bias)  # (N, out)
+    result = _base_output(layer.base_layer, rows)  # (N, out)
     down = F.linear(rows, lora_a) * layer.scaling[name]  # (N, r)
     # Added in place: no copy of the (N, out) base output (out-of-place addmm's first pass). Autograd allows it,
     # since the base matmul's backward needs its inputs only. In-place ops get no autocast: cast B as it would.
