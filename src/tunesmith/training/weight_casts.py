@@ -6,12 +6,14 @@ loss multiplies by) is cast again in every forward, and each forward in flight k
 With float32 weights under `train.mixed_precision: bf16` that is 106M weights of SmolLM2-135M read, rounded and
 written per micro-batch and per row thread. Within `cached_weight_casts()` each frozen weight is cast once and the
 cast reused (the same rounding, so the same outputs and gradients bit for bit) until the weight changes in place
-or the block ends: CPU benchmark job with float32 weights under bf16 autocast, +6% tokens/s and 240 MB less peak
-memory (bench/README.md).
+or the block ends. CPU benchmark job (bench/train_throughput.py --precision amp: float32 weights under bf16
+autocast): +5-9% tokens/s at 8% less peak memory; LoRA dpo, whose reference is the model with its adapters off
+(the same kept casts): +7-10% (bench/README.md).
 
 Not for sharded runs (FSDP gathers a layer's weights anew each forward; a kept cast of every layer would undo the
-sharding) or recomputed layers (their casts are transient, one layer at a time; kept casts would add half the
-frozen weights' memory): the training loop enters the block only without either.
+sharding), recomputed layers (their casts are transient, one layer at a time; kept casts would add half the
+frozen weights' memory) or compiled ones (the compiled graph fuses the cast): the training loop enters the block
+only without any of them.
 """
 
 from __future__ import annotations
