@@ -36,13 +36,16 @@ import tempfile
 from pathlib import Path
 
 from workers import (
+    PRECISION_HELP,
+    PRECISIONS,
     loop_micro_batches,
     pair_worker,
     print_pair_figures,
     run_tools,
     step_timer,
     train_pairs,
-    trains_in_bf16,
+    under_autocast,
+    weights_dtype,
     write_figures,
 )
 
@@ -66,9 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="bf16: both tools load the model in bfloat16 and train under bf16 autocast (LoRA weights "
-                        "stay float32); auto: bf16 on a GPU that has it, else fp32 (tunesmith's default)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     parser.add_argument("--gradient-checkpointing", type=int, choices=(0, 1), default=0,
                         help="1: both tools recompute activations in the backward pass (trl's default); 0: neither")
     parser.add_argument("--tools", default=",".join(TOOLS))
@@ -87,7 +88,7 @@ def job_config(args: argparse.Namespace, output_dir: Path):
     from tunesmith.config import build_config
 
     return build_config({
-        "model": {"name": args.model, "dtype": "bfloat16" if trains_in_bf16(args.precision) else "float32"},
+        "model": {"name": args.model, "dtype": weights_dtype(args.precision)},
         "data": {"train": str(args.data), "eval_split": 0.0, "max_length": args.max_length, "limit": args.pairs,
                  "on_error": "skip"},
         "task": "reward",
@@ -95,7 +96,7 @@ def job_config(args: argparse.Namespace, output_dir: Path):
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "lr": args.lr, "warmup": 0, "scheduler": "constant", "seed": args.seed, "eval_before": False,
                   "log_every": 1, "gradient_checkpointing": bool(args.gradient_checkpointing),
-                  "mixed_precision": "bf16" if trains_in_bf16(args.precision) else "no"},
+                  "mixed_precision": "bf16" if under_autocast(args.precision) else "no"},
         "output_dir": str(output_dir),
     })
 
@@ -133,9 +134,8 @@ def run_trl(args: argparse.Namespace) -> dict:
     from tunesmith.models import load_model
 
     batches, tokenizer = loop_micro_batches(job_config(args, Path(tempfile.mkdtemp())), args.steps * args.grad_accum)
-    bf16 = trains_in_bf16(args.precision)
     torch.manual_seed(args.seed)  # as tunesmith's loop seeds before it builds the model, its head and adapters
-    base = load_model(ModelConfig(name=args.model, dtype="bfloat16" if bf16 else "float32"), "reward", ["reward"])
+    base = load_model(ModelConfig(name=args.model, dtype=weights_dtype(args.precision)), "reward", ["reward"])
     model = get_peft_model(base, LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS"))
 
@@ -144,7 +144,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         config = RewardConfig(
             output_dir=folder, use_cpu=not torch.cuda.is_available(),
-            bf16=bf16,
+            bf16=under_autocast(args.precision),
             per_device_train_batch_size=1, gradient_accumulation_steps=args.grad_accum, max_steps=args.steps,
             learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
             max_length=args.max_length, gradient_checkpointing=bool(args.gradient_checkpointing), pad_token=PAD,
@@ -189,10 +189,11 @@ def main() -> None:
     print(f"\njob: {args.model} with a one-output head, Bradley-Terry loss, LoRA r={args.rank} all-linear + the head, "
           f"first {args.pairs} records of {args.data.name} ({usable} usable pairs), max length {args.max_length}, "
           f"batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, constant lr {args.lr}, "
-          f"seed {args.seed}, {args.threads} threads, {'bf16' if trains_in_bf16(args.precision) else 'fp32'}\n")
+          f"seed {args.seed}, {args.threads} threads, {weights_dtype(args.precision)} weights"
+          f"{' under bf16 autocast' if under_autocast(args.precision) else ''}\n")
     print_pair_figures(figures)
     agree = True
-    tolerance = args.loss_tolerance or (0.05 if trains_in_bf16(args.precision) else 0.01)
+    tolerance = args.loss_tolerance or (0.05 if under_autocast(args.precision) else 0.01)
     ours, theirs = figures.get("tunesmith"), figures.get("trl")
     if ours and theirs:
         differences = [abs(mine - peer) / peer for mine, peer in zip(ours["losses"], theirs["losses"], strict=True)]

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import report, run_worker
+from workers import report, run_worker, under_autocast, weights_dtype
 
 from tunesmith.training.metrics import peak_memory_mb
 
@@ -104,20 +104,11 @@ def write_job_data(path: Path, count: int, seed: int = 0) -> Path:
     return path
 
 
-def weights_dtype(args: argparse.Namespace) -> str:
-    return "bfloat16" if args.precision == "bf16" else "float32"
-
-
-def under_autocast(args: argparse.Namespace) -> bool:
-    """bf16 autocast: over bf16 weights (--precision bf16) or float32 ones (amp)."""
-    return args.precision in ("bf16", "amp")
-
-
 def job_config(args: argparse.Namespace, output_dir: Path, packing: bool):
     from tunesmith.config import build_config
 
     return build_config({
-        "model": {"name": args.model, "dtype": weights_dtype(args)},
+        "model": {"name": args.model, "dtype": weights_dtype(args.precision)},
         "data": {"train": str(args.data), "eval_split": 0.0, "max_length": args.max_length, "packing": packing,
                  "on_error": "skip"},
         "task": "sft",
@@ -125,7 +116,8 @@ def job_config(args: argparse.Namespace, output_dir: Path, packing: bool):
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "lr": args.lr, "warmup": 1, "scheduler": "cosine", "seed": 0, "eval_before": False,
                   "log_every": 1, "release_memory": bool(args.release_memory), "compile": bool(args.compile),
-                  "compile_mode": args.compile_mode, "mixed_precision": "bf16" if under_autocast(args) else "no",
+                  "compile_mode": args.compile_mode,
+                  "mixed_precision": "bf16" if under_autocast(args.precision) else "no",
                   "parallel_rows": {"auto": None, "on": True, "off": False}[args.parallel_rows]},
         "objective": {} if args.loss_chunk_tokens is None else {"loss_chunk_tokens": args.loss_chunk_tokens},
         "output_dir": str(output_dir),
@@ -190,7 +182,7 @@ def peer_model(args: argparse.Namespace):
     from tunesmith.config import ModelConfig
     from tunesmith.models import load_model
 
-    model = load_model(ModelConfig(name=args.model, dtype=weights_dtype(args)), "sft")
+    model = load_model(ModelConfig(name=args.model, dtype=weights_dtype(args.precision)), "sft")
     if args.method == "full":
         return model
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear",
@@ -211,7 +203,7 @@ def peer_arguments(args: argparse.Namespace, output_dir: str, arguments_class, *
     import torch
 
     return arguments_class(
-        bf16=under_autocast(args), use_cpu=not torch.cuda.is_available(),
+        bf16=under_autocast(args.precision), use_cpu=not torch.cuda.is_available(),
         output_dir=output_dir, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1, save_strategy="no", report_to=[],
@@ -294,7 +286,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 31
 def peak_tflops(args: argparse.Namespace) -> float | None:
     import torch
 
-    if args.peak_tflops or not torch.cuda.is_available() or not under_autocast(args):
+    if args.peak_tflops or not torch.cuda.is_available() or not under_autocast(args.precision):
         return args.peak_tflops
     name = torch.cuda.get_device_name()
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)

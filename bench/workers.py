@@ -131,12 +131,27 @@ def print_pair_figures(figures: dict[str, dict]) -> None:
         print(f"{step + 1:>4}  " + "    ".join(f"{cell:<28}" for cell in cells))
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "amp")
+PRECISION_HELP = ("bf16: every tool loads the model in bfloat16 and trains under bf16 autocast (LoRA weights stay "
+                  "float32); amp: float32 weights under bf16 autocast (Trainer's bf16=True over a model loaded in "
+                  "float32); auto: bf16 on a GPU that has it, else fp32 (tunesmith's default)")
+
+
 def trains_in_bf16(precision: str) -> bool:
-    """Whether a benchmark job in `precision` (auto, fp32, bf16) trains in bf16: `auto` does where tunesmith's
-    `auto` does, on a CUDA device with bf16 (weights in bf16, bf16 autocast)."""
+    """Whether a benchmark job in `precision` (PRECISIONS) has bf16 weights: `auto` does where tunesmith's `auto`
+    does, on a CUDA device with bf16 (weights in bf16, bf16 autocast)."""
     import torch
 
     return precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def weights_dtype(precision: str) -> str:
+    return "bfloat16" if trains_in_bf16(precision) else "float32"
+
+
+def under_autocast(precision: str) -> bool:
+    """bf16 autocast: over bf16 weights, or over float32 ones (amp)."""
+    return precision == "amp" or trains_in_bf16(precision)
 
 
 def train_pairs(config_at) -> dict:
