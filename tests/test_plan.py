@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -320,3 +321,31 @@ def test_online_rl_counts_every_sampled_sequence_and_its_log_prob_chunks(tiny_ll
     assert four.parts_gib["logits + loss"] * GIB == completions * vocab * 12  # default 512 > 128 positions
     assert plan(group_size=4, loss_chunk_tokens=50).parts_gib["logits + loss"] * GIB == 50 * vocab * 12
     assert plan("ppo", group_size=1, loss_chunk_tokens=8).parts_gib["logits + loss"] * GIB == 8 * vocab * 12
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 4, "dropout": 0.0}, {"name": "full"}])
+def test_weight_casts_under_autocast_count_what_the_loop_keeps(method, tiny_llama_dir, chat_file, tmp_path,
+                                                               monkeypatch):
+    import tunesmith.training.loop as loop
+    from tunesmith.plan import parameter_counts
+    from tunesmith.training import weight_casts
+
+    kept = []
+
+    @contextmanager
+    def counted():
+        with weight_casts.cached_weight_casts():
+            yield
+            kept.append(sum(cast.numel() for *_, cast in weight_casts._casts.values()))
+
+    monkeypatch.setattr(loop, "cached_weight_casts", counted)
+    amp = {"max_steps": 1, "mixed_precision": "bf16", "parallel_rows": False}  # float32 weights, bf16 autocast
+    config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method=method, train=amp)
+    loop.train(config)
+    counts, _ = parameter_counts(config)
+    assert kept == [counts.cast_once]  # lora: every base linear and the tied head; full: nothing frozen
+    casts = plan_memory(config, on_gpu=False).parts_gib["weight casts (autocast)"]
+    assert casts == pytest.approx(counts.in_matrices * 2 / GIB)  # tied head: every matrix is a matmul's, one thread
+    for others in ({"mixed_precision": "no"}, {"gradient_checkpointing": True}):
+        other = run_config(tiny_llama_dir, chat_file, tmp_path / "other", method=method, train=amp | others)
+        assert "weight casts (autocast)" not in plan_memory(other, on_gpu=False).parts_gib

@@ -80,6 +80,7 @@ class ParameterCounts:
     largest_layer: int  # parameters of one decoder layer: gathered whole while it runs
     in_matrices: int  # parameters of 2-D weights (what matmuls use; not norms or biases)
     trainable_in_matrices: int
+    cast_once: int = 0  # frozen weights whose autocast cast the loop keeps for the run (training/weight_casts.py)
     has_disabled_adapters: bool = False  # a peft model: its reference is itself with the adapters off, not a copy
     plain_head: bool = True  # the output head is a plain linear layer: the loss takes the fused path
     dropout: str | None = None  # where the model draws dropout masks in training (parallel_rows.active_dropout)
@@ -111,12 +112,25 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
         largest_layer=max((sum(parameter.numel() for parameter in layer.parameters()) for layer in layers), default=0),
         in_matrices=sum(parameter.numel() for parameter in matrices),
         trainable_in_matrices=sum(parameter.numel() for parameter in matrices if parameter.requires_grad),
+        cast_once=sum(weight.numel() for weight in weights_cast_once(model, head)),
         has_disabled_adapters=hasattr(model, "disable_adapter"),
         plain_head=head is None or fusable_head(head),
         dropout=active_dropout(model),
         prompt_cache=continues_from_cache(model),
         branched_rows=takes_branched_rows(model) and _can_skip_unused_logits(model),
     )
+
+
+def weights_cast_once(model: torch.nn.Module, head: torch.nn.Module | None) -> list[torch.Tensor]:
+    """The weights whose half-precision casts the loop keeps for a run (training/weight_casts.py): the frozen base
+    weights of LoRA's fast forward (methods/lora_forward.py) and a frozen head of the fused loss."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    weights = {id(layer.base_layer.weight): layer.base_layer.weight for layer in model.modules()
+               if type(layer) is LoraLinear and type(layer.base_layer) is torch.nn.Linear}
+    if head is not None and fusable_head(head):
+        weights[id(head.weight)] = head.weight
+    return [weight for weight in weights.values() if not weight.requires_grad]
 
 
 def parameter_counts(config: RunConfig) -> tuple[ParameterCounts, object]:
@@ -314,6 +328,15 @@ def plan_memory(
     }
     if row_threads > 1:
         parts["parallel rows: gradient copies"] = (row_threads - 1) * held_trainable * weight_bytes
+    layer_by_layer = sharded or train.gradient_checkpointing or train.compile
+    if mixed_precision != "no" and dtype == "float32" and not layer_by_layer:
+        # Float32 matmul weights under half-precision autocast, cast to the half dtype: kept for the run where the
+        # loop keeps them (training/weight_casts.py), else made by each forward and kept for its backward, one set
+        # per row thread. Sharded, recomputed or compiled layers are cast a layer at a time (not counted).
+        tied = getattr(model_config, "tie_word_embeddings", False)
+        matmul_weights = counts.in_matrices - (0 if tied else vocab * hidden)  # a lookup table is never cast
+        per_forward = max(matmul_weights - counts.cast_once, 0)
+        parts["weight casts (autocast)"] = (counts.cast_once + row_threads * per_forward) * 2
     # A reference model held beside the policy (sharded alike under FSDP), unless its outputs are cached.
     if objective.has_reference and not train.cache_reference:
         if objective.reference_is_starting_model and not counts.has_disabled_adapters:
