@@ -8,7 +8,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 from tunesmith.config import ModelConfig
 from tunesmith.methods import METHODS
-from tunesmith.methods.lora_forward import _fast_adapter
+from tunesmith.methods.lora_forward import fast_adapter
 from tunesmith.models import load_model
 
 
@@ -65,7 +65,7 @@ def test_disabled_adapters_give_the_base_model(tiny_llama_dir):
     base = load_model(ModelConfig(name=str(tiny_llama_dir)), "sft").eval()
     input_ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), model.disable_adapter():
-        assert all(_fast_adapter(layer, input_ids) is None for layer in lora_layers(model))
+        assert all(fast_adapter(layer) is None for layer in lora_layers(model))
         torch.testing.assert_close(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits)
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits, atol=1e-4)
@@ -74,8 +74,7 @@ def test_disabled_adapters_give_the_base_model(tiny_llama_dir):
 @pytest.mark.parametrize("settings", [{"dropout": 0.1}, {"dora": True}])
 def test_dropout_and_dora_keep_peft_forward(tiny_llama_dir, settings):
     model = lora_model(tiny_llama_dir, **settings)
-    x = torch.zeros(1, 2, model.config.hidden_size)
-    assert all(_fast_adapter(layer, x) is None for layer in lora_layers(model))
+    assert all(fast_adapter(layer) is None for layer in lora_layers(model))
 
 
 def test_merged_layers_keep_peft_forward(tiny_llama_dir):
@@ -84,5 +83,5 @@ def test_merged_layers_keep_peft_forward(tiny_llama_dir):
     with torch.no_grad():
         before = model(input_ids=input_ids).logits
         model.merge_adapter()
-        assert all(_fast_adapter(layer, input_ids) is None for layer in lora_layers(model))
+        assert all(fast_adapter(layer) is None for layer in lora_layers(model))
         torch.testing.assert_close(model(input_ids=input_ids).logits, before, atol=1e-5, rtol=1e-4)

@@ -29,6 +29,7 @@ from tunesmith.objectives.preference import collate_pairs
 from tunesmith.training.launch import launched_shape
 from tunesmith.training.parallel_rows import active_dropout, parallel_rows_choice
 from tunesmith.training.recompute import recomputed_layers
+from tunesmith.training.weight_casts import casts_kept
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
@@ -126,8 +127,10 @@ def weights_cast_once(model: torch.nn.Module, head: torch.nn.Module | None) -> l
     weights of LoRA's fast forward (methods/lora_forward.py) and a frozen head of the fused loss."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
+    from tunesmith.methods.lora_forward import fast_adapter
+
     weights = {id(layer.base_layer.weight): layer.base_layer.weight for layer in model.modules()
-               if type(layer) is LoraLinear and type(layer.base_layer) is torch.nn.Linear}
+               if type(layer) is LoraLinear and fast_adapter(layer) is not None}
     if head is not None and fusable_head(head):
         weights[id(head.weight)] = head.weight
     return [weight for weight in weights.values() if not weight.requires_grad]
@@ -328,8 +331,8 @@ def plan_memory(
     }
     if row_threads > 1:
         parts["parallel rows: gradient copies"] = (row_threads - 1) * held_trainable * weight_bytes
-    layer_by_layer = sharded or train.gradient_checkpointing or train.compile
-    if mixed_precision != "no" and dtype == "float32" and not layer_by_layer:
+    autocast_casts = mixed_precision != "no" and dtype == "float32"
+    if autocast_casts and casts_kept(sharded, train.gradient_checkpointing, train.compile):
         # Float32 matmul weights under half-precision autocast, cast to the half dtype: kept for the run where the
         # loop keeps them (training/weight_casts.py), else made by each forward and kept for its backward, one set
         # per row thread. Sharded, recomputed or compiled layers are cast a layer at a time (not counted).

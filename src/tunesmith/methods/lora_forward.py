@@ -26,8 +26,9 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from tunesmith.training.weight_casts import cast_weight
 
 
-def _fast_adapter(layer: LoraLinear, x: torch.Tensor) -> str | None:
-    """The adapter the fast path can compute for `layer` on `x`, or None when peft's forward must run."""
+def fast_adapter(layer: LoraLinear) -> str | None:
+    """The adapter the fast path can compute for `layer` (dtypes aside: see the forward), or None when peft's forward
+    must run. tunesmith.plan asks it too: the fast path keeps its base weight's cast under autocast."""
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
@@ -35,10 +36,6 @@ def _fast_adapter(layer: LoraLinear, x: torch.Tensor) -> str | None:
         return None
     if type(layer.base_layer) is not torch.nn.Linear or not isinstance(layer.lora_dropout[name], torch.nn.Identity):
         return None
-    if layer.base_layer.weight.dtype != layer.lora_A[name].weight.dtype and not torch.is_autocast_enabled(
-        x.device.type
-    ):
-        return None  # peft adds a float32 update to a low-precision base output: keep its maths
     return name
 
 
@@ -55,9 +52,10 @@ def lora_linear_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> 
         return LoraLinear.forward(layer, x, *args, **kwargs)
     if layer.disable_adapters and not layer.merged and type(layer.base_layer) is torch.nn.Linear:
         return _base_output(layer.base_layer, x)  # adapters off: the reference model of dpo, kto, ...
-    name = _fast_adapter(layer, x)
-    if name is None:
-        return LoraLinear.forward(layer, x)
+    name = fast_adapter(layer)
+    mixed_dtypes = name is not None and layer.base_layer.weight.dtype != layer.lora_A[name].weight.dtype
+    if name is None or (mixed_dtypes and not torch.is_autocast_enabled(x.device.type)):
+        return LoraLinear.forward(layer, x)  # peft adds a float32 update to a low-precision base output: its maths
     lora_a = layer.lora_A[name].weight  # (r, in)
     lora_b = layer.lora_B[name].weight  # (out, r)
     rows = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so the base output below is a tensor of its own, not a view

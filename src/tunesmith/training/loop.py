@@ -70,7 +70,7 @@ from tunesmith.training.sharding import (
     shard_layers,
     sharding_choice,
 )
-from tunesmith.training.weight_casts import cached_weight_casts
+from tunesmith.training.weight_casts import cached_weight_casts, casts_kept
 
 EXIT_INTERRUPTED = 130
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -645,9 +645,8 @@ def _train(
     else:
         use_fast_rms_norm(model)
     model.train()
-    # Frozen float32 weights under autocast cast once, not every forward; not where a forward's casts are transient:
-    # sharded (gathered anew each forward) or recomputed layers; compiled ones fuse the cast (training/weight_casts.py).
-    keep_casts = not (sharded or train_config.gradient_checkpointing or train_config.compile)
+    # Frozen float32 weights under autocast cast once, not in every forward (training/weight_casts.py).
+    keep_casts = casts_kept(sharded, train_config.gradient_checkpointing, train_config.compile)
     with (StopSignal() as stop_signal, progress, compiled_loss_chunks() if train_config.compile else nullcontext(),
           cached_weight_casts() if keep_casts else nullcontext(),
           RowThreads(row_threads, torch.get_num_threads()) if row_threads > 1 else nullcontext() as rows):

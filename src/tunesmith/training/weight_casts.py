@@ -28,6 +28,12 @@ import torch
 _casts: dict[tuple[int, torch.dtype], tuple[torch.Tensor, int, int, torch.Tensor]] | None = None
 
 
+def casts_kept(sharded: bool, recomputed: bool, compiled: bool) -> bool:
+    """Whether a training run keeps the casts (the loop and tunesmith.plan ask): not where a forward casts its
+    weights a layer at a time anyway (sharded, recomputed or compiled layers)."""
+    return not (sharded or recomputed or compiled)
+
+
 @contextmanager
 def cached_weight_casts() -> Iterator[None]:
     """Frozen weights passed to `cast_weight` are cast once while the block runs; the casts are dropped after it."""
