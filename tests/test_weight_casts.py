@@ -95,3 +95,25 @@ def test_a_lora_forward_under_autocast_casts_each_base_weight_once(adapters, tin
         with WeightCasts(bases) as second:
             model(input_ids=ids)
     assert (first.count, second.count) == (len(bases), 0)
+
+
+def test_the_casts_are_kept_for_the_whole_run_evaluations_included(tiny_llama_dir, tmp_path, monkeypatch):
+    import tunesmith.methods.lora_forward as lora_forward
+    import tunesmith.objectives.linear_cross_entropy as linear_cross_entropy
+    import tunesmith.training.loop as loop
+
+    scopes = []  # per call of cast_weight: whether it ran inside a cached_weight_casts block
+
+    def recorded(weight, dtype):
+        scopes.append(weight_casts._casts is not None)
+        return cast_weight(weight, dtype)
+
+    monkeypatch.setattr(lora_forward, "cast_weight", recorded)
+    monkeypatch.setattr(linear_cross_entropy, "cast_weight", recorded)
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(8))
+    loop.train(run_config(
+        tiny_llama_dir, data, tmp_path / "run", method={"name": "lora", "r": 4, "dropout": 0.0},
+        data={"eval": str(data)},
+        train={"max_steps": 2, "eval_every": 1, "eval_before": True, "mixed_precision": "bf16"},
+    ))
+    assert scopes and all(scopes)  # the evaluation before training too

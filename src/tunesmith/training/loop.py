@@ -416,10 +416,15 @@ def train(
     console: Console | None = None,
 ) -> TrainResult:
     """Run one fine-tuning job described by `config`; `should_stop(step)` lets tests simulate a kill."""
-    accelerator = run_accelerator(mixed_precision(config.train.mixed_precision))
-    # On a CPU the policy for freed buffers (kept for reuse, or given back: train.release_memory) holds for the
-    # whole run, from loading to export (training/memory.py).
-    with freed_memory(config.train.release_memory) if accelerator.device.type == "cpu" else nullcontext():
+    train_config = config.train
+    accelerator = run_accelerator(mixed_precision(train_config.mixed_precision))
+    # For the whole run, from loading to export: on a CPU the policy for freed buffers (kept for reuse, or given
+    # back: train.release_memory; training/memory.py); under autocast, frozen float32 weights cast once, not in
+    # every forward of the evaluations, the reference pass and the steps (training/weight_casts.py).
+    sharded = sharding_choice(train_config, accelerator.num_processes) is not None
+    keep_casts = casts_kept(sharded, train_config.gradient_checkpointing, train_config.compile)
+    with (freed_memory(train_config.release_memory) if accelerator.device.type == "cpu" else nullcontext(),
+          cached_weight_casts() if keep_casts else nullcontext()):
         return _train(config, accelerator, resume, overwrite, should_stop, console)
 
 
@@ -645,10 +650,7 @@ def _train(
     else:
         use_fast_rms_norm(model)
     model.train()
-    # Frozen float32 weights under autocast cast once, not in every forward (training/weight_casts.py).
-    keep_casts = casts_kept(sharded, train_config.gradient_checkpointing, train_config.compile)
     with (StopSignal() as stop_signal, progress, compiled_loss_chunks() if train_config.compile else nullcontext(),
-          cached_weight_casts() if keep_casts else nullcontext(),
           RowThreads(row_threads, torch.get_num_threads()) if row_threads > 1 else nullcontext() as rows):
         bar = progress.add_task("train", total=total_steps, completed=state["step"], loss="-", lr="-", tps="-")
         while state["step"] < total_steps:
