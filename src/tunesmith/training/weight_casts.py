@@ -12,8 +12,8 @@ autocast): +5-9% tokens/s at 8% less peak memory; LoRA dpo, whose reference is t
 
 Not for sharded runs (FSDP gathers a layer's weights anew each forward; a kept cast of every layer would undo the
 sharding), recomputed layers (their casts are transient, one layer at a time; kept casts would add half the
-frozen weights' memory) or compiled ones (the compiled graph fuses the cast): the training loop enters the block
-only without any of them.
+frozen weights' memory) or compiled ones (the compiled graph fuses the cast): `train` (training/loop.py) enters it
+for the whole run, only without any of them.
 """
 
 from __future__ import annotations
