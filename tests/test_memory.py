@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 
 import pytest
 from helpers import chat_records, run_config, write_jsonl
@@ -78,17 +77,6 @@ def test_freed_buffers_stay_for_reuse_while_kept_and_are_trimmed_after():
     assert inside > 150  # glibc's default: each buffer unmapped as it is freed
 
 
-def entry_recorder(entered: list) -> Callable[[], AbstractContextManager[bool]]:
-    """A stand-in for `kept_freed_memory` that records each entry in `entered`."""
-
-    @contextmanager
-    def spy():
-        entered.append(True)
-        yield True
-
-    return spy
-
-
 def test_cpu_training_keeps_or_releases_freed_memory_for_the_whole_run(tiny_llama_dir, tmp_path, monkeypatch):
     import tunesmith.training.loop as loop
 
@@ -116,7 +104,12 @@ def test_evaluation_keeps_freed_memory_for_a_model_on_cpu(monkeypatch):
     from tunesmith.evaluate.tasks import System
 
     entered = []
-    spy = entry_recorder(entered)
+
+    @contextmanager
+    def spy():  # a stand-in for kept_freed_memory that records each entry
+        entered.append(True)
+        yield True
+
     monkeypatch.setattr(run, "kept_freed_memory", spy)
     suite = EvalSuiteConfig.model_construct(tasks=[], seed=0)
     run.run_suite(System("model", "causal_lm", model=torch.nn.Linear(2, 2)), suite)

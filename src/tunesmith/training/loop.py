@@ -421,16 +421,18 @@ def train(
     # For the whole run, from loading to export: on a CPU the policy for freed buffers (kept for reuse, or given
     # back: train.release_memory; training/memory.py); under autocast, frozen float32 weights cast once, not in
     # every forward of the evaluations, the reference pass and the steps (training/weight_casts.py).
-    sharded = sharding_choice(train_config, accelerator.num_processes) is not None
+    reshard_after_forward = sharding_choice(train_config, accelerator.num_processes)
+    sharded = reshard_after_forward is not None
     keep_casts = casts_kept(sharded, train_config.gradient_checkpointing, train_config.compile)
     with (freed_memory(train_config.release_memory) if accelerator.device.type == "cpu" else nullcontext(),
           cached_weight_casts() if keep_casts else nullcontext()):
-        return _train(config, accelerator, resume, overwrite, should_stop, console)
+        return _train(config, accelerator, reshard_after_forward, resume, overwrite, should_stop, console)
 
 
 def _train(
     config: RunConfig,
     accelerator: Accelerator,
+    reshard_after_forward: bool | None,
     resume: bool,
     overwrite: bool,
     should_stop: Callable[[int], bool] | None,
@@ -448,7 +450,6 @@ def _train(
     if deepspeed is not None:
         check_global_batch(deepspeed, train_config.batch_size, train_config.grad_accum, group.world)
         console.print(deepspeed.describe())
-    reshard_after_forward = sharding_choice(train_config, group.world)
     sharded = reshard_after_forward is not None
 
     # --- setup: everything that can fail on bad input happens before the first step ---
