@@ -323,7 +323,10 @@ def test_online_rl_counts_every_sampled_sequence_and_its_log_prob_chunks(tiny_ll
     assert plan("ppo", group_size=1, loss_chunk_tokens=8).parts_gib["logits + loss"] * GIB == 8 * vocab * 12
 
 
-@pytest.mark.parametrize("method", [{"name": "lora", "r": 4, "dropout": 0.0}, {"name": "full"}])
+@pytest.mark.parametrize("method", [
+    {"name": "lora", "r": 4, "dropout": 0.0}, {"name": "lora", "r": 4, "dropout": 0.1}, {"name": "full"},
+    {"name": "ia3"}, {"name": "prompt", "num_virtual_tokens": 4}, {"name": "freeze", "layers": 1},
+])
 def test_weight_casts_under_autocast_count_what_the_loop_keeps(method, tiny_llama_dir, chat_file, tmp_path,
                                                                monkeypatch):
     import tunesmith.training.loop as loop
@@ -343,7 +346,9 @@ def test_weight_casts_under_autocast_count_what_the_loop_keeps(method, tiny_llam
     config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method=method, train=amp)
     loop.train(config)
     counts, _ = parameter_counts(config)
-    assert kept == [counts.cast_once]  # lora: every base linear and the tied head; full: nothing frozen
+    # lora, ia3, prompt: every frozen linear and the tied head; full: nothing frozen; freeze: the head (layer 0 is
+    # below every trained layer: its casts are transient)
+    assert kept == [counts.cast_once]
     casts = plan_memory(config, on_gpu=False).parts_gib["weight casts (autocast)"]
     assert casts == pytest.approx(counts.in_matrices * 2 / GIB)  # tied head: every matrix is a matmul's, one thread
     for others in ({"mixed_precision": "no"}, {"gradient_checkpointing": True}):

@@ -33,8 +33,25 @@ def test_a_frozen_weight_is_cast_once_until_it_changes():
     assert weight_casts._casts is None  # dropped after the block
 
 
-@pytest.mark.parametrize("task", ["sft", "dpo"])  # dpo: the reference is the model with its adapters off
-def test_lora_under_autocast_trains_the_same_with_the_casts_kept(task, tiny_llama_dir, tmp_path, monkeypatch):
+# Each with the frozen weights whose casts the run keeps: the tiny model's 2 layers x 7 linears (LoRA's, IA3's,
+# LoHa's and the bottleneck adapters' base linears; every linear of prompt and prefix tuning), and the tied head of
+# the loss. Freeze: layer 1 trains, so its linears have no casts to keep, and layer 0 below it takes no gradient:
+# its casts are transient, not kept (nor any block's where only the final norm trains). dpo: the reference is the
+# model with its adapters off.
+@pytest.mark.parametrize(("task", "method", "kept_casts"), [
+    ("sft", {"name": "lora", "r": 4, "dropout": 0.0}, 2 * 7 + 1),
+    ("dpo", {"name": "lora", "r": 4, "dropout": 0.0}, 2 * 7 + 1),
+    ("sft", {"name": "lora", "r": 4, "dropout": 0.1}, 2 * 7 + 1),  # peft's own forward calls the base linear
+    ("sft", {"name": "ia3"}, 2 * 7 + 1),
+    ("sft", {"name": "loha", "r": 4}, 2 * 7 + 1),
+    ("sft", {"name": "adapter"}, 2 * 7 + 1),
+    ("sft", {"name": "prompt", "num_virtual_tokens": 4}, 2 * 7 + 1),
+    ("sft", {"name": "prefix", "num_virtual_tokens": 4}, 2 * 7 + 1),
+    ("sft", {"name": "freeze", "layers": 1}, 1),
+    ("sft", {"name": "freeze", "modules": [r"^model\.norm\."]}, 1),  # the final norm alone: no block takes gradients
+])
+def test_under_autocast_training_is_the_same_with_the_casts_kept(task, method, kept_casts, tiny_llama_dir, tmp_path,
+                                                                 monkeypatch):
     import tunesmith.training.loop as loop
 
     kept = []
@@ -51,18 +68,22 @@ def test_lora_under_autocast_trains_the_same_with_the_casts_kept(task, tiny_llam
     for name, block in (("kept", counted), ("cast each call", nullcontext)):
         monkeypatch.setattr(loop, "cached_weight_casts", block)
         result = loop.train(run_config(
-            tiny_llama_dir, data, tmp_path / name, task=task, method={"name": "lora", "r": 4, "dropout": 0.0},
+            tiny_llama_dir, data, tmp_path / name, task=task, method=method,
             train={"max_steps": 3, "mixed_precision": "bf16"},  # float32 weights under bf16 autocast
         ))
         lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
-        runs[name] = ([json.loads(line)["loss"] for line in lines],
-                      load_file(result.run_dir / "adapter" / "adapter_model.safetensors"))
-    # every LoRA linear's base weight (2 layers x q, k, v, o, gate, up, down) and the tied head of the loss
-    assert kept == [2 * 7 + 1]
-    (kept_losses, kept_adapter), (losses, adapter) = runs["kept"], runs["cast each call"]
+        runs[name] = ([json.loads(line)["loss"] for line in lines], trained_weights(result.run_dir))
+    assert kept == [kept_casts]
+    (kept_losses, kept_weights), (losses, weights) = runs["kept"], runs["cast each call"]
     assert kept_losses == losses
-    assert adapter.keys() == kept_adapter.keys()
-    assert all(torch.equal(adapter[name], kept_adapter[name]) for name in adapter)
+    assert weights.keys() == kept_weights.keys() and weights
+    assert all(torch.equal(weights[name], kept_weights[name]) for name in weights)
+
+
+def trained_weights(run_dir) -> dict[str, torch.Tensor]:
+    """The exported weights of a run: its adapter, or its model."""
+    files = sorted(run_dir.glob("adapter/*.safetensors")) or sorted(run_dir.glob("model/*.safetensors"))
+    return {name: tensor for file in files for name, tensor in load_file(file).items()}
 
 
 class WeightCasts(TorchDispatchMode):
@@ -78,37 +99,41 @@ class WeightCasts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("adapters", ["on", "off"])  # off: the reference of dpo, kto, ...
-def test_a_lora_forward_under_autocast_casts_each_base_weight_once(adapters, tiny_llama_dir):
+def test_a_training_forward_under_autocast_casts_each_frozen_weight_once(tiny_llama_dir):
     from tunesmith.config import ModelConfig
     from tunesmith.methods import METHODS
     from tunesmith.models import load_model
 
     model = METHODS.get("lora").apply(load_model(ModelConfig(name=str(tiny_llama_dir)), "sft"),
                                       METHODS.get("lora").settings(r=4, dropout=0.0), "sft")
+    weight_casts.use_kept_casts(model)
     bases = [module.base_layer.weight for name, module in model.named_modules() if name.endswith("q_proj")]
     ids = torch.arange(12).reshape(2, 6)
-    adapters_off = model.disable_adapter() if adapters == "off" else nullcontext()
-    with torch.no_grad(), adapters_off, torch.autocast("cpu", dtype=torch.bfloat16), cached_weight_casts():
-        with WeightCasts(bases) as first:
+
+    def casts(grad: bool, adapters: bool = True) -> int:
+        with (torch.set_grad_enabled(grad), nullcontext() if adapters else model.disable_adapter(),
+              WeightCasts(bases) as counted):
             model(input_ids=ids)
-        with WeightCasts(bases) as second:
-            model(input_ids=ids)
-    assert (first.count, second.count) == (len(bases), 0)
+        return counted.count
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), cached_weight_casts():
+        # a no-grad pass keeps no cast (a frozen reference copy's would be held for nothing) ...
+        assert [casts(grad=False), casts(grad=False)] == [len(bases)] * 2
+        # ... a training forward keeps them, and every later pass reuses them: the reference (adapters off) too
+        assert [casts(grad=True), casts(grad=True), casts(grad=False, adapters=False)] == [len(bases), 0, 0]
 
 
 def test_the_casts_are_kept_for_the_whole_run_evaluations_included(tiny_llama_dir, tmp_path, monkeypatch):
-    import tunesmith.methods.lora_forward as lora_forward
     import tunesmith.objectives.linear_cross_entropy as linear_cross_entropy
     import tunesmith.training.loop as loop
 
     scopes = []  # per call of cast_weight: whether it ran inside a cached_weight_casts block
 
-    def recorded(weight, dtype):
+    def recorded(weight, dtype, keep=True):
         scopes.append(weight_casts._casts is not None)
-        return cast_weight(weight, dtype)
+        return cast_weight(weight, dtype, keep)
 
-    monkeypatch.setattr(lora_forward, "cast_weight", recorded)
+    monkeypatch.setattr(weight_casts, "cast_weight", recorded)
     monkeypatch.setattr(linear_cross_entropy, "cast_weight", recorded)
     data = write_jsonl(tmp_path / "train.jsonl", chat_records(8))
     loop.train(run_config(

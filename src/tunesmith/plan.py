@@ -29,7 +29,7 @@ from tunesmith.objectives.preference import collate_pairs
 from tunesmith.training.launch import launched_shape
 from tunesmith.training.parallel_rows import active_dropout, parallel_rows_choice
 from tunesmith.training.recompute import recomputed_layers
-from tunesmith.training.weight_casts import casts_kept
+from tunesmith.training.weight_casts import casts_kept, keeping_linears
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
@@ -123,14 +123,9 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
 
 
 def weights_cast_once(model: torch.nn.Module, head: torch.nn.Module | None) -> list[torch.Tensor]:
-    """The weights whose half-precision casts the loop keeps for a run (training/weight_casts.py): the frozen base
-    weights of LoRA's fast forward (methods/lora_forward.py) and a frozen head of the fused loss."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    from tunesmith.methods.lora_forward import fast_adapter
-
-    weights = {id(layer.base_layer.weight): layer.base_layer.weight for layer in model.modules()
-               if type(layer) is LoraLinear and fast_adapter(layer) is not None}
+    """The weights whose half-precision casts the loop keeps for a run (training/weight_casts.py): the frozen
+    weights of the linears that keep their casts, and a frozen head of the fused loss."""
+    weights = {id(layer.weight): layer.weight for layer in keeping_linears(model)}
     if head is not None and fusable_head(head):
         weights[id(head.weight)] = head.weight
     return [weight for weight in weights.values() if not weight.requires_grad]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from tunesmith.training.weight_casts import cast_weight
+from tunesmith.training.weight_casts import frozen_linear
 
 
 def fast_adapter(layer: LoraLinear) -> str | None:
@@ -39,19 +39,11 @@ def fast_adapter(layer: LoraLinear) -> str | None:
     return name
 
 
-def _base_output(base: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`base(x)`; under autocast with the frozen weight's cast made once a run, not in every call."""
-    weight = base.weight
-    if torch.is_autocast_enabled(x.device.type):
-        weight = cast_weight(weight, torch.get_autocast_dtype(x.device.type))
-    return F.linear(x, weight, base.bias)
-
-
 def lora_linear_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs:
         return LoraLinear.forward(layer, x, *args, **kwargs)
     if layer.disable_adapters and not layer.merged and type(layer.base_layer) is torch.nn.Linear:
-        return _base_output(layer.base_layer, x)  # adapters off: the reference model of dpo, kto, ...
+        return frozen_linear(layer.base_layer, x)  # adapters off: the reference model of dpo, kto, ...
     name = fast_adapter(layer)
     mixed_dtypes = name is not None and layer.base_layer.weight.dtype != layer.lora_A[name].weight.dtype
     if name is None or (mixed_dtypes and not torch.is_autocast_enabled(x.device.type)):
@@ -59,7 +51,7 @@ def lora_linear_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> 
     lora_a = layer.lora_A[name].weight  # (r, in)
     lora_b = layer.lora_B[name].weight  # (out, r)
     rows = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so the base output below is a tensor of its own, not a view
-    result = _base_output(layer.base_layer, rows)  # (N, out)
+    result = frozen_linear(layer.base_layer, rows)  # (N, out)
     down = F.linear(rows, lora_a) * layer.scaling[name]  # (N, r)
     # Added in place: no copy of the (N, out) base output (out-of-place addmm's first pass). Autograd allows it,
     # since the base matmul's backward needs its inputs only. In-place ops get no autocast: cast B as it would.

@@ -70,7 +70,7 @@ from tunesmith.training.sharding import (
     shard_layers,
     sharding_choice,
 )
-from tunesmith.training.weight_casts import cached_weight_casts, casts_kept
+from tunesmith.training.weight_casts import cached_weight_casts, casts_kept, use_kept_casts
 
 EXIT_INTERRUPTED = 130
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -469,6 +469,7 @@ def _train(
 
     model, as_stored, convert_to = load_run_model(config, method, objective, data.label_names, sharded)
     model = method.apply(model, config.method, config.task)
+    use_kept_casts(model)  # under autocast, frozen linears' casts made once a run (training/weight_casts.py)
     if objective.prepare_model is not None:
         objective.prepare_model(model, config.objective)
     # Not accelerator.prepare(model): that would wrap it in DDP (see training/distributed.py). A sharded run
