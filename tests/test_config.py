@@ -38,6 +38,18 @@ def test_overrides_reach_nested_keys_and_rederive_defaults(config_file):
     assert config.data.packing is True
 
 
+def test_yes_and_no_stay_words_for_keys_that_take_words(config_file):
+    # YAML 1.1 reads yes / no / on / off as booleans: `mixed_precision: no`, as its help writes it, was refused
+    config_file.write_text(config_file.read_text().replace("data:\n", "data:\n  header: no\n  packing: yes\n")
+                           + "train:\n  mixed_precision: no\n  eval_before: off\n")
+    config = load_config(config_file)
+    assert config.train.mixed_precision == "no" and config.data.header == "no"
+    assert config.data.packing is True and config.train.eval_before is False  # boolean keys still take the words
+    overridden = load_config(config_file, ["train.mixed_precision=no", "data.header=yes", "data.packing=no"])
+    assert overridden.train.mixed_precision == "no" and overridden.data.header == "yes"
+    assert overridden.data.packing is False
+
+
 def test_full_method_default_lr(config_file):
     assert load_config(config_file, ["method.name=full"]).train.lr == pytest.approx(2e-5)
 

@@ -71,10 +71,27 @@ def test_disabled_adapters_give_the_base_model(tiny_llama_dir):
         assert not torch.allclose(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("settings", [{"dropout": 0.1}, {"dora": True}])
-def test_dropout_and_dora_keep_peft_forward(tiny_llama_dir, settings):
-    model = lora_model(tiny_llama_dir, **settings)
+def test_dora_keeps_peft_forward(tiny_llama_dir):
+    model = lora_model(tiny_llama_dir, dora=True)
     assert all(fast_adapter(layer) is None for layer in lora_layers(model))
+
+
+def test_fused_forward_with_dropout_draws_peft_masks(tiny_llama_dir):
+    model = lora_model(tiny_llama_dir, dropout=0.3)
+    assert all(fast_adapter(layer) is not None for layer in lora_layers(model))
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    results = []
+    for use_peft in (False, True):
+        if use_peft:
+            peft_forward(model)
+        torch.manual_seed(5)  # the same random draws: the same dropout masks, layer by layer
+        results.append(logits_and_grads(model, input_ids))
+    (fused_logits, fused_grads), (peft_logits, peft_grads) = results
+    torch.testing.assert_close(fused_logits, peft_logits, atol=1e-5, rtol=1e-5)
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, peft_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    torch.manual_seed(6)  # other masks: other outputs (the dropout is not skipped)
+    assert not torch.allclose(logits_and_grads(model, input_ids)[0], fused_logits, atol=1e-4)
 
 
 def test_merged_layers_keep_peft_forward(tiny_llama_dir):

@@ -18,7 +18,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.evaluate.config import EvalSuiteConfig
 from tunesmith.methods import METHODS
 from tunesmith.registry import closest
-from tunesmith.settings import Section
+from tunesmith.settings import Section, parse_yaml
 from tunesmith.training.meta import MetaConfig
 
 
@@ -430,7 +430,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part} is a value, not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        node[parts[-1]] = parse_yaml(raw) if raw else ""
     return nested
 
 
@@ -448,7 +448,7 @@ def read_yaml(path: Path, expected: str = "a mapping of sections (model, data, t
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from tunesmith.errors import ModelError
-from tunesmith.models import load_run, read_run
+from tunesmith.models import load_run, prompt_learning, read_run
 
 
 def export_merged(run_dir: Path, out_dir: Path) -> Path:
@@ -41,5 +41,4 @@ def export_merged(run_dir: Path, out_dir: Path) -> Path:
 
 def is_mergeable(model) -> bool:
     """Weight-space adapters (LoRA, IA3, LoHa, LoKr) merge; prompt learning and bottleneck adapters do not."""
-    peft_config = getattr(model, "active_peft_config", None)
-    return hasattr(model, "merge_and_unload") and not (peft_config is not None and peft_config.is_prompt_learning)
+    return hasattr(model, "merge_and_unload") and not prompt_learning(model)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -43,6 +42,7 @@ from tunesmith.config import ModelConfig
 from tunesmith.errors import ModelError
 from tunesmith.filelock import file_lock
 from tunesmith.registry import closest
+from tunesmith.settings import parse_yaml
 
 # --- built-in aliases ----------------------------------------------------------------------------
 
@@ -96,6 +96,13 @@ def unwrapped_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under any peft wrapper (LoRA layers are injected in place, so its
     forward includes them); a plain model is returned as it is."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def prompt_learning(model: torch.nn.Module) -> bool:
+    """Whether `model` is a peft prompt-learning model (prompt, prefix or p-tuning): trained virtual tokens that
+    PeftModel.forward feeds to the model, not layers inside it."""
+    peft_config = getattr(model, "active_peft_config", None)
+    return peft_config is not None and peft_config.is_prompt_learning
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -483,7 +490,7 @@ def read_run(run_dir: Path) -> RunInfo:
     if not config_path.is_file():
         raise ModelError(f"{run_dir}: not a run directory (no config.yaml); give the output_dir of a training run")
     try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        raw = parse_yaml(config_path.read_text(encoding="utf-8")) or {}
         model_cfg = ModelConfig.model_validate(raw["model"])
     except Exception as error:  # YAML, KeyError, ValidationError: all mean the same to the user
         raise ModelError(f"{config_path}: cannot read the model section ({error})") from None

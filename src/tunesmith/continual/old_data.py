@@ -5,9 +5,8 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
-import yaml
-
 from tunesmith.errors import ConfigError, UserError
+from tunesmith.settings import parse_yaml
 
 if TYPE_CHECKING:
     from tunesmith.config import RunConfig
@@ -31,7 +30,7 @@ def old_examples(config: RunConfig, tokenizer, label_names: list[str] | None) ->
         config_path = config.model.from_run / "config.yaml"
         if not config_path.is_file():
             raise ConfigError(f"continual.old_data: {config_path} not found; model.from_run must be a run directory")
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        raw = parse_yaml(config_path.read_text(encoding="utf-8")) or {}
         try:
             old_config = build_config(raw)
         except ConfigError as error:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import ConfigError
+from tunesmith.settings import parse_yaml
 
 SUITES_DIR = Path(__file__).parent / "suites"
 DEFAULT_MMLU_DIR = Path("../shared/data/benchmark/mmlu")
@@ -229,7 +230,7 @@ def load_suite(path_or_name: str | Path, overrides: dict | None = None) -> EvalS
                               f"(built-in: {', '.join(builtin_suites())})")
         path = builtin
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     if isinstance(raw, list):  # a bare list of tasks is a suite too

@@ -44,7 +44,8 @@ class LoraSettings(MethodSettings):
     name: Literal["lora"] = "lora"
     r: int = Field(16, ge=1, description="Rank of the update matrices.")
     alpha: float | None = Field(None, gt=0, description="Scaling numerator; default 2r.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input; 0 takes peft's fast path.")
+    dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "Dropout on the LoRA input; 0 lets a CPU run's rows go in parallel threads (train.parallel_rows)."))
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="'all-linear' or a list of module names / suffixes."
     )

@@ -7,8 +7,9 @@ up-projection is added into the base output, in place, by the matrix multiply it
 SmolLM2-135M has seven LoRA linears, so this runs 210 times per forward; on this project's CPU it
 removes most of the elementwise `mul` / `add` time of a LoRA step (bench/README.md).
 
+Dropout, where set, drops the LoRA branch's input as peft's does (the same module, so the same random draws).
 It replaces peft's forward only where it is the same computation: vanilla LoRA (no DoRA or other
-variant), no dropout, exactly one active adapter, not merged, adapters enabled, a plain `nn.Linear`
+variant), exactly one active adapter, not merged, adapters enabled, a plain `nn.Linear`
 base, no per-call arguments (mixed-batch adapter names), and the update in the base output's dtype
 (or under autocast, which computes both in one dtype anyway); and, adapters disabled (the reference model of
 preference objectives), the base linear alone. Every other call goes to peft's forward. Under autocast the base
@@ -25,6 +26,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 from tunesmith.training.weight_casts import frozen_linear
 
+LORA_DROPOUTS = (torch.nn.Identity, torch.nn.Dropout)  # peft's lora_dropout: Identity where p is 0
+
 
 def fast_adapter(layer: LoraLinear) -> str | None:
     """The adapter the fast path can compute for `layer` (dtypes aside: see the forward), or None when peft's forward
@@ -34,7 +37,7 @@ def fast_adapter(layer: LoraLinear) -> str | None:
     name = layer.active_adapters[0]
     if name not in layer.lora_A or name in layer.lora_variant or layer.fan_in_fan_out:
         return None
-    if type(layer.base_layer) is not torch.nn.Linear or not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+    if type(layer.base_layer) is not torch.nn.Linear or type(layer.lora_dropout[name]) not in LORA_DROPOUTS:
         return None
     return name
 
@@ -52,7 +55,7 @@ def lora_linear_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> 
     lora_b = layer.lora_B[name].weight  # (out, r)
     rows = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so the base output below is a tensor of its own, not a view
     result = frozen_linear(layer.base_layer, rows)  # (N, out)
-    down = F.linear(rows, lora_a) * layer.scaling[name]  # (N, r)
+    down = F.linear(layer.lora_dropout[name](rows), lora_a) * layer.scaling[name]  # (N, r)
     # Added in place: no copy of the (N, out) base output (out-of-place addmm's first pass). Autograd allows it,
     # since the base matmul's backward needs its inputs only. In-place ops get no autocast: cast B as it would.
     result.addmm_(down, lora_b.t().to(result.dtype))

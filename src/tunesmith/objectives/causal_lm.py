@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GenericForSequenceClassification
 
 from tunesmith.data.collate import IGNORE_INDEX, collate_padded
-from tunesmith.models import unwrapped_model
+from tunesmith.models import prompt_learning, unwrapped_model
 from tunesmith.objectives.base import LossOutput, ObjectiveSettings, ObjectiveSpec, model_inputs, register
 from tunesmith.objectives.linear_cross_entropy import (
     _compute_dtype,
@@ -49,8 +49,7 @@ def _can_skip_unused_logits(model: torch.nn.Module) -> bool:
     architectures rescale logits after the head (Gemma 2 soft-capping, Cohere logit_scale);
     those take the full forward.
     """
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
+    if prompt_learning(model):
         return False
     if rescales_logits(_language_model(model).config):
         return False
@@ -62,8 +61,7 @@ def continues_from_cache(model: torch.nn.Module) -> bool:
     """Whether a forward can continue from another's KV cache in transformers' default dynamic kind: not with
     prefix tuning (its virtual tokens live in the cache) or models that keep caches of other kinds. A decoder's
     classification head (a reward model: transformers' generic one, no `generate`) runs a causal LM's backbone."""
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
+    if prompt_learning(model):
         return False
     language_model = _language_model(model)
     if isinstance(language_model, GenericForSequenceClassification):

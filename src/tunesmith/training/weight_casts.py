@@ -7,9 +7,9 @@ forward in flight keeps its casts for its backward. With float32 weights under `
 is 106M weights of SmolLM2-135M read, rounded and written per micro-batch and per row thread. Within
 `cached_weight_casts()` each frozen weight is cast once and the cast reused (the same rounding, so the same outputs
 and gradients bit for bit) until the weight changes in place or the block ends. A linear keeps a new cast only
-where its forward would hold the cast for the backward anyway (its input requires a gradient), so frozen layers
-below every trained one (freeze) and no-grad passes (a frozen reference copy) do not hold casts for the run; they
-reuse a kept one where there is one. CPU benchmark job (bench/train_throughput.py --precision amp: float32 weights
+where its forward would hold the cast for the backward anyway (`keeping_linears`, with gradients on), so frozen
+layers below every trained one (freeze) and no-grad passes (a frozen reference copy) do not hold casts for the run;
+they reuse a kept one where there is one. CPU benchmark job (bench/train_throughput.py --precision amp: float32 weights
 under bf16 autocast): +5-9% tokens/s at 8% less peak memory; LoRA dpo, whose reference is the model with its
 adapters off (the same kept casts): +7-10% (bench/README.md).
 
@@ -89,6 +89,7 @@ def keeping_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     that block (freeze's frozen blocks) no gradient flows and a forward's casts are transient: keeping them would hold
     half their float32 size for the run. tunesmith.plan counts the same linears."""
     from tunesmith.methods.freeze import transformer_blocks
+    from tunesmith.models import prompt_learning
 
     linears = [layer for layer in model.modules() if type(layer) is torch.nn.Linear]
     try:
@@ -96,10 +97,8 @@ def keeping_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     except (AttributeError, ValueError):  # no config or no block list: every linear keeps its cast
         return linears
     trained = [index for index, block in enumerate(blocks) if any(p.requires_grad for p in block.parameters())]
-    peft_config = getattr(model, "active_peft_config", None)
-    prompt_learning = peft_config is not None and peft_config.is_prompt_learning
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    fed_gradients = prompt_learning or (embeddings is not None and embeddings.weight.requires_grad)
+    fed_gradients = prompt_learning(model) or (embeddings is not None and embeddings.weight.requires_grad)
     lowest = 0 if fed_gradients else trained[0] if trained else len(blocks)
     below = {id(layer) for block in blocks[:lowest] for layer in block.modules()}
     return [layer for layer in linears if id(layer) not in below]
