@@ -31,7 +31,7 @@ LORA_DROPOUTS = (torch.nn.Identity, torch.nn.Dropout)  # peft's lora_dropout: Id
 
 def fast_adapter(layer: LoraLinear) -> str | None:
     """The adapter the fast path can compute for `layer` (dtypes aside: see the forward), or None when peft's forward
-    must run. tunesmith.plan asks it too: the fast path keeps its base weight's cast under autocast."""
+    must run."""
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
