@@ -236,7 +236,8 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 autocast on GPUs that support it, none on CPU. The autocast covers the loss, "
         "the reference's outputs, rollouts and evaluation alike (as Trainer and Lightning evaluate): with float32 "
         "weights the eval metrics are those of the bf16 computation; `no` evaluates in float32. Frozen float32 "
-        "weights (LoRA's base) are cast to bf16 once a run, not in every forward (training/weight_casts.py)."
+        "weights (the base linears of LoRA, IA3, adapters; every linear of prompt and prefix tuning) are cast to bf16 "
+        "once a run, not in every forward (training/weight_casts.py)."
     )
     sharding: Literal["auto", "none", "fsdp"] = Field(
         "auto",
