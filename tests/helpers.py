@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,21 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
         sys.argv = old_argv
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def record_kept_casts(monkeypatch) -> list[list[torch.Tensor]]:
+    """Each training run (training/loop.py `train`) from now on appends the weight casts it kept, as its
+    `cached_weight_casts` block ends (training/weight_casts.py)."""
+    import tunesmith.training.loop as loop
+    from tunesmith.training import weight_casts
+
+    kept: list[list[torch.Tensor]] = []
+
+    @contextmanager
+    def recorded():
+        with weight_casts.cached_weight_casts():
+            yield
+            kept.append([cast for *_, cast in weight_casts._casts.values()])
+
+    monkeypatch.setattr(loop, "cached_weight_casts", recorded)
+    return kept

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import chat_records, preference_records, run_config, write_jsonl
+from helpers import chat_records, preference_records, record_kept_casts, run_config, write_jsonl
 
 from tunesmith.methods import METHODS, count_parameters
 from tunesmith.models import decoder_layers, load_model
@@ -331,24 +330,15 @@ def test_weight_casts_under_autocast_count_what_the_loop_keeps(method, tiny_llam
                                                                monkeypatch):
     import tunesmith.training.loop as loop
     from tunesmith.plan import parameter_counts
-    from tunesmith.training import weight_casts
 
-    kept = []
-
-    @contextmanager
-    def counted():
-        with weight_casts.cached_weight_casts():
-            yield
-            kept.append(sum(cast.numel() for *_, cast in weight_casts._casts.values()))
-
-    monkeypatch.setattr(loop, "cached_weight_casts", counted)
+    kept = record_kept_casts(monkeypatch)
     amp = {"max_steps": 1, "mixed_precision": "bf16", "parallel_rows": False}  # float32 weights, bf16 autocast
     config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method=method, train=amp)
     loop.train(config)
     counts, _ = parameter_counts(config)
     # lora, ia3, prompt: every frozen linear and the tied head; full: nothing frozen; freeze: the head (layer 0 is
     # below every trained layer: its casts are transient)
-    assert kept == [counts.cast_once]
+    assert [sum(cast.numel() for cast in casts) for casts in kept] == [counts.cast_once]
     casts = plan_memory(config, on_gpu=False).parts_gib["weight casts (autocast)"]
     assert casts == pytest.approx(counts.in_matrices * 2 / GIB)  # tied head: every matrix is a matmul's, one thread
     for others in ({"mixed_precision": "no"}, {"gradient_checkpointing": True}):

@@ -4,11 +4,11 @@ casts autocast makes, kept, so training gives the same losses and weights bit fo
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import pytest
 import torch
-from helpers import chat_records, preference_records, run_config, write_jsonl
+from helpers import chat_records, preference_records, record_kept_casts, run_config, write_jsonl
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -54,26 +54,20 @@ def test_under_autocast_training_is_the_same_with_the_casts_kept(task, method, k
                                                                  monkeypatch):
     import tunesmith.training.loop as loop
 
-    kept = []
-
-    @contextmanager
-    def counted():
-        with cached_weight_casts():
-            yield
-            kept.append(len(weight_casts._casts))
-
+    kept = record_kept_casts(monkeypatch)
     records = chat_records(8) if task == "sft" else preference_records(8)
     data = write_jsonl(tmp_path / "train.jsonl", records)
     runs = {}
-    for name, block in (("kept", counted), ("cast each call", nullcontext)):
-        monkeypatch.setattr(loop, "cached_weight_casts", block)
+    for name in ("kept", "cast each call"):
+        if name == "cast each call":
+            monkeypatch.setattr(loop, "cached_weight_casts", nullcontext)
         result = loop.train(run_config(
             tiny_llama_dir, data, tmp_path / name, task=task, method=method,
             train={"max_steps": 3, "mixed_precision": "bf16"},  # float32 weights under bf16 autocast
         ))
         lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
         runs[name] = ([json.loads(line)["loss"] for line in lines], trained_weights(result.run_dir))
-    assert kept == [kept_casts]
+    assert [len(casts) for casts in kept] == [kept_casts]
     (kept_losses, kept_weights), (losses, weights) = runs["kept"], runs["cast each call"]
     assert kept_losses == losses
     assert weights.keys() == kept_weights.keys() and weights

@@ -96,10 +96,11 @@ def keeping_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
         _, blocks = transformer_blocks(model)
     except (AttributeError, ValueError):  # no config or no block list: every linear keeps its cast
         return linears
-    trained = [index for index, block in enumerate(blocks) if any(p.requires_grad for p in block.parameters())]
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    fed_gradients = prompt_learning(model) or (embeddings is not None and embeddings.weight.requires_grad)
-    lowest = 0 if fed_gradients else trained[0] if trained else len(blocks)
+    if prompt_learning(model) or (embeddings is not None and embeddings.weight.requires_grad):
+        return linears  # gradients flow from below the first block
+    lowest = next((index for index, block in enumerate(blocks)
+                   if any(parameter.requires_grad for parameter in block.parameters())), len(blocks))
     below = {id(layer) for block in blocks[:lowest] for layer in block.modules()}
     return [layer for layer in linears if id(layer) not in below]
 
