@@ -10,6 +10,7 @@ from tunesmith.config import ModelConfig
 from tunesmith.methods import METHODS
 from tunesmith.methods.lora_forward import fast_adapter
 from tunesmith.models import load_model
+from tunesmith.training.keyed_dropout import dropout_seed
 
 
 def lora_model(tiny_llama_dir, **settings):
@@ -76,7 +77,10 @@ def test_dora_keeps_peft_forward(tiny_llama_dir):
     assert all(fast_adapter(layer) is None for layer in lora_layers(model))
 
 
-def test_fused_forward_with_dropout_draws_peft_masks(tiny_llama_dir):
+@pytest.mark.parametrize("seed", [None, 123])
+def test_fused_forward_with_dropout_draws_peft_masks(tiny_llama_dir, seed):
+    """Without a part seed the masks come from the process's generator, with one from the seed and each module's
+    number (training/keyed_dropout.py): either way peft's forward, through the same modules, draws the same."""
     model = lora_model(tiny_llama_dir, dropout=0.3)
     assert all(fast_adapter(layer) is not None for layer in lora_layers(model))
     input_ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
@@ -85,13 +89,15 @@ def test_fused_forward_with_dropout_draws_peft_masks(tiny_llama_dir):
         if use_peft:
             peft_forward(model)
         torch.manual_seed(5)  # the same random draws: the same dropout masks, layer by layer
-        results.append(logits_and_grads(model, input_ids))
+        with dropout_seed(seed):
+            results.append(logits_and_grads(model, input_ids))
     (fused_logits, fused_grads), (peft_logits, peft_grads) = results
     torch.testing.assert_close(fused_logits, peft_logits, atol=1e-5, rtol=1e-5)
     for name, grad in fused_grads.items():
         torch.testing.assert_close(grad, peft_grads[name], atol=1e-5, rtol=1e-5, msg=name)
     torch.manual_seed(6)  # other masks: other outputs (the dropout is not skipped)
-    assert not torch.allclose(logits_and_grads(model, input_ids)[0], fused_logits, atol=1e-4)
+    with dropout_seed(None if seed is None else seed + 1):
+        assert not torch.allclose(logits_and_grads(model, input_ids)[0], fused_logits, atol=1e-4)
 
 
 def test_merged_layers_keep_peft_forward(tiny_llama_dir):

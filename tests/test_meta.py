@@ -13,13 +13,13 @@ import random
 
 import pytest
 import torch
-from accelerate import Accelerator
 from helpers import run_cli, run_config, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunesmith.errors import ConfigError
 from tunesmith.methods import METHODS
 from tunesmith.objectives import OBJECTIVES
+from tunesmith.training.loop import run_accelerator
 from tunesmith.training.meta import (
     MetaConfig,
     adaptation_loss,
@@ -63,7 +63,7 @@ def held_out_losses() -> dict[str, float]:
     train_tasks = {f"offset_{offset}": offset_task(offset, 40, rng) for offset in offsets[:12]}
     held_out = [(offset_task(offset, 20, rng), offset_task(offset, 40, rng)) for offset in offsets[12:]]
     meta = MetaConfig(meta_steps=40, tasks_per_step=2, inner_steps=5, inner_batch_size=10, inner_lr=3e-3, seed=0)
-    accelerator = Accelerator(cpu=True)
+    accelerator = run_accelerator("no")
 
     def mean_after_adaptation(model) -> float:
         losses = [adaptation_loss(model, support, query, meta, SFT, SFT.settings(), 0, accelerator)
@@ -117,7 +117,7 @@ def test_reptile_step_moves_towards_the_mean_of_the_adapted_weights():
     adapted = [sgd_fine_tune(copy.deepcopy(model), batches, meta.inner_lr) for batches in task_batches]
 
     losses = reptile_step(model, trainable_parameters(model), [iter(batches) for batches in task_batches],
-                          0.5, meta, SFT, SFT.settings(), Accelerator(cpu=True))
+                          0.5, meta, SFT, SFT.settings(), run_accelerator("no"))
 
     assert [len(task_losses) for task_losses in losses] == [3, 3]
     for parameter, start, first, second in zip(trainable_parameters(model), theta, *adapted, strict=True):

@@ -7,7 +7,6 @@ import threading
 
 import pytest
 import torch
-from accelerate import Accelerator
 from helpers import (
     assert_same_weights,
     chat_records,
@@ -23,7 +22,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.models import load_model
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.training import EXIT_INTERRUPTED, train
-from tunesmith.training.loop import accumulate_gradients
+from tunesmith.training.loop import accumulate_gradients, run_accelerator
 from tunesmith.training.parallel_rows import RowThreads, active_dropout, balanced_parts, parallel_rows_choice
 
 
@@ -61,7 +60,7 @@ def test_rows_in_threads_give_the_sequential_gradient_every_run_the_same(tiny_ll
     def step(micro_batches: list[list[dict]], rows: RowThreads | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         model.zero_grad(set_to_none=True)
         loss, *_ = accumulate_gradients(
-            model, objective, None, micro_batches, Accelerator(cpu=True), rows=rows, trainable=trainable
+            model, objective, None, micro_batches, run_accelerator("no"), rows=rows, trainable=trainable
         )
         return loss, torch.cat([parameter.grad.flatten() for parameter in trainable])
 
@@ -265,3 +264,31 @@ def test_distillation_from_stored_teacher_outputs_with_parallel_rows_matches_seq
     assert parallel.summary["row_threads"] == 2
     assert_same_weights(sequential.run_dir / "adapter" / "adapter_model.safetensors",
                         parallel.run_dir / "adapter" / "adapter_model.safetensors", rtol=1e-4, atol=1e-5)
+
+
+def test_lora_dropout_with_parallel_rows_repeats_resumes_and_recomputes_its_masks(tiny_llama_dir, tmp_path,
+                                                                                   two_threads):
+    """LoRA's dropout draws from each part's seed (training/keyed_dropout.py): two runs give the same weights bit
+    for bit, so does a resumed one, and recomputed layers draw the forward's masks again in the backward (the same
+    weights to rounding); the masks are real (dropout 0 trains to other weights)."""
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(24))
+
+    def config(name: str, dropout: float = 0.2, **train_settings):
+        return run_config(tiny_llama_dir, data, tmp_path / name, data={"packing": True, "max_length": 64},
+                          method={"name": "lora", "r": 4, "dropout": dropout},
+                          train={"max_steps": 6, "batch_size": 4, "save_every": 3, "max_grad_norm": None, "lr": 1e-2,
+                                 "parallel_rows": True, **train_settings})
+
+    def adapter(result):
+        return result.run_dir / "adapter" / "adapter_model.safetensors"
+
+    first = train(config("first"))
+    assert first.summary["row_threads"] == 2
+    assert_same_weights(adapter(first), adapter(train(config("again"))), rtol=0, atol=0)
+    resumable = config("resumed")
+    assert train(resumable, should_stop=lambda step: step == 3).exit_code == EXIT_INTERRUPTED
+    assert_same_weights(adapter(first), adapter(train(resumable, resume=True)), rtol=0, atol=0)
+    recomputed = train(config("recomputed", gradient_checkpointing=True))
+    assert_same_weights(adapter(first), adapter(recomputed), rtol=1e-4, atol=1e-5)
+    with pytest.raises(AssertionError):
+        assert_same_weights(adapter(first), adapter(train(config("no-dropout", dropout=0.0))), rtol=1e-3, atol=1e-4)

@@ -238,6 +238,8 @@ def test_loss_memory_follows_the_loss_path_and_the_row_threads(tiny_llama_dir, c
     assert parallel.parts_gib["parallel rows: gradient copies"] * GIB == sequential.trainable_params * 4
     assert "parallel rows: gradient copies" not in sequential.parts_gib
     assert "parallel rows: gradient copies" not in plan(parallel_rows=None).parts_gib  # auto: full fine-tuning
+    # LoRA's dropout masks come from a seed per part (training/keyed_dropout.py): auto splits its rows too
+    assert "parallel rows: gradient copies" in plan(parallel_rows=None, method=lora | {"dropout": 0.1}).parts_gib
 
 
 def test_distillation_counts_its_chunks_and_the_teacher_side(tiny_llama_dir, chat_file, tmp_path):

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-from accelerate import Accelerator
 from helpers import assert_same_weights, chat_records, classification_records, run_config, write_jsonl
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -22,7 +21,7 @@ from tunesmith.methods import METHODS
 from tunesmith.models import load_model
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.training import EXIT_INTERRUPTED, train
-from tunesmith.training.loop import accumulate_gradients
+from tunesmith.training.loop import accumulate_gradients, run_accelerator
 
 
 @pytest.fixture
@@ -109,7 +108,7 @@ def test_gradient_is_split_invariant(tiny_llama_dir):
         {"input_ids": list(range(5, 5 + length)), "labels": [-100] * 2 + list(range(7, 5 + length))}
         for length in (4, 9, 17, 30, 6, 12, 25, 8)
     ]
-    accelerator = Accelerator(cpu=True)
+    accelerator = run_accelerator("no")
 
     def gradient(batch_size: int) -> torch.Tensor:
         model.zero_grad()

@@ -35,6 +35,7 @@ from tunesmith.methods.base import (
     register,
 )
 from tunesmith.methods.lora_forward import use_fast_lora_forward
+from tunesmith.training.keyed_dropout import use_keyed_dropout
 
 INITIAL_STATE = "tunesmith_initial_lora_state"
 """Attribute of a PiSSA/OLoRA PeftModel holding A0, B0 (keys as in the saved adapter) for `save_lora`."""
@@ -45,7 +46,8 @@ class LoraSettings(MethodSettings):
     r: int = Field(16, ge=1, description="Rank of the update matrices.")
     alpha: float | None = Field(None, gt=0, description="Scaling numerator; default 2r.")
     dropout: float = Field(0.0, ge=0, lt=1, description=(
-        "Dropout on the LoRA input; 0 lets a CPU run's rows go in parallel threads (train.parallel_rows)."))
+        "Dropout on the LoRA input. On a CPU its masks come from a seed per micro-batch part, so a run repeats "
+        "with its rows in parallel threads (train.parallel_rows)."))
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="'all-linear' or a list of module names / suffixes."
     )
@@ -98,6 +100,7 @@ def apply_lora(model, settings: LoraSettings, task: str):
     )
     model = peft_model(model, peft_config)
     use_fast_lora_forward(model)
+    use_keyed_dropout(model)  # masks that a CPU run's parallel rows draw the same every run
     if settings.init in ("pissa", "olora"):
         initial = get_peft_model_state_dict(model)
         setattr(model, INITIAL_STATE, {key: value.detach().clone() for key, value in initial.items() if "lora_" in key})

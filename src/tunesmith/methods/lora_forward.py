@@ -7,7 +7,8 @@ up-projection is added into the base output, in place, by the matrix multiply it
 SmolLM2-135M has seven LoRA linears, so this runs 210 times per forward; on this project's CPU it
 removes most of the elementwise `mul` / `add` time of a LoRA step (bench/README.md).
 
-Dropout, where set, drops the LoRA branch's input as peft's does (the same module, so the same random draws).
+Dropout, where set, drops the LoRA branch's input through the layer's own module, so peft's forward would draw the
+same masks; a keyed mask (training/keyed_dropout.py) leaves its 1 / keep-probability to the rank-side scale.
 It replaces peft's forward only where it is the same computation: vanilla LoRA (no DoRA or other
 variant), exactly one active adapter, not merged, adapters enabled, a plain `nn.Linear`
 base, no per-call arguments (mixed-batch adapter names), and the update in the base output's dtype
@@ -24,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
+from tunesmith.training.keyed_dropout import KeyedDropout
 from tunesmith.training.weight_casts import frozen_linear
 
-LORA_DROPOUTS = (torch.nn.Identity, torch.nn.Dropout)  # peft's lora_dropout: Identity where p is 0
+LORA_DROPOUTS = (torch.nn.Identity, torch.nn.Dropout, KeyedDropout)  # peft's lora_dropout: Identity where p is 0
 
 
 def fast_adapter(layer: LoraLinear) -> str | None:
@@ -55,7 +57,9 @@ def lora_linear_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> 
     lora_b = layer.lora_B[name].weight  # (out, r)
     rows = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so the base output below is a tensor of its own, not a view
     result = frozen_linear(layer.base_layer, rows)  # (N, out)
-    down = F.linear(layer.lora_dropout[name](rows), lora_a) * layer.scaling[name]  # (N, r)
+    dropout = layer.lora_dropout[name]
+    dropped, rescale = dropout.drop(rows) if type(dropout) is KeyedDropout else (dropout(rows), 1.0)
+    down = F.linear(dropped, lora_a) * (layer.scaling[name] * rescale)  # (N, r)
     # Added in place: no copy of the (N, out) base output (out-of-place addmm's first pass). Autograd allows it,
     # since the base matmul's backward needs its inputs only. In-place ops get no autocast: cast B as it would.
     result.addmm_(down, lora_b.t().to(result.dtype))

@@ -50,6 +50,7 @@ from tunesmith.training.checkpoint import (
 from tunesmith.training.compile import CUDA_GRAPH_MODES, check_compile_mode, check_compiler, compile_layers
 from tunesmith.training.deepspeed_config import check_global_batch, zero_plan
 from tunesmith.training.distributed import ProcessGroup
+from tunesmith.training.keyed_dropout import dropout_seed, keyed_dropout_in, part_seeds
 from tunesmith.training.memory import freed_memory
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
@@ -272,7 +273,7 @@ def accumulate_gradients(
     model, objective: ObjectiveSpec, settings, micro_batches: list[list[dict]], accelerator,
     reference: ReferenceModel | None = None, step_loss_tokens: float | None = None,
     before_backward: Callable[[bool], None] | None = None, cuda_graphs: bool = False,
-    rows: RowThreads | None = None, trainable: Sequence[torch.nn.Parameter] = (),
+    rows: RowThreads | None = None, trainable: Sequence[torch.nn.Parameter] = (), keyed_dropout: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
     """Backward over one optimiser step's micro-batches, each given as its parts (collated groups of its
     records: one part, or with `rows` one per thread); returns the step's loss and metrics (detached), and for
@@ -288,6 +289,8 @@ def accumulate_gradients(
     `cuda_graphs`: the layers were compiled in a CUDA-graph mode (`train.compile_mode`).
     `rows`: run each micro-batch's parts in parallel threads (training/parallel_rows.py), with the gradients of
     `trainable` added in part order.
+    `keyed_dropout`: each part's forward and backward run under a seed of its own, drawn in part order, for the
+    model's keyed dropout masks (training/keyed_dropout.py).
     """
     if step_loss_tokens is None:
         step_loss_tokens = sum(part["num_loss_tokens"] for parts in micro_batches for part in parts
@@ -310,19 +313,21 @@ def accumulate_gradients(
         return output.loss_sum / step_loss_tokens, (output, batch.get("task"))
 
     for index, parts in enumerate(micro_batches):
+        seeds = part_seeds(len(parts)) if keyed_dropout else [None] * len(parts)
         if rows is not None:
-            results = rows.backward(part_loss, parts, trainable)
+            results = rows.backward(part_loss, parts, trainable, seeds)
         else:
             results = []
-            for part_index, part in enumerate(parts):
+            for part_index, (part, seed) in enumerate(zip(parts, seeds, strict=True)):
                 if cuda_graphs:
                     # CUDA graphs reuse their output memory from one replay to the next: each micro-batch starts a
                     # new round of replays. Only then: the first call imports the compiler's backend (3 s on CPU).
                     torch.compiler.cudagraph_mark_step_begin()
-                loss, extra = part_loss(part)
-                if before_backward is not None:
-                    before_backward(index == len(micro_batches) - 1 and part_index == len(parts) - 1)
-                accelerator.backward(loss)
+                with dropout_seed(seed):  # a recomputed layer's backward draws the forward's masks again
+                    loss, extra = part_loss(part)
+                    if before_backward is not None:
+                        before_backward(index == len(micro_batches) - 1 and part_index == len(parts) - 1)
+                    accelerator.backward(loss)
                 results.append((loss.detach(), extra))
         for loss, counted in results:
             if counted is None:
@@ -553,6 +558,8 @@ def _train(
         trainable_share=trainable_params / total_params,
     )
     row_threads = choose_row_threads(compiled=train_config.compile)
+    # LoRA's dropout masks from a seed per part on a CPU: the same every run, whichever thread draws them.
+    keyed_dropout = accelerator.device.type == "cpu" and keyed_dropout_in(model)
     if row_threads > 1:
         console.print(f"parallel rows: each micro-batch's rows split over {row_threads} threads (train.parallel_rows)")
     elif train_config.compile and choose_row_threads(compiled=False) > 1:
@@ -684,7 +691,7 @@ def _train(
             with step_attention(model, packed=config.data.packing, masked=masked_rows):
                 step_loss, step_metrics, task_losses = accumulate_gradients(
                     model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens,
-                    before_backward, cuda_graphs, rows, trainable,
+                    before_backward, cuda_graphs, rows, trainable, keyed_dropout,
                 )
             penalty = continual.penalty(model)
             if penalty is not None:

@@ -18,7 +18,9 @@ model's gradients per extra thread for full fine-tuning (which `auto` therefore 
 It applies where that reasoning holds (`parallel_rows_choice`): one process on CPU, eager (not compiled), no
 fp16 loss scaling, an objective whose loss is a sum over its records that needs nothing but the rows
 (`ObjectiveSpec.rows_independent`; a reference model only through outputs stored before training), and no
-active dropout, whose random draws from the one generator would come in a different order from run to run.
+dropout that draws from the process's one generator (the threads would take their turns at it in a different
+order from run to run). LoRA's dropout does not: each part runs under a seed of its own, drawn in part order
+(training/keyed_dropout.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 
 from tunesmith.errors import ConfigError
+from tunesmith.training.keyed_dropout import KeyedDropout, dropout_seed
 
 Item = TypeVar("Item")
 
@@ -41,10 +44,17 @@ AUTO_MAX_GRADIENT_COPIES = 0.1
 
 
 def active_dropout(model: torch.nn.Module) -> str | None:
-    """Where the model draws dropout masks in training (a module or a config setting), or None."""
+    """Where the model draws dropout masks from the process's generator in training (a module, LoHa / LoKr's rank
+    and module dropout, or a config setting), or None. Keyed dropout (LoRA's) draws from the running part's seed."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0 and not isinstance(
+            module, KeyedDropout
+        ):
             return f"{name} (p={module.p})"
+        for setting in ("rank_dropout", "module_dropout"):  # peft's LyCORIS layers: torch.rand in their forward
+            rates = getattr(module, setting, None)
+            if isinstance(rates, dict) and any(rate > 0 for rate in rates.values()):
+                return f"{name} ({setting}={max(rates.values())})"
     configs = [getattr(module, "config", None) for module in model.modules()]
     for config in filter(None, configs):
         for key, value in vars(config).items():
@@ -131,17 +141,20 @@ class RowThreads:
 
     def backward(
         self, part_loss: Callable[[Any], tuple[torch.Tensor, Any]], parts: Sequence[Any],
-        trainable: Sequence[torch.nn.Parameter],
+        trainable: Sequence[torch.nn.Parameter], seeds: Sequence[int | None] | None = None,
     ) -> list[tuple[torch.Tensor, Any]]:
-        """`part_loss(part) -> (loss, anything)` for each part, and the backward of each loss: the gradients of
-        `trainable` end up in `.grad`, added in part order. Returns each part's (loss detached, anything)."""
+        """`part_loss(part) -> (loss, anything)` for each part, and the backward of each loss, under the part's
+        dropout seed (training/keyed_dropout.py; None: none): the gradients of `trainable` end up in `.grad`, added
+        in part order. Returns each part's (loss detached, anything)."""
         op_threads = max(self.threads // len(parts), 1)
+        seeds = seeds or [None] * len(parts)
         with self.op_threads(op_threads):
-            pending = [self._pool.submit(self._gradients_of, part_loss, part, trainable, op_threads)
-                       for part in parts[1:]]
+            pending = [self._pool.submit(self._gradients_of, part_loss, part, trainable, op_threads, seed)
+                       for part, seed in zip(parts[1:], seeds[1:], strict=True)]
             try:
-                loss, extra = part_loss(parts[0])
-                loss.backward()
+                with dropout_seed(seeds[0]):
+                    loss, extra = part_loss(parts[0])
+                    loss.backward()
                 results = [(loss.detach(), extra)]
             finally:
                 finished = [future.result() for future in pending]  # every thread done before anything else runs
@@ -159,9 +172,10 @@ class RowThreads:
     @staticmethod
     def _gradients_of(
         part_loss: Callable[[Any], tuple[torch.Tensor, Any]], part: Any, trainable: Sequence[torch.nn.Parameter],
-        op_threads: int,
+        op_threads: int, seed: int | None,
     ) -> tuple[torch.Tensor, Any, tuple[torch.Tensor | None, ...]]:
         torch.set_num_threads(op_threads)  # this thread's own OpenMP setting; the caller restores its own after
-        loss, extra = part_loss(part)
-        gradients = torch.autograd.grad(loss, trainable, allow_unused=True)
+        with dropout_seed(seed):
+            loss, extra = part_loss(part)
+            gradients = torch.autograd.grad(loss, trainable, allow_unused=True)
         return loss.detach(), extra, gradients
