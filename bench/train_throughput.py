@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--method", choices=("lora", "full"), default="lora",
                         help="lora (r --rank, all-linear) or full fine-tuning, the same for every tool")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="LoRA dropout, the same for every tool (peft's examples use 0.05 or 0.1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--release-memory", type=int, choices=(0, 1), default=0,
                         help="1: tunesmith runs with train.release_memory (lower peak RSS on CPU, fewer tokens/s)")
@@ -112,7 +114,8 @@ def job_config(args: argparse.Namespace, output_dir: Path, packing: bool):
         "data": {"train": str(args.data), "eval_split": 0.0, "max_length": args.max_length, "packing": packing,
                  "on_error": "skip"},
         "task": "sft",
-        "method": {"name": "lora", "r": args.rank, "dropout": 0.0} if args.method == "lora" else {"name": "full"},
+        "method": ({"name": "lora", "r": args.rank, "dropout": args.dropout} if args.method == "lora"
+                   else {"name": "full"}),
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "lr": args.lr, "warmup": 1, "scheduler": "cosine", "seed": 0, "eval_before": False,
                   "log_every": 1, "release_memory": bool(args.release_memory), "compile": bool(args.compile),
@@ -185,7 +188,7 @@ def peer_model(args: argparse.Namespace):
     model = load_model(ModelConfig(name=args.model, dtype=weights_dtype(args.precision)), "sft")
     if args.method == "full":
         return model
-    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear",
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout, target_modules="all-linear",
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
@@ -269,8 +272,8 @@ def worker_main(args: argparse.Namespace) -> None:
 def run_tool(tool: str, args: argparse.Namespace, data: Path) -> dict:
     options = {"worker": tool, "data": data}
     options |= {name: getattr(args, name) for name in
-                ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "method", "rank", "threads",
-                 "release_memory", "precision", "compile", "compile_mode", "peer_compile", "parallel_rows",
+                ("model", "max_length", "batch_size", "grad_accum", "steps", "lr", "method", "rank", "dropout",
+                 "threads", "release_memory", "precision", "compile", "compile_mode", "peer_compile", "parallel_rows",
                  "loss_chunk_tokens", "memory_budget_mb")
                 if getattr(args, name) is not None}
     figures = run_worker(__file__, options, args.threads)
@@ -327,7 +330,7 @@ def main() -> None:
         row["model_tflops_per_s"] = row["tokens_per_s"] * flops_per_token / 1e12
         row["mfu"] = row["model_tflops_per_s"] / peak if peak else None
 
-    method = f"LoRA r={args.rank} all-linear" if args.method == "lora" else "full fine-tuning"
+    method = f"LoRA r={args.rank} all-linear, dropout {args.dropout}" if args.method == "lora" else "full fine-tuning"
     print(f"\njob: {args.model}, {method}, {args.records} real chat records, max length "
           f"{args.max_length}, batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, "
           f"{args.threads} threads, {args.precision}, median of {args.repeats} run(s) per tool\n")

@@ -242,6 +242,24 @@ def test_loss_memory_follows_the_loss_path_and_the_row_threads(tiny_llama_dir, c
     assert "parallel rows: gradient copies" in plan(parallel_rows=None, method=lora | {"dropout": 0.1}).parts_gib
 
 
+def test_lora_dropout_holds_each_dropped_input_and_its_mask(tiny_llama_dir, chat_file, tmp_path):
+    """Each LoRA linear with dropout keeps its dropped input (float32 here) for A's gradient and a bool mask, in
+    every layer (in one at a time where the layers are recomputed); nothing without dropout."""
+    lora = {"name": "lora", "r": 2, "target_modules": ["q_proj", "down_proj"]}
+    tokens = 2 * 64  # batch 2 x max_length 64
+
+    def dropout_bytes(dropout: float, recompute: bool = False) -> float:
+        config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", data={"max_length": 64},
+                            method=lora | {"dropout": dropout},
+                            train={"batch_size": 2, "gradient_checkpointing": recompute})
+        return plan_memory(config, on_gpu=False).parts_gib.get("LoRA dropout: dropped inputs, masks", 0) * GIB
+
+    inputs = 2 * (64 + 128)  # q_proj reads the hidden size, down_proj the MLP's; 2 layers
+    assert dropout_bytes(0.1) == tokens * inputs * (4 + 1)
+    assert dropout_bytes(0.1, recompute=True) == tokens * inputs * (4 + 1) / 2  # one of the two layers at a time
+    assert dropout_bytes(0.0) == 0
+
+
 def test_distillation_counts_its_chunks_and_the_teacher_side(tiny_llama_dir, chat_file, tmp_path):
     """distill: each chunk holds several (C, V) float32 buffers (more for reverse KL and jsd, fewer against the
     teacher's top-k), whatever the precision, and the teacher's side is held for the whole micro-batch: its (N, H_t)

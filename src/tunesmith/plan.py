@@ -85,6 +85,7 @@ class ParameterCounts:
     has_disabled_adapters: bool = False  # a peft model: its reference is itself with the adapters off, not a copy
     plain_head: bool = True  # the output head is a plain linear layer: the loss takes the fused path
     dropout: str | None = None  # where the model draws dropout masks in training (parallel_rows.active_dropout)
+    dropout_inputs: int = 0  # input features of the LoRA linears whose dropout drops something, every layer's
     prompt_cache: bool = False  # grpo / ppo may run a group's prompt once (causal_lm.continues_from_cache)
     branched_rows: bool = False  # pairs and groups may run as one row each (objectives/branched_rows.py)
 
@@ -117,9 +118,18 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
         has_disabled_adapters=hasattr(model, "disable_adapter"),
         plain_head=head is None or fusable_head(head),
         dropout=active_dropout(model),
+        dropout_inputs=sum(module.in_features for module in model.modules() if lora_dropout_of(module) > 0),
         prompt_cache=continues_from_cache(model),
         branched_rows=takes_branched_rows(model) and _can_skip_unused_logits(model),
     )
+
+
+def lora_dropout_of(module: torch.nn.Module) -> float:
+    """The dropout rate on a peft LoRA linear's input (its `lora_dropout` modules); 0 for any other module."""
+    dropouts = getattr(module, "lora_dropout", None)
+    if not isinstance(dropouts, torch.nn.ModuleDict) or not hasattr(module, "in_features"):
+        return 0.0
+    return max((dropout.p for dropout in dropouts.values() if isinstance(dropout, torch.nn.Dropout)), default=0.0)
 
 
 def weights_cast_once(model: torch.nn.Module, head: torch.nn.Module | None) -> list[torch.Tensor]:
@@ -324,6 +334,13 @@ def plan_memory(
         "activations": activations,
         "logits + loss": logits,
     }
+    if counts.dropout_inputs:
+        # LoRA dropout: each LoRA linear's dropped input, kept for its A's gradient, and its bool mask (1 byte an
+        # element: training/keyed_dropout.py on a CPU, the fused kernel on a GPU), for every layer in flight (one
+        # while a recomputed layer runs).
+        in_flight = (layers - recomputed + (1 if recomputed else 0)) / layers if layers else 1.0
+        dropped = tokens * counts.dropout_inputs * (activation_bytes + 1)
+        parts["LoRA dropout: dropped inputs, masks"] = dropped * in_flight
     if row_threads > 1:
         parts["parallel rows: gradient copies"] = (row_threads - 1) * held_trainable * weight_bytes
     autocast_casts = mixed_precision != "no" and dtype == "float32"
