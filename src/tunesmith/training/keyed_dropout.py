@@ -12,7 +12,7 @@ for its backward too.
 It is also faster, and holds less: `F.dropout` on the CPU draws one Bernoulli sample per element from the
 Mersenne Twister (~4 ns each, one core) and keeps a float noise tensor for the backward; a keyed mask takes 16
 random bits per element, four from each 64-bit draw, so `p` is applied to 1/65536, and keeps a bool mask. One
-(1024, 576) float32 input, one thread, forward and backward: 3.1 ms -> 1.7 ms (bench/README.md).
+(1024, 576) float32 input, one thread, forward and backward: 3.5 ms -> 2.4 ms (bench/README.md).
 
 A module called twice for the same rows within one part draws the same mask twice; LoRA's linears run once per
 forward. On a GPU the loop sets no seed and the modules are `nn.Dropout` (CUDA's own fused kernel).
