@@ -47,6 +47,25 @@ def test_compiled_layers_train_to_the_eager_weights(tiny_llama_dir, tmp_path):
     assert moved  # the adapters trained (B starts at zero)
 
 
+@needs_compiler
+def test_compiled_layers_trace_the_compilers_own_lora_dropout(tiny_llama_dir, tmp_path):
+    """LoRA's keyed dropout (training/keyed_dropout.py) seeds a generator per call: a compiled run sets no seed, so
+    its layers trace F.dropout into the graph, with no graph break and no graph per module."""
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(4))
+    graphs = {}
+    for dropout in (0.0, 0.2):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        config = run_config(tiny_llama_dir, data, tmp_path / f"run-{dropout}", data={"packing": True},
+                            method={"name": "lora", "r": 4, "dropout": dropout},
+                            train={"max_steps": 1, "batch_size": 2, "compile": True})
+        assert train(config).exit_code == 0
+        breaks = " ".join(torch._dynamo.utils.counters["graph_break"])
+        assert "Generator" not in breaks and "random_" not in breaks, breaks
+        graphs[dropout] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs[0.2] == graphs[0.0]  # no graph of its own per dropout module
+
+
 def test_a_compiled_cpu_run_says_its_rows_stay_in_one_thread(tiny_llama_dir, tmp_path, monkeypatch):
     """Where eager rows would run in threads, a compiled run says it keeps them in one (and why), so a CPU user
     learns that compiling costs speed there. What is under test is the choice and the note, not the compiler."""

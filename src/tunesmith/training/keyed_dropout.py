@@ -15,7 +15,9 @@ random bits per element, four from each 64-bit draw, so `p` is applied to 1/6553
 (1024, 576) float32 input, one thread, forward and backward: 3.5 ms -> 2.4 ms (bench/README.md).
 
 A module called twice for the same rows within one part draws the same mask twice; LoRA's linears run once per
-forward. On a GPU the loop sets no seed and the modules are `nn.Dropout` (CUDA's own fused kernel).
+forward. On a GPU, and in compiled layers (`train.compile`, whose rows run in one thread), the loop sets no seed and
+the modules are `nn.Dropout`: CUDA's fused kernel, the compiler's own dropout (a seeded generator per call would
+break the graph at every module).
 """
 
 from __future__ import annotations

@@ -559,7 +559,7 @@ def _train(
     )
     row_threads = choose_row_threads(compiled=train_config.compile)
     # LoRA's dropout masks from a seed per part on a CPU: the same every run, whichever thread draws them.
-    keyed_dropout = accelerator.device.type == "cpu" and keyed_dropout_in(model)
+    keyed_dropout = accelerator.device.type == "cpu" and not train_config.compile and keyed_dropout_in(model)
     if row_threads > 1:
         console.print(f"parallel rows: each micro-batch's rows split over {row_threads} threads (train.parallel_rows)")
     elif train_config.compile and choose_row_threads(compiled=False) > 1:
