@@ -47,9 +47,8 @@ def active_dropout(model: torch.nn.Module) -> str | None:
     """Where the model draws dropout masks from the process's generator in training (a module, LoHa / LoKr's rank
     and module dropout, or a config setting), or None. Keyed dropout (LoRA's) draws from the running part's seed."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0 and not isinstance(
-            module, KeyedDropout
-        ):
+        keyed = isinstance(module, KeyedDropout)
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0 and not keyed:
             return f"{name} (p={module.p})"
         for setting in ("rank_dropout", "module_dropout"):  # peft's LyCORIS layers: torch.rand in their forward
             rates = getattr(module, setting, None)
