@@ -15,6 +15,8 @@ from tunesmith.models import load_model
 from tunesmith.training.keyed_dropout import (
     KeyedDropout,
     dropout_seed,
+    dropped_count,
+    keep_bits,
     keep_mask,
     keyed_dropout_in,
     mix_seed,
@@ -29,19 +31,21 @@ def test_a_mask_drops_p_of_every_lane_and_repeats_for_its_seed(p):
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        keep, rescale = keep_mask(shape, p, seed=7)
+        keep = keep_mask(shape, p, seed=7)
         torch.set_num_threads(2)
-        assert torch.equal(keep_mask(shape, p, seed=7)[0], keep)
+        assert torch.equal(keep_mask(shape, p, seed=7), keep)
     finally:
         torch.set_num_threads(saved)
     assert keep.shape == shape and keep.dtype == torch.bool
-    assert not torch.equal(keep_mask(shape, p, seed=8)[0], keep)
+    assert not torch.equal(keep_mask(shape, p, seed=8), keep)
+    assert torch.equal(keep_bits(shape, p, seed=7), -keep.to(torch.int16))  # all ones (-1) where kept
     lanes = keep.flatten().view(-1, 4)  # each 64-bit draw gives four 16-bit lanes: every lane drops p
     sigma = math.sqrt(p * (1 - p) / lanes.shape[0])
     for lane in range(4):
         assert abs(1 - lanes[:, lane].float().mean().item() - p) < 5 * sigma, lane
-    # unbiased: the kept elements scaled by `rescale` average to the input (p as 1/65536: exactly 1 / keep rate)
-    assert rescale * (1 - round(p * 65536) / 65536) == pytest.approx(1.0, abs=1e-12)
+    # unbiased: the kept elements scaled by 1 / keep rate (p as 1/32768) average to the input
+    rescale = 32768 / (32768 - dropped_count(p))
+    assert abs(dropped_count(p) / 32768 - p) <= 1 / 65536
     assert abs((keep.float() * rescale).mean().item() - 1) < 5 * sigma * rescale / 2
 
 
@@ -64,11 +68,30 @@ def test_keyed_dropout_is_nn_dropout_without_a_seed_and_its_own_mask_with_one():
             torch.manual_seed(1)
             assert torch.equal(first(x), plain)
         assert torch.equal(first(x), dropped)
-    keep, rescale = keep_mask(x.shape, 0.25, mix_seed(11, 0))
+    keep, rescale = keep_mask(x.shape, 0.25, mix_seed(11, 0)), 32768 / (32768 - dropped_count(0.25))
     torch.testing.assert_close(dropped, x * keep * rescale, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, keep * rescale, rtol=0, atol=0)
     with dropout_seed(12):
         assert not torch.equal(first(x), dropped)
+
+
+def test_in_half_precision_and_under_autocast_the_mask_is_made_again_in_the_backward():
+    """bf16 inputs, and float32 ones under bf16 autocast (cast first, as the matmul after would): the float32
+    mask's kept elements, in bf16, and the same mask in the gradient, with nothing saved for the backward."""
+    dropout = KeyedDropout(0.25, key=3)
+    keep = keep_mask(torch.Size([4, 50]), 0.25, mix_seed(11, 3))
+    saved: list[torch.Tensor] = []
+    for x, autocast in ((torch.randn(4, 50, dtype=torch.bfloat16), False), (torch.randn(4, 50), True)):
+        x.requires_grad_(True)
+        with (dropout_seed(11), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+              torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor) or tensor, lambda t: t)):
+            dropped, rescale = dropout.drop(x)
+        assert saved == []
+        assert dropped.dtype == torch.bfloat16 and rescale == 32768 / (32768 - dropped_count(0.25))
+        assert torch.equal(dropped, (x.detach() * keep).to(torch.bfloat16))
+        with dropout_seed(None):  # the backward needs no seed set: the mask's seed travels with the graph
+            (dropped.float() * torch.arange(50.0)).sum().backward()
+        assert torch.equal(x.grad, (keep * torch.arange(50.0)).to(torch.bfloat16).to(x.dtype))
 
 
 def test_part_seeds_come_from_the_process_generator():

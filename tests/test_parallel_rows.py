@@ -266,18 +266,20 @@ def test_distillation_from_stored_teacher_outputs_with_parallel_rows_matches_seq
                         parallel.run_dir / "adapter" / "adapter_model.safetensors", rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_lora_dropout_with_parallel_rows_repeats_resumes_and_recomputes_its_masks(tiny_llama_dir, tmp_path,
-                                                                                   two_threads):
+                                                                                   two_threads, mixed_precision):
     """LoRA's dropout draws from each part's seed (training/keyed_dropout.py): two runs give the same weights bit
     for bit, so does a resumed one, and recomputed layers draw the forward's masks again in the backward (the same
-    weights to rounding); the masks are real (dropout 0 trains to other weights)."""
+    weights to rounding); the masks are real (dropout 0 trains to other weights). Under bf16 autocast the mask is
+    applied to the bits and made again in the backward (`DropBits`)."""
     data = write_jsonl(tmp_path / "chats.jsonl", chat_records(24))
 
     def config(name: str, dropout: float = 0.2, **train_settings):
         return run_config(tiny_llama_dir, data, tmp_path / name, data={"packing": True, "max_length": 64},
                           method={"name": "lora", "r": 4, "dropout": dropout},
                           train={"max_steps": 6, "batch_size": 4, "save_every": 3, "max_grad_norm": None, "lr": 1e-2,
-                                 "parallel_rows": True, **train_settings})
+                                 "parallel_rows": True, "mixed_precision": mixed_precision, **train_settings})
 
     def adapter(result):
         return result.run_dir / "adapter" / "adapter_model.safetensors"

@@ -243,20 +243,22 @@ def test_loss_memory_follows_the_loss_path_and_the_row_threads(tiny_llama_dir, c
 
 
 def test_lora_dropout_holds_each_dropped_input_and_its_mask(tiny_llama_dir, chat_file, tmp_path):
-    """Each LoRA linear with dropout keeps its dropped input (float32 here) for A's gradient and a bool mask, in
-    every layer (in one at a time where the layers are recomputed); nothing without dropout."""
+    """Each LoRA linear with dropout keeps its dropped input for A's gradient and, in float32 on a CPU and on a GPU,
+    a bool mask, in every layer (in one at a time where the layers are recomputed); nothing without dropout."""
     lora = {"name": "lora", "r": 2, "target_modules": ["q_proj", "down_proj"]}
     tokens = 2 * 64  # batch 2 x max_length 64
 
-    def dropout_bytes(dropout: float, recompute: bool = False) -> float:
+    def dropout_bytes(dropout: float, recompute: bool = False, dtype: str = "auto", on_gpu: bool = False) -> float:
         config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", data={"max_length": 64},
-                            method=lora | {"dropout": dropout},
+                            model={"name": str(tiny_llama_dir), "dtype": dtype}, method=lora | {"dropout": dropout},
                             train={"batch_size": 2, "gradient_checkpointing": recompute})
-        return plan_memory(config, on_gpu=False).parts_gib.get("LoRA dropout: dropped inputs, masks", 0) * GIB
+        return plan_memory(config, on_gpu=on_gpu).parts_gib.get("LoRA dropout: dropped inputs, masks", 0) * GIB
 
     inputs = 2 * (64 + 128)  # q_proj reads the hidden size, down_proj the MLP's; 2 layers
     assert dropout_bytes(0.1) == tokens * inputs * (4 + 1)
     assert dropout_bytes(0.1, recompute=True) == tokens * inputs * (4 + 1) / 2  # one of the two layers at a time
+    assert dropout_bytes(0.1, dtype="bfloat16") == tokens * inputs * 2  # in half precision the mask is made again
+    assert dropout_bytes(0.1, dtype="bfloat16", on_gpu=True) == tokens * inputs * (2 + 1)  # CUDA's kernel keeps it
     assert dropout_bytes(0.0) == 0
 
 

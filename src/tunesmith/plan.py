@@ -335,11 +335,12 @@ def plan_memory(
         "logits + loss": logits,
     }
     if counts.dropout_inputs:
-        # LoRA dropout: each LoRA linear's dropped input, kept for its A's gradient, and its bool mask (1 byte an
-        # element: training/keyed_dropout.py on a CPU, the fused kernel on a GPU), for every layer in flight (one
-        # while a recomputed layer runs).
+        # LoRA dropout: each LoRA linear's dropped input, kept for its A's gradient, and a bool mask (1 byte an
+        # element: the fused kernel on a GPU, training/keyed_dropout.py in float32 on a CPU; in half precision it
+        # keeps none), for every layer in flight (one while a recomputed layer runs).
         in_flight = (layers - recomputed + (1 if recomputed else 0)) / layers if layers else 1.0
-        dropped = tokens * counts.dropout_inputs * (activation_bytes + 1)
+        mask_bytes = 1 if on_gpu or (dtype == "float32" and mixed_precision == "no") else 0
+        dropped = tokens * counts.dropout_inputs * (activation_bytes + mask_bytes)
         parts["LoRA dropout: dropped inputs, masks"] = dropped * in_flight
     if row_threads > 1:
         parts["parallel rows: gradient copies"] = (row_threads - 1) * held_trainable * weight_bytes
