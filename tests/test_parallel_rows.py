@@ -92,7 +92,7 @@ def test_parts_share_out_the_op_threads():
 
     saved = torch.get_num_threads()
     with RowThreads(2, 4) as rows:
-        rows.backward(part_loss, [torch.ones(3), torch.full((3,), 2.0)], [weight])
+        rows.backward(part_loss, [torch.ones(3), torch.full((3,), 2.0)], [weight], [None, None])
     assert seen == [2, 2] and torch.get_num_threads() == saved
     assert weight.grad.tolist() == [3.0, 3.0, 3.0]
 
@@ -109,7 +109,7 @@ def test_an_error_in_a_part_reaches_the_caller_after_every_part_finished():
 
     saved = torch.get_num_threads()
     with RowThreads(2, 2) as rows, pytest.raises(ValueError, match="a bad part"):
-        rows.backward(part_loss, [torch.ones(3), torch.full((3,), 2.0)], [weight])
+        rows.backward(part_loss, [torch.ones(3), torch.full((3,), 2.0)], [weight], [None, None])
     assert finished == [threading.main_thread().name] and torch.get_num_threads() == saved
     assert weight.grad.tolist() == [1.0, 1.0, 1.0]  # the finished part's gradient only: the step is abandoned
 

@@ -140,13 +140,12 @@ class RowThreads:
 
     def backward(
         self, part_loss: Callable[[Any], tuple[torch.Tensor, Any]], parts: Sequence[Any],
-        trainable: Sequence[torch.nn.Parameter], seeds: Sequence[int | None] | None = None,
+        trainable: Sequence[torch.nn.Parameter], seeds: Sequence[int | None],
     ) -> list[tuple[torch.Tensor, Any]]:
         """`part_loss(part) -> (loss, anything)` for each part, and the backward of each loss, under the part's
         dropout seed (training/keyed_dropout.py; None: none): the gradients of `trainable` end up in `.grad`, added
         in part order. Returns each part's (loss detached, anything)."""
         op_threads = max(self.threads // len(parts), 1)
-        seeds = seeds or [None] * len(parts)
         with self.op_threads(op_threads):
             pending = [self._pool.submit(self._gradients_of, part_loss, part, trainable, op_threads, seed)
                        for part, seed in zip(parts[1:], seeds[1:], strict=True)]
