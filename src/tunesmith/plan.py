@@ -26,6 +26,7 @@ from tunesmith.objectives.branched_rows import costs_less, longest_accepted_row,
 from tunesmith.objectives.causal_lm import _can_skip_unused_logits, continues_from_cache, rescales_logits
 from tunesmith.objectives.linear_cross_entropy import SOFTMAX_BLOCK_ELEMENTS, fusable_head
 from tunesmith.objectives.preference import collate_pairs
+from tunesmith.training.keyed_dropout import keyed_dropout_in
 from tunesmith.training.launch import launched_shape
 from tunesmith.training.parallel_rows import active_dropout, parallel_rows_choice
 from tunesmith.training.recompute import recomputed_layers
@@ -85,7 +86,7 @@ class ParameterCounts:
     has_disabled_adapters: bool = False  # a peft model: its reference is itself with the adapters off, not a copy
     plain_head: bool = True  # the output head is a plain linear layer: the loss takes the fused path
     dropout: str | None = None  # where the model draws dropout masks in training (parallel_rows.active_dropout)
-    dropout_inputs: int = 0  # input features of the LoRA linears whose dropout drops something, every layer's
+    dropout_inputs: int = 0  # input features of the LoRA linears whose (keyed) dropout drops something, all layers
     prompt_cache: bool = False  # grpo / ppo may run a group's prompt once (causal_lm.continues_from_cache)
     branched_rows: bool = False  # pairs and groups may run as one row each (objectives/branched_rows.py)
 
@@ -118,18 +119,11 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
         has_disabled_adapters=hasattr(model, "disable_adapter"),
         plain_head=head is None or fusable_head(head),
         dropout=active_dropout(model),
-        dropout_inputs=sum(module.in_features for module in model.modules() if lora_dropout_of(module) > 0),
+        dropout_inputs=sum(module.in_features for module in model.modules()
+                           if hasattr(module, "lora_dropout") and keyed_dropout_in(module)),
         prompt_cache=continues_from_cache(model),
         branched_rows=takes_branched_rows(model) and _can_skip_unused_logits(model),
     )
-
-
-def lora_dropout_of(module: torch.nn.Module) -> float:
-    """The dropout rate on a peft LoRA linear's input (its `lora_dropout` modules); 0 for any other module."""
-    dropouts = getattr(module, "lora_dropout", None)
-    if not isinstance(dropouts, torch.nn.ModuleDict) or not hasattr(module, "in_features"):
-        return 0.0
-    return max((dropout.p for dropout in dropouts.values() if isinstance(dropout, torch.nn.Dropout)), default=0.0)
 
 
 def weights_cast_once(model: torch.nn.Module, head: torch.nn.Module | None) -> list[torch.Tensor]:

@@ -148,5 +148,6 @@ def use_keyed_dropout(model: torch.nn.Module) -> None:
 
 
 def keyed_dropout_in(model: torch.nn.Module) -> bool:
-    """Whether `model` has a keyed dropout that drops anything (the loop then draws part seeds on a CPU)."""
+    """Whether `model` (or one layer of it) has a keyed dropout that drops anything: the loop then draws part seeds
+    on a CPU; tunesmith.plan counts the LoRA linears that have one."""
     return any(isinstance(module, KeyedDropout) and module.p > 0 for module in model.modules())
