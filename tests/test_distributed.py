@@ -1,5 +1,6 @@
 """Two processes (gloo on CPU) reach the same weights as one process with the same global batch, and a
-two-process checkpoint resumes on one process with that global batch to the same weights."""
+two-process checkpoint resumes on one process with that global batch to the same weights; with dropout, the
+processes draw their own masks and resume to the weights of the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from helpers import assert_same_weights, chat_records, write_jsonl
+
+from tunesmith.training.distributed import ProcessGroup
 
 
 def write_config(tmp_path, model_dir, data, name: str, batch_size: int, output: str | None = None):
@@ -71,3 +76,58 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama_dir, tmp_
     wrong = write_config(tmp_path, tiny_llama_dir, data, "wrong", batch_size=2, output="double")
     refused = train_one_process(wrong, "--resume")
     assert refused.returncode == 2 and "set train.batch_size to 4" in refused.stderr + refused.stdout
+
+
+def fake_group(rank: int, world: int) -> ProcessGroup:
+    accelerator = SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0,
+                                  device=torch.device("cpu"))
+    return ProcessGroup(accelerator)
+
+
+def test_each_process_draws_its_own_numbers_and_the_generators_stay_equal():
+    drawn, after = [], []
+    for rank in (0, 1, 0):
+        torch.manual_seed(5)
+        with fake_group(rank, 2).own_random_draws():
+            drawn.append(torch.rand(1000 + 500 * rank))  # the processes' steps draw different amounts
+        after.append(torch.rand(3))
+    assert not torch.equal(drawn[0], drawn[1][:1000])  # two processes, two streams
+    assert torch.equal(drawn[0], drawn[2])  # the same process, the same stream again
+    # After the step every process's generator is where one 64-bit draw leaves it, whatever the step drew.
+    torch.manual_seed(5)
+    torch.empty((), dtype=torch.int64).random_(-(1 << 63), None)
+    one_draw_on = torch.rand(3)
+    assert all(torch.equal(numbers, one_draw_on) for numbers in after)
+    # One process: the step draws from the process's generator itself.
+    torch.manual_seed(5)
+    with fake_group(0, 1).own_random_draws():
+        alone = torch.rand(1000)
+    torch.manual_seed(5)
+    assert torch.equal(alone, torch.rand(1000))
+
+
+def test_two_processes_with_dropout_resume_to_the_uninterrupted_weights(tiny_bert_dir, tmp_path):
+    """BERT's own dropout (0.1, hidden and attention) draws one number per element, so the processes' generators
+    drifted apart on rows of different lengths, and resuming gave every process rank 0's state: the resumed run
+    parted from the uninterrupted one at its first step."""
+    words = ["good", "fine", "great", "nice", "bad", "poor", "dull", "awful"]
+    records = [{"text": " ".join(words[(index + offset) % 8] for offset in range(1 + index % 9)),
+                "label": "positive" if index % 2 else "negative"} for index in range(24)]
+    data = write_jsonl(tmp_path / "labelled.jsonl", records)
+    config = tmp_path / "dropout.yaml"
+    config.write_text(
+        f"model: {{name: {tiny_bert_dir}}}\n"
+        f"data: {{train: {data}, eval_split: 0.0, max_length: 32}}\n"
+        "task: classify\nmethod: {name: full}\n"
+        "train: {max_steps: 4, batch_size: 3, lr: 1e-3, warmup: 0, eval_before: false, seed: 3, save_every: 2}\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29534", "-m", "tunesmith.cli", "train", str(config)]
+    whole = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    uninterrupted = tmp_path / "uninterrupted.safetensors"
+    shutil.copy(tmp_path / "run" / "model" / "model.safetensors", uninterrupted)
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)  # from step 2
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_weights(uninterrupted, tmp_path / "run" / "model" / "model.safetensors", rtol=1e-6, atol=1e-7)

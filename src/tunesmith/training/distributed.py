@@ -12,9 +12,14 @@ bypasses. One flattened all-reduce per optimiser step is exact and needs no wrap
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+from tunesmith.training.keyed_dropout import mix_seed
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -71,3 +76,30 @@ class ProcessGroup:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+    @contextmanager
+    def own_random_draws(self) -> Iterator[None]:
+        """The block (a training step's forwards and backwards) draws its random numbers, dropout masks and sampled
+        completions, from this process's own seed, and the process's generators are as before after it, one
+        number further on.
+
+        Every process starts from the one `train.seed`. Left alone, they would draw the same masks for different
+        rows, and their generators would drift apart (a mask takes as many draws as its tensor has elements, and
+        the processes' rows differ in length), while a checkpoint saves rank 0's state for all of them: a
+        resumed run would not repeat the uninterrupted one. Here each step draws one number from the process's
+        generator, the same on every process, mixes in the rank for the step's own seed, and puts the generators
+        back after the step: they stay equal, so rank 0's state is every process's, on any number of processes.
+        One process: the step draws from the process's generator as it is.
+        """
+        if not self.distributed:
+            yield
+            return
+        draw = int(torch.empty((), dtype=torch.int64).random_(-(1 << 63), None))
+        seed = mix_seed(draw, self.rank)
+        device = self.accelerator.device
+        cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(seed)
+            for index in cuda:
+                torch.cuda.default_generators[index].manual_seed(seed)
+            yield

@@ -688,7 +688,7 @@ def _train(
             step_loss_tokens, step_tokens, step_positions = group.sum(local_counts)
             # Packed rows: each record attends within itself through causal kernels, no block mask; branched rows
             # (pairs, rl groups) under their causal mask through the masked-rows kernel on the CPU in half precision.
-            with step_attention(model, packed=config.data.packing, masked=masked_rows):
+            with step_attention(model, packed=config.data.packing, masked=masked_rows), group.own_random_draws():
                 step_loss, step_metrics, task_losses = accumulate_gradients(
                     model, objective, config.objective, micro_batches, accelerator, reference, step_loss_tokens,
                     before_backward, cuda_graphs, rows, trainable, keyed_dropout,
