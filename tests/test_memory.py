@@ -1,5 +1,5 @@
-"""glibc malloc on CPU: freed tensor buffers kept in the process while training or evaluating (the default), or
-given back to the system at once (`train.release_memory`)."""
+"""glibc malloc on CPU: freed tensor buffers kept in the process while training or evaluating (the default), up to
+a resident-memory limit past which they go back to the system, or given back at once (`train.release_memory`)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def freed_every_other_buffer_mb():
     return before - resident_mb()
 
 
-with released_freed_memory() if sys.argv[1] == "on" else nullcontext(True) as applied:
-    assert applied
+with released_freed_memory() if sys.argv[1] == "on" else nullcontext() as state:
+    assert state is None or state.applied
     inside = freed_every_other_buffer_mb()
 print(inside, freed_every_other_buffer_mb())
 """
@@ -43,8 +43,8 @@ import sys, torch
 from contextlib import nullcontext
 from tunesmith.training.memory import kept_freed_memory
 
-with kept_freed_memory() if sys.argv[1] == "kept" else nullcontext(True) as applied:
-    assert applied
+with kept_freed_memory() if sys.argv[1] == "kept" else nullcontext() as state:
+    assert state is None or state.applied
     # 8 x 24 MiB, touched: by default over glibc's mmap threshold (128 KiB, raised only by freeing a larger mapped
     # block), so each is a mapping of its own, unmapped when freed; when kept, under it: heap memory
     tensors = [torch.ones(6 * 2**20) for _ in range(8)]
@@ -52,6 +52,34 @@ with kept_freed_memory() if sys.argv[1] == "kept" else nullcontext(True) as appl
     del tensors
     inside = before - resident_mb()
 print(inside, before - resident_mb())
+"""
+
+
+LIMIT_PROBE = RESIDENT_MB + """
+import sys, time, torch
+from tunesmith.training.memory import kept_freed_memory
+
+
+def wait_for(state):
+    deadline = time.monotonic() + 5
+    while state.released_at_mb is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+start = resident_mb()
+with kept_freed_memory(start + 250 if sys.argv[1] == "limit" else None) as state:
+    tensors = [torch.ones(2**21) for _ in range(24)]  # 24 x 8 MiB, touched, then freed: kept in the heap
+    del tensors
+    held = resident_mb()
+    big = torch.ones(75 * 2**20)  # 300 MiB live, its own mapping: past the limit
+    time.sleep(0.2)
+    wait_for(state)
+    after_switch = resident_mb()  # the limit gave back the heap's free 192 MiB, the 300 MiB still live
+    tensors = [torch.ones(2**21) for _ in range(24)]  # the heap's free blocks again, paged in
+    del tensors
+    time.sleep(0.6)  # past the limit, the heap is trimmed again
+    print(held - start, after_switch - held, resident_mb() - after_switch, state.released_at_mb or 0,
+          state.limit_mb or 0)
 """
 
 
@@ -77,23 +105,57 @@ def test_freed_buffers_stay_for_reuse_while_kept_and_are_trimmed_after():
     assert inside > 150  # glibc's default: each buffer unmapped as it is freed
 
 
+@LINUX_ONLY
+def test_kept_buffers_go_back_once_resident_memory_passes_the_limit():
+    held, growth, regrowth, released_at, limit = released_mb(LIMIT_PROBE, "limit")
+    assert held > 150  # 192 MiB freed and kept
+    assert growth < 300 - 120  # 300 MiB more live, and the kept 192 MiB given back at the switch
+    assert released_at > limit > 0
+    assert regrowth < 60  # 192 MiB used and freed again after the switch: given back again
+    held, growth, regrowth, released_at, limit = released_mb(LIMIT_PROBE, "no-limit")
+    assert held > 150 and growth > 280 and released_at == 0  # kept throughout
+
+
+def test_a_run_past_the_limit_says_so_and_records_it(tiny_llama_dir, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import tunesmith.training.memory as memory
+    from tunesmith.training import train
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt; others are untouched")
+    monkeypatch.setattr(memory, "memory_limit_mb", lambda processes_on_node: 1.0)  # less than the process holds
+    output = io.StringIO()
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(8))
+    result = train(run_config(tiny_llama_dir, data, tmp_path / "run", train={"max_steps": 2}),
+                   console=Console(file=output, width=200))
+    assert result.summary["released_memory_at_mb"] > 1.0
+    assert output.getvalue().count("the limit for freed buffers kept for reuse") == 1
+    kept = train(run_config(tiny_llama_dir, data, tmp_path / "kept", train={"max_steps": 2, "release_memory": False}),
+                 console=Console(file=io.StringIO()))
+    assert kept.summary["released_memory_at_mb"] is None  # false: no limit
+
+
 def test_cpu_training_keeps_or_releases_freed_memory_for_the_whole_run(tiny_llama_dir, tmp_path, monkeypatch):
     import tunesmith.training.loop as loop
+    from tunesmith.training.memory import FreedMemory
 
     policies = []
 
     @contextmanager
-    def spy(release: bool):
+    def spy(release: bool | None, processes_on_node: int):
         policies.append({"release": release})
-        yield True
+        yield FreedMemory(applied=True)
         policies[-1]["exported"] = (run_dir / "model").is_dir()  # the run, its export included, ran inside
 
     monkeypatch.setattr(loop, "freed_memory", spy)
     data = write_jsonl(tmp_path / "train.jsonl", chat_records(8))
-    for release in (False, True):
+    for release in (None, False, True):
         run_dir = tmp_path / f"release-{release}"
         loop.train(run_config(tiny_llama_dir, data, run_dir, train={"max_steps": 1, "release_memory": release}))
-    assert policies == [{"release": False, "exported": True}, {"release": True, "exported": True}]
+    assert policies == [{"release": release, "exported": True} for release in (None, False, True)]
 
 
 def test_evaluation_keeps_freed_memory_for_a_model_on_cpu(monkeypatch):
@@ -102,13 +164,14 @@ def test_evaluation_keeps_freed_memory_for_a_model_on_cpu(monkeypatch):
     import tunesmith.evaluate.run as run
     from tunesmith.evaluate.config import EvalSuiteConfig
     from tunesmith.evaluate.tasks import System
+    from tunesmith.training.memory import FreedMemory
 
     entered = []
 
     @contextmanager
-    def spy():  # a stand-in for kept_freed_memory that records each entry
-        entered.append(True)
-        yield True
+    def spy(limit_mb):  # a stand-in for kept_freed_memory that records each entry
+        entered.append(limit_mb is not None)
+        yield FreedMemory(applied=True)
 
     monkeypatch.setattr(run, "kept_freed_memory", spy)
     suite = EvalSuiteConfig.model_construct(tasks=[], seed=0)

@@ -222,10 +222,12 @@ class TrainConfig(Section):
         "fine-tuning no; true: one part per op-thread, or an error saying why it cannot be. CPU benchmark "
         "(2 cores), bf16 LoRA: +8% tokens/s by medians (bench/README.md).",
     )
-    release_memory: bool = Field(
-        False,
-        description="CPU (glibc): give large tensor buffers back to the system as soon as they are freed; about "
-        "35% lower peak resident memory for 15-20% fewer tokens/s (bench/README.md).",
+    release_memory: bool | None = Field(
+        None,
+        description="CPU (glibc): true gives large tensor buffers back to the system as soon as they are freed "
+        "(lower peak resident memory, 7-20% fewer tokens/s: bench/README.md); false keeps freed buffers for reuse; "
+        "null keeps them until the process's resident memory passes 80% of what it could take at the start, then "
+        "gives them back for the rest of the run (at long sequences kept buffers grow far past the live tensors).",
     )
     cache_reference: bool = Field(
         False,

@@ -19,7 +19,7 @@ from tunesmith.evaluate.config import EvalSuiteConfig
 from tunesmith.evaluate.scoring import model_device
 from tunesmith.evaluate.stats import bootstrap_ci
 from tunesmith.evaluate.tasks import TASKS, System, TaskOutput
-from tunesmith.training.memory import kept_freed_memory
+from tunesmith.training.memory import kept_freed_memory, memory_limit_mb
 
 
 def _stderr(message: str) -> None:
@@ -89,10 +89,10 @@ def predictions_suite(system: System) -> EvalSuiteConfig:
 
 
 def run_suite(system: System, suite: EvalSuiteConfig, log: Callable[[str], None] = _stderr) -> dict[str, TaskOutput]:
-    # On a CPU, scoring batch after batch reuses the buffers the batch before freed (training/memory.py): MMLU
-    # scoring of SmolLM2-135M 2.4-5% faster (bench/README.md).
+    # On a CPU, scoring batch after batch reuses the buffers the batch before freed, up to the resident-memory limit
+    # (training/memory.py): MMLU scoring of SmolLM2-135M 2.4-5% faster (bench/README.md).
     on_cpu = system.model is not None and model_device(system.model).type == "cpu"  # predictions have no model
-    with kept_freed_memory() if on_cpu else nullcontext():
+    with kept_freed_memory(memory_limit_mb()) if on_cpu else nullcontext():
         return _run_tasks(system, suite, log)
 
 

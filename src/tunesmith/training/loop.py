@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -51,7 +52,7 @@ from tunesmith.training.compile import CUDA_GRAPH_MODES, check_compile_mode, che
 from tunesmith.training.deepspeed_config import check_global_batch, zero_plan
 from tunesmith.training.distributed import ProcessGroup
 from tunesmith.training.keyed_dropout import dropout_seed, keyed_dropout_in, part_seeds
-from tunesmith.training.memory import freed_memory
+from tunesmith.training.memory import LIMIT_SHARE, FreedMemory, freed_memory
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import step_attention
@@ -429,9 +430,12 @@ def train(
     reshard_after_forward = sharding_choice(train_config, accelerator.num_processes)
     sharded = reshard_after_forward is not None
     keep_casts = casts_kept(sharded, train_config.gradient_checkpointing, train_config.compile)
-    with (freed_memory(train_config.release_memory) if accelerator.device.type == "cpu" else nullcontext(),
+    on_cpu = accelerator.device.type == "cpu"
+    processes_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun and accelerate launch set it
+    with (freed_memory(train_config.release_memory, processes_on_node) if on_cpu else
+          nullcontext(FreedMemory(applied=False)) as memory,
           cached_weight_casts() if keep_casts else nullcontext()):
-        return _train(config, accelerator, reshard_after_forward, resume, overwrite, should_stop, console)
+        return _train(config, accelerator, reshard_after_forward, resume, overwrite, should_stop, console, memory)
 
 
 def _train(
@@ -442,6 +446,7 @@ def _train(
     overwrite: bool,
     should_stop: Callable[[int], bool] | None,
     console: Console | None,
+    memory: FreedMemory,
 ) -> TrainResult:
     objective = OBJECTIVES.get(config.task, "task")
     method = METHODS.get(config.method.name, "method.name")
@@ -610,6 +615,7 @@ def _train(
     save_every = train_config.save_every or train_config.eval_every
     exit_code = 0
     stopped_early = False
+    memory_noted = False  # the note that kept freed buffers reached their limit, printed once
 
     def checkpoint() -> None:
         # Written by the main process (the RNG saved is its own); sharded weights and moments are written
@@ -730,6 +736,14 @@ def _train(
                     bar, loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", tps=f"{step_tokens / elapsed:.0f}"
                 )
             progress.update(bar, completed=state["step"])
+            if memory.released_at_mb is not None and not memory_noted:
+                memory_noted = True
+                console.print(
+                    f"[yellow]note:[/] resident memory reached {memory.released_at_mb:,.0f} MB, the limit for freed "
+                    f"buffers kept for reuse ({memory.limit_mb:,.0f} MB: {LIMIT_SHARE:.0%} of what was available); "
+                    "they go back to the system from now on, at some tokens/s (train.release_memory: true does so "
+                    "from the start)"
+                )
 
             at_end = state["step"] == total_steps
             if data.eval and (at_end or (train_config.eval_every and state["step"] % train_config.eval_every == 0)):
@@ -772,6 +786,7 @@ def _train(
         "sharding": "fsdp" if sharded else "none",
         "cpu_offload": sharded and train_config.cpu_offload,
         "row_threads": row_threads,
+        "released_memory_at_mb": memory.released_at_mb,  # CPU: where kept freed buffers reached their limit
     }
     if exit_code == 0 and (group.is_main or sharded):
         exported = load_best(checkpoints_dir, model) if state["best"] else None
