@@ -3,8 +3,11 @@
 For each sequence length (doubling), one LoRA training step (forward + backward, batch 1, every
 token trained) runs in a fresh subprocess and reports its peak memory (RSS on CPU, max allocated
 on CUDA). The plain stack is what Trainer does by default: `model(input_ids, labels=labels)`
-(full (T, V) float32 logits, no activation checkpointing). tunesmith runs its own loss path:
-logits only at loss positions, chunked loss, and gradient checkpointing.
+(full (T, V) float32 logits, no activation checkpointing), with glibc's malloc as it comes. tunesmith runs its own
+loss path: logits only at loss positions, chunked loss, and gradient checkpointing; and it keeps freed buffers for
+reuse up to a resident-memory limit, as `tunesmith train` does on a CPU: by default the limit it sets on a machine
+with the budget's memory available (training/memory.py: 80% of it); `--kept-limit-mb` sets another (0: no limit,
+as `train.release_memory: false`).
 
     python bench/max_context.py --budget-mb 4000
     python bench/max_context.py --lengths 512,1024,2048 --json out.json
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from workers import report, run_worker
 
+from tunesmith.training.memory import LIMIT_SHARE
 from tunesmith.training.metrics import peak_memory_mb
 
 
@@ -31,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
     parser.add_argument("--budget-mb", type=float, default=4000.0)
+    parser.add_argument("--kept-limit-mb", type=float,
+                        help="tunesmith keeps freed buffers up to this resident memory (default: 80%% of the budget)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", choices=("tunesmith", "plain"), help=argparse.SUPPRESS)
@@ -42,6 +48,19 @@ def parse_args() -> argparse.Namespace:
 
 def worker(args: argparse.Namespace) -> None:
     import torch
+
+    from tunesmith.training.memory import kept_freed_memory
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.worker == "tunesmith" and device == "cpu":
+        with kept_freed_memory(args.kept_limit_mb or None):
+            step(args, device)
+    else:
+        step(args, device)
+
+
+def step(args: argparse.Namespace, device: str) -> None:
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from tunesmith.config import ModelConfig
@@ -49,7 +68,6 @@ def worker(args: argparse.Namespace) -> None:
     from tunesmith.objectives.causal_lm import CausalLMSettings, causal_lm_loss
     from tunesmith.training.recompute import enable_recompute
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(ModelConfig(name=args.model), "sft")
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
@@ -73,7 +91,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def measure(tool: str, length: int, args: argparse.Namespace, checkpoint_layers: int | None = None) -> dict | None:
     """None when the step failed (out of memory): treated as "does not fit"."""
-    options = {"worker": tool, "length": length, "model": args.model, "rank": args.rank}
+    options = {"worker": tool, "length": length, "model": args.model, "rank": args.rank,
+               "kept_limit_mb": LIMIT_SHARE * args.budget_mb if args.kept_limit_mb is None else args.kept_limit_mb}
     if checkpoint_layers is not None:
         options["checkpoint_layers"] = checkpoint_layers
     return run_worker(__file__, options)
