@@ -741,8 +741,8 @@ def _train(
                 console.print(
                     f"[yellow]note:[/] resident memory reached {memory.released_at_mb:,.0f} MB, the limit for freed "
                     f"buffers kept for reuse ({memory.limit_mb:,.0f} MB: {LIMIT_SHARE:.0%} of what was available); "
-                    "they go back to the system from now on, at some tokens/s (train.release_memory: true does so "
-                    "from the start)"
+                    "they go back to the system from now on, for fewer tokens/s (train.release_memory: true does "
+                    "so from the start)"
                 )
 
             at_end = state["step"] == total_steps

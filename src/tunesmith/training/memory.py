@@ -26,8 +26,8 @@ tensors (SmolLM2-135M LoRA, one row of 4,096 tokens, every layer recomputed: 5.4
 GB after two, where the released run peaks at 1.8 GB). So kept memory has a limit (`ResidentLimit`): a thread reads
 the process's resident memory every 20 ms, and once it passes 80% of what the process could take when the block
 began (its own resident memory and the machine's available memory, or its cgroup's, shared among the node's
-processes), glibc switches to releasing for the rest of the block and gives back what its heap holds free. A run
-is fast while memory lasts and never runs out of it for the cache's sake.
+processes), glibc switches to releasing for the rest of the block and gives back what its heap holds free (again
+every 0.25 s while past the limit). A run is fast while memory lasts and never runs out of it for the cache's sake.
 
 `freed_memory(release)` is the one a CPU training run enters, around the whole run: loading, the evaluation before
 training, caching the reference, the steps and the export: `train.release_memory` true releases, false keeps, null
@@ -191,6 +191,8 @@ def available_mb() -> float | None:
     except OSError:
         return None
     fields = dict(line.split(":", 1) for line in meminfo.splitlines() if ":" in line)
+    if "MemAvailable" not in fields:  # kernels before 3.14
+        return None
     available = int(fields["MemAvailable"].split()[0]) / 2**10
     cgroup = Path("/sys/fs/cgroup")
     try:
