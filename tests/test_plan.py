@@ -13,9 +13,9 @@ from tunesmith.methods import METHODS, count_parameters
 from tunesmith.models import decoder_layers, load_model
 from tunesmith.plan import (
     GIB,
+    LayerActivations,
     MemoryPlan,
     RecomputeAdvice,
-    activation_units,
     advice_for,
     model_flops_per_token,
     plan_memory,
@@ -162,9 +162,12 @@ def test_a_pair_counts_both_of_its_rows(task, tiny_llama_dir, chat_file, tmp_pat
     width = longest_accepted_row(model_config, 2, 64)
     assert 64 < width <= 128 and forward_flops(model_config, 1, width) < forward_flops(model_config, 2, 64)
     assert width == 128 or forward_flops(model_config, 1, width + 1) >= forward_flops(model_config, 2, 64)
-    sft = activations("sft", chat_file)
-    assert activations(task, pairs, "eager") == pytest.approx(2 * sft)
-    assert activations(task, pairs) == pytest.approx(2 * sft + 2 * width**2 * 4)
+    assert activations(task, pairs, "eager") == pytest.approx(2 * activations("sft", chat_file, "eager"))
+    # sft's padded rows keep SDPA's float copy of their boolean (64, 64) mask in each layer (64 x 4 bytes a token);
+    # a branched row keeps its float mask once for all the layers.
+    layers = model_config.num_hidden_layers
+    sft_without_mask_copies = activations("sft", chat_file) - 2 * 64 * layers * 64 * 4
+    assert activations(task, pairs) == pytest.approx(2 * sft_without_mask_copies + 2 * width**2 * 4)
 
 
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}])
@@ -315,28 +318,41 @@ def test_online_rl_counts_every_sampled_sequence_and_its_log_prob_chunks(tiny_ll
     completion log-probs (float32 logits, their log-softmax and gradient) at a time."""
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(tiny_llama_dir).vocab_size
+    from tunesmith.plan import layer_activations, parameter_counts
 
-    def plan(task: str = "grpo", method: str = "lora", train: dict | None = None, **objective):
-        config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", task=task, data={"max_length": 32},
-                            method={"name": method}, train={"batch_size": 2, **(train or {})},
-                            objective={"max_new_tokens": 16, **objective})
-        return plan_memory(config, on_gpu=False)
+    vocab = AutoConfig.from_pretrained(tiny_llama_dir).vocab_size
+    layers = AutoConfig.from_pretrained(tiny_llama_dir).num_hidden_layers
+
+    def config_of(task: str = "grpo", method: str = "lora", train: dict | None = None, **objective):
+        return run_config(tiny_llama_dir, chat_file, tmp_path / "run", task=task, data={"max_length": 32},
+                          method={"name": method}, train={"batch_size": 2, **(train or {})},
+                          objective={"max_new_tokens": 16, **objective})
+
+    def plan(*args, **kwargs):
+        return plan_memory(config_of(*args, **kwargs), on_gpu=False)
+
+    def per_token(row_length: int, recomputed: int = 0, branched: bool = False, **kwargs) -> float:
+        """What the layers keep per token in rows of `row_length` (plan.layer_activations), in GiB."""
+        config = config_of(**kwargs)
+        counts, model_config = parameter_counts(config)
+        kept = layer_activations(config, counts, model_config, False, row_length, branched)
+        return kept.bytes_per_token(recomputed) / GIB
 
     four, eight = plan(group_size=4), plan(group_size=8)
-    per_token = four.parts_gib["activations"] / (2 * 32 + 2 * 4 * 16)
-    assert eight.parts_gib["activations"] == pytest.approx(per_token * (2 * 32 + 2 * 8 * 16))
-    assert plan(group_size=4, method="prefix").parts_gib["activations"] == pytest.approx(per_token * 2 * 4 * 48)
-    recomputed = plan(group_size=4, train={"gradient_checkpointing": True, "checkpoint_layers": 1})
-    layers = AutoConfig.from_pretrained(tiny_llama_dir).num_hidden_layers
-    recomputed_per_token = per_token * activation_units(layers, 1) / activation_units(layers, 0)
+    padded = per_token(32 + 16)  # prompts and completions in rows padded to the longest
+    assert four.parts_gib["activations"] == pytest.approx(padded * (2 * 32 + 2 * 4 * 16))  # each prompt once
+    assert eight.parts_gib["activations"] == pytest.approx(padded * (2 * 32 + 2 * 8 * 16))
+    prefix_four, prefix_eight = (plan(group_size=group, method="prefix").parts_gib["activations"] for group in (4, 8))
+    assert prefix_eight == pytest.approx(prefix_four * (2 * 8 * 48) / (2 * 4 * 48))  # every sequence whole
+    checkpointing = {"gradient_checkpointing": True, "checkpoint_layers": 1}
+    recomputed = plan(group_size=4, train=checkpointing)
     group_row = 32 + 4 * 16  # recomputed layers: each group as one row, its (W, W) mask kept (float32 here)
     assert recomputed.parts_gib["activations"] * GIB == pytest.approx(
-        recomputed_per_token * GIB * 2 * group_row + 2 * group_row**2 * 4)
+        per_token(group_row, 1, True, group_size=4, train=checkpointing) * GIB * 2 * group_row + 2 * group_row**2 * 4)
     long_completions = plan(group_size=4, max_new_tokens=4096, train={"gradient_checkpointing": True})
     every_copy = long_completions.parts_gib["activations"] / (2 * 4 * (32 + 4096))  # attention outweighs the rows
-    assert every_copy == pytest.approx(recomputed_per_token * activation_units(layers, layers) / activation_units(
-        layers, 1))
+    assert every_copy == pytest.approx(per_token(32 + 4096, layers, group_size=4, max_new_tokens=4096,
+                                                 train={"gradient_checkpointing": True}))
     completions = 2 * 4 * 16
     assert plan(group_size=4, loss_chunk_tokens=None).parts_gib["logits + loss"] * GIB == completions * vocab * 12
     assert four.parts_gib["logits + loss"] * GIB == completions * vocab * 12  # default 512 > 128 positions
@@ -366,3 +382,106 @@ def test_weight_casts_under_autocast_count_what_the_loop_keeps(method, tiny_llam
     for others in ({"mixed_precision": "no"}, {"gradient_checkpointing": True}):
         other = run_config(tiny_llama_dir, chat_file, tmp_path / "other", method=method, train=amp | others)
         assert "weight casts (autocast)" not in plan_memory(other, on_gpu=False).parts_gib
+
+
+def saved_in_layers(config, monkeypatch) -> tuple[int, list[int]]:
+    """Bytes autograd keeps inside the decoder layers in the first forward of a one-step training run through the
+    loop (parameters, their kept autocast casts and the attention mask left out: the plan counts those apart), and
+    the lengths of the records that forward attended over (position ids restart at each record of a packed row)."""
+    import tunesmith.training.loop as loop
+    from tunesmith.training import train, weight_casts
+    from tunesmith.training.packed_attention import record_spans
+
+    saved: dict[int, int] = {}  # storage address -> bytes
+    lengths: list[int] = []
+    state = {"layer": 0, "hooks": None, "excluded": set()}
+    load = loop.load_run_model
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in state["excluded"]:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def load_and_watch(*args, **kwargs):
+        model, *rest = load(*args, **kwargs)
+        layers = decoder_layers(model)
+
+        def before(layer, args, kwargs):
+            if state["layer"] == 0 and not lengths:
+                state["excluded"] = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+                if isinstance(kwargs.get("attention_mask"), torch.Tensor):  # the plan counts the mask once apart
+                    state["excluded"].add(kwargs["attention_mask"].untyped_storage().data_ptr())
+                hidden = args[0] if args else kwargs["hidden_states"]
+                positions = kwargs["position_ids"].expand(hidden.shape[0], -1)  # (1, T) for rows that are not packed
+                for row in positions:
+                    lengths.extend(end - start for start, end in record_spans(row))
+            if state["layer"] < len(layers):
+                state["hooks"] = torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor)
+                state["hooks"].__enter__()
+
+        def after(layer, args, kwargs, output):
+            if state["hooks"] is not None:
+                state["hooks"].__exit__(None, None, None)
+                state["hooks"] = None
+                state["layer"] += 1
+                if state["layer"] == len(layers):  # the kept casts exist by now
+                    for _, _, _, cast in (weight_casts._casts or {}).values():
+                        saved.pop(cast.untyped_storage().data_ptr(), None)
+
+        for layer in layers:
+            layer.register_forward_pre_hook(before, with_kwargs=True)
+            layer.register_forward_hook(after, with_kwargs=True)
+        return (model, *rest)
+
+    monkeypatch.setattr(loop, "load_run_model", load_and_watch)
+    train(config)
+    return sum(saved.values()), lengths
+
+
+@pytest.mark.parametrize(("method", "model", "train", "packing"), [
+    ({"name": "full"}, {}, {}, True),
+    ({"name": "full"}, {}, {}, False),  # padded rows: transformers' SDPA under a mask repeats k and v per head
+    ({"name": "lora", "r": 8}, {}, {}, True),
+    ({"name": "full"}, {"dtype": "bfloat16"}, {}, True),  # half precision on the CPU: the matmul kernel's probabilities
+    ({"name": "lora", "r": 8}, {"dtype": "bfloat16"}, {}, True),  # peft's float32 adapters: a float32 input copy each
+    ({"name": "lora", "r": 8}, {}, {"mixed_precision": "bf16"}, True),  # autocast: each linear keeps its input's cast
+    ({"name": "freeze", "layers": 1}, {}, {}, True),  # the layer below the trained one keeps nothing
+    ({"name": "prefix", "num_virtual_tokens": 4}, {}, {}, False),  # frozen linears keep no inputs
+], ids=["full", "full-padded", "lora", "full-bf16", "lora-bf16", "lora-autocast", "freeze", "prefix"])
+def test_layer_activations_are_what_autograd_keeps(method, model, train, packing, tiny_llama_dir, tmp_path,
+                                                    monkeypatch):
+    """The plan's bytes per token of each decoder layer (plan.layer_bytes_per_token), times the layers a gradient
+    flows into, equal what autograd keeps inside the layers in a real training step, to 5%: the rest (RoPE's
+    tables, the norms' (N, 1) statistics) is small. The record lengths of the step stand for `row_length`."""
+    from tunesmith.plan import layer_activations, parameter_counts
+
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
+    config = run_config(tiny_llama_dir, chats, tmp_path / "run", method=method,
+                        model={"name": str(tiny_llama_dir), **model}, data={"packing": packing},
+                        train={"batch_size": 2, "max_steps": 1, "parallel_rows": False, **train})
+    saved, lengths = saved_in_layers(config, monkeypatch)
+    counts, model_config = parameter_counts(config)
+    planned = sum(length * layer_activations(config, counts, model_config, False, length).bytes_per_token(0)
+                  for length in lengths)
+    assert planned == pytest.approx(saved, rel=0.05)
+
+
+def test_layers_below_the_first_trained_one_keep_nothing(tiny_llama_dir, chat_file, tmp_path):
+    """freeze trains the top layers: no gradient flows below them, so the layers beneath keep no activations, and
+    recomputing them (train.checkpoint_layers counts from the bottom) saves nothing and costs nothing."""
+    def plan(method: dict, **train):
+        config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method=method, train={"batch_size": 2,
+                                                                                               **train})
+        return plan_memory(config, on_gpu=False).parts_gib["activations"]
+
+    assert plan({"name": "freeze", "layers": 1}) == pytest.approx(plan({"name": "full"}) / 2)  # 1 of the 2 layers
+    assert plan({"name": "freeze", "layers": 1}, gradient_checkpointing=True, checkpoint_layers=1) == pytest.approx(
+        plan({"name": "freeze", "layers": 1}))
+
+    kept = LayerActivations(layers=10, first_trained=6, layer_bytes=100.0, input_bytes=4.0)
+    assert kept.bytes_per_token(0) == kept.bytes_per_token(6) == 4 * 100
+    assert kept.bytes_per_token(8) == 2 * 100 + 2 * 4  # two trained layers recomputed: their inputs kept
+    assert kept.bytes_per_token(10) == 4 * 4 + 100  # every trained layer recomputed: one at a time
+    advice = RecomputeAdvice(layers=10, fitting=8, cost_all=0.5, untrained=6).line()
+    assert "train.checkpoint_layers: 8" in advice and "~10% more compute" in advice and "every layer: ~20%" in advice

@@ -20,7 +20,7 @@ import torch
 from tunesmith.config import RunConfig
 from tunesmith.methods import METHODS, count_parameters
 from tunesmith.methods.base import creates_head
-from tunesmith.models import decoder_layers
+from tunesmith.models import decoder_layers, unwrapped_model
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.objectives.branched_rows import costs_less, longest_accepted_row, takes_branched_rows
 from tunesmith.objectives.causal_lm import _can_skip_unused_logits, continues_from_cache, rescales_logits
@@ -28,17 +28,20 @@ from tunesmith.objectives.linear_cross_entropy import SOFTMAX_BLOCK_ELEMENTS, fu
 from tunesmith.objectives.preference import collate_pairs
 from tunesmith.training.keyed_dropout import keyed_dropout_in
 from tunesmith.training.launch import launched_shape
+from tunesmith.training.packed_attention import MATMUL_ATTENTION_MAX_LENGTH, QUERY_BLOCKS, QUERY_BLOCKS_FROM_LENGTH
 from tunesmith.training.parallel_rows import active_dropout, parallel_rows_choice
 from tunesmith.training.recompute import recomputed_layers
-from tunesmith.training.weight_casts import casts_kept, keeping_linears
+from tunesmith.training.weight_casts import casts_kept, keeping_linears, trained_blocks
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
 
-# Activation bytes kept per token per layer, in units of hidden size x activation bytes, for a
-# Llama-style block with SDPA (Korthikanti et al.'s 34 sbh, minus the dropout masks we do not keep
-# and plus the gated MLP's third projection); MLP intermediate ~ 2.7 hidden in Llama families.
-ACTIVATION_UNITS_PER_LAYER = 34
+# Linears named so read the same input: the attention's (q, k, v) or the MLP's (gate and up, or its one up
+# projection). Autograd keeps a shared input once; any other linear's input is its own.
+ATTENTION_INPUT_NAMES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query", "key", "value", "query_key_value",
+                         "Wqkv", "c_attn")
+MLP_INPUT_NAMES = ("gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc", "wi", "wi_0", "wi_1")
+GATE_NAMES = ("gate_proj", "gate_up_proj", "w1", "wi_0")  # a gated MLP (SwiGLU): gate and up, their product down
 
 
 @dataclass
@@ -89,6 +92,8 @@ class ParameterCounts:
     dropout_inputs: int = 0  # input features of the LoRA linears whose (keyed) dropout drops something, all layers
     prompt_cache: bool = False  # grpo / ppo may run a group's prompt once (causal_lm.continues_from_cache)
     branched_rows: bool = False  # pairs and groups may run as one row each (objectives/branched_rows.py)
+    layer_shape: LayerShape | None = None  # what one layer's saved activations follow (None: none found)
+    first_trained_layer: int = 0  # layers below it keep no activations: no gradient flows into them
 
     def held(self, processes: int, sharded: bool, cpu_offload: bool, trainable: bool = False) -> float:
         """Parameters (or trainable ones) one device holds: all, or with FSDP 1/processes of the layers'
@@ -106,6 +111,7 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
     trainable, total = count_parameters(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers = decoder_layers(model)
+    blocks, first_trained = trained_blocks(model)
     in_layers = [parameter for layer in layers for parameter in layer.parameters()]
     matrices = [parameter for parameter in model.parameters() if parameter.ndim == 2]
     return ParameterCounts(
@@ -123,6 +129,68 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
                            if hasattr(module, "lora_dropout") and keyed_dropout_in(module)),
         prompt_cache=continues_from_cache(model),
         branched_rows=takes_branched_rows(model) and _can_skip_unused_logits(model),
+        layer_shape=layer_shape_of(model, blocks),
+        first_trained_layer=first_trained,
+    )
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The sizes that what one transformer layer keeps for its backward follows (`layer_bytes_per_token`): read
+    from the model's config and from its last layer's linears, as the method left them."""
+
+    hidden: int
+    heads: int
+    query_width: int  # query heads x head dim
+    key_value_width: int  # key-value heads x head dim
+    mlp_width: int  # the MLP's intermediate size
+    gated_mlp: bool  # gate and up projections whose product is projected down (SwiGLU); else one up projection
+    shared_inputs: int  # input features the trained linears read, each input once (q, k and v share theirs)
+    own_inputs: int  # input features the trained linears read, summed over the linears
+    adapted_inputs: int  # input features of the linears an adapter (LoRA, LoHa, LoKr, IA3) wraps, summed
+    hidden_dropout: float  # dropout on each sublayer's output (BERT's 0.1; none in Llama families)
+    attention_dropout: float  # dropout on the attention probabilities (in training)
+    lora_rank: int = 0  # LoRA ranks summed over the layer's adapted linears: each keeps its A's (N, r) output
+
+
+def layer_shape_of(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> LayerShape | None:
+    """The shape of `model`'s layers, its last block's linears (trained whenever any block is) standing for all."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = getattr(unwrapped_model(model), "config", None)
+    hidden = getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0)
+    heads = getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0)
+    if not (hidden and heads):
+        return None
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    key_value_heads = getattr(config, "num_key_value_heads", None) or heads
+    # Linears whose input autograd keeps: a trainable weight's gradient needs it, and so does an adapter's.
+    kept: dict[str, int] = {}
+    adapted = own = lora_rank = 0
+    gated = False
+    for name, module in (blocks[-1].named_modules() if blocks else ()):
+        short = name.rsplit(".", 1)[-1]
+        gated = gated or short in GATE_NAMES
+        is_adapter = isinstance(module, BaseTunerLayer)
+        inside_adapter = ".base_layer" in name or ".lora_" in name
+        if is_adapter and hasattr(module, "in_features"):
+            adapted += module.in_features
+            lora_rank += sum(getattr(module, "r", {}).get(adapter, 0) for adapter in getattr(module, "lora_A", {}))
+        trained = is_adapter or (isinstance(module, torch.nn.Linear) and module.weight.requires_grad)
+        if trained and not inside_adapter and hasattr(module, "in_features"):
+            group = ("attention" if short in ATTENTION_INPUT_NAMES else "mlp" if short in MLP_INPUT_NAMES else name)
+            kept[group] = module.in_features
+            own += module.in_features
+    return LayerShape(
+        hidden=hidden, heads=heads, query_width=heads * head_dim, key_value_width=key_value_heads * head_dim,
+        mlp_width=(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                   or getattr(config, "ffn_dim", None) or 4 * hidden),
+        gated_mlp=gated, shared_inputs=sum(kept.values()), own_inputs=own, adapted_inputs=adapted,
+        hidden_dropout=getattr(config, "hidden_dropout_prob", None) or getattr(config, "resid_pdrop", None) or 0.0,
+        attention_dropout=(getattr(config, "attention_probs_dropout_prob", None)
+                           or getattr(config, "attention_dropout", None) or getattr(config, "attn_pdrop", None)
+                           or 0.0),
+        lora_rank=lora_rank,
     )
 
 
@@ -259,31 +327,36 @@ def plan_memory(
     rows_per_record = 2 if objective.collate is collate_pairs else 1  # a pair's chosen and rejected rows
     # Per micro-batch, per process; at most: a pair's sides may run their common prompt once (pair_row_hidden)
     tokens = train.batch_size * rows_per_record * config.data.max_length
+    row_length = config.data.max_length  # the longest row, for attention probabilities kept per token
     # The longest row of a shared beginning and its continuations (objectives/branched_rows.py), whose attention
     # mask, (W, W) per row, every layer keeps for its backward.
     branched_width = 0
     if rows_per_record == 2 and counts.branched_rows:
         branched_width = longest_accepted_row(model_config, 2, config.data.max_length)
+        row_length = max(row_length, branched_width)
     completion = getattr(config.objective, "max_new_tokens", None)
     if completion is not None:  # grpo, ppo: group_size sampled completions per prompt, each after its prompt
         group = config.objective.group_size
         sequences = train.batch_size * group
         tokens = sequences * (config.data.max_length + completion)
+        row_length = config.data.max_length + completion
         group_row = config.data.max_length + group * completion
         if group > 1 and counts.prompt_cache and not train.gradient_checkpointing:
             tokens = train.batch_size * config.data.max_length + sequences * completion  # each prompt run once
         elif group > 1 and counts.branched_rows and costs_less(
                 model_config, 1, group_row, group, config.data.max_length + completion):
             tokens, branched_width = train.batch_size * group_row, group_row  # each group as one row
-    activation_bytes = 2 if (on_gpu or dtype != "float32") else 4
+            row_length = group_row
+    mixed_precision = mixed_precision_of(train.mixed_precision, on_gpu)
+    # Activations in autocast's dtype or the weights'; the residual stream (each layer's input) in the weights'.
+    activation_bytes = 2 if (mixed_precision != "no" or dtype != "float32") else 4
     teacher = getattr(config.objective, "teacher", None)  # distillation's own frozen model
     teacher_parameters, teacher_config = teacher_counts(teacher) if teacher else (None, None)
 
-    unit_bytes = tokens * hidden * activation_bytes  # one hidden-sized value per token
+    kept = layer_activations(config, counts, model_config, on_gpu, row_length, branched=branched_width > 0)
     recomputed = recomputed_layers(train.checkpoint_layers, layers) if train.gradient_checkpointing else 0
-    activations = unit_bytes * activation_units(layers, recomputed)
+    activations = tokens * kept.bytes_per_token(recomputed)
     activations += train.batch_size * branched_width**2 * activation_bytes
-    mixed_precision = mixed_precision_of(train.mixed_precision, on_gpu)
     # On the CPU each micro-batch's rows may run in parallel threads (training/parallel_rows.py): each thread
     # computes its own loss chunks at the same time, and each but the first holds a copy of the gradients.
     row_threads = parallel_rows_choice(
@@ -332,7 +405,7 @@ def plan_memory(
         # LoRA dropout: each LoRA linear's dropped input, kept for its A's gradient, and a bool mask (1 byte an
         # element: the fused kernel on a GPU, training/keyed_dropout.py in float32 on a CPU; in half precision it
         # keeps none), for every layer in flight (one while a recomputed layer runs).
-        in_flight = (layers - recomputed + (1 if recomputed else 0)) / layers if layers else 1.0
+        in_flight = kept.layers_in_flight(recomputed) / layers if layers else 1.0
         mask_bytes = 1 if on_gpu or (dtype == "float32" and mixed_precision == "no") else 0
         dropped = tokens * counts.dropout_inputs * (activation_bytes + mask_bytes)
         parts["LoRA dropout: dropped inputs, masks"] = dropped * in_flight
@@ -364,9 +437,10 @@ def plan_memory(
     if not plan.fits:
         # The fewest recomputed layers that would fit, all else equal (None: not even every layer).
         room = (budget_gib - (plan.total_gib - parts["activations"] / GIB)) * GIB  # bytes left for activations
-        fitting = next((count for count in range(1, layers + 1)
-                        if unit_bytes * activation_units(layers, count) <= room), None)
-        recompute = RecomputeAdvice(layers, fitting, recompute_cost(trainable / total if total else 1.0))
+        fitting = next((count for count in range(1, layers + 1) if tokens * kept.bytes_per_token(count) <= room),
+                       None)
+        recompute = RecomputeAdvice(layers, fitting, recompute_cost(trainable / total if total else 1.0),
+                                    untrained=counts.first_trained_layer)
         plan.advice = advice_for(config, plan, recompute, processes, sharded)
     return plan
 
@@ -422,13 +496,108 @@ def teacher_side_bytes(positions: int, teacher_config, settings, value_bytes: in
     return positions * teacher_config.vocab_size * value_bytes
 
 
-def activation_units(layers: int, recomputed: int) -> int:
-    """Activations kept per token, in hidden-size units, with the first `recomputed` of `layers` decoder
-    layers checkpointed (training/recompute.py). Either the other layers' activations and each checkpointed
-    layer's input, as the backward starts; or, while it recomputes a layer (the later layers' activations
-    freed by then), the checkpointed inputs and that one layer's activations: whichever is more."""
-    kept = (layers - recomputed) * ACTIVATION_UNITS_PER_LAYER + recomputed
-    return max(kept, recomputed + ACTIVATION_UNITS_PER_LAYER) if recomputed else kept
+# Bytes per token of a layer whose structure `layer_shape_of` could not read, in hidden-size activations.
+FALLBACK_UNITS_PER_LAYER = 20
+
+
+def layer_bytes_per_token(shape: LayerShape, residual_bytes: int, compute_bytes: int, on_gpu: bool,
+                          row_length: int, implementation: str = "sdpa", upcast_adapters: bool = False,
+                          rows: str = "packed") -> float:
+    """Bytes one layer's forward keeps for its backward, per token (Korthikanti et al. 2022, sec. 4.1, for the
+    kernels tunesmith runs; tests/test_plan.py checks it against what autograd saves):
+    - each norm's input: the residual stream, in the weights' dtype (`residual_bytes`);
+    - the input of each linear whose weight trains or that an adapter wraps (a frozen linear's gradient needs
+      only its weight): q, k and v share theirs, and gate and up; under autocast of float32 weights each linear
+      keeps its own cast (autocast keeps no cast of an activation); with `upcast_adapters` (half-precision
+      weights without autocast: peft runs its float32 adapters on a float32 copy) each adapted linear keeps a
+      float32 copy instead;
+    - q, k and v: `rows` "packed" attend record by record (training/packed_attention.py); "padded" (rows padded
+      to the longest) and "branched" (objectives/branched_rows.py) attend under a mask, where transformers'
+      attention repeats k and v for every query head, and SDPA keeps its own float copy of a padded batch's
+      boolean (T, T) mask in each layer (a branched row's float mask is counted once, apart); a flash or
+      memory-efficient kernel keeps its output too, while attention that keeps its
+      (L, L) probabilities keeps those instead: attention dropout (also its mask and the dropped probabilities),
+      the eager implementation (float32 probabilities and their cast), and the matmul kernel tunesmith runs on
+      the CPU in half precision for records of up to 1,024 tokens (training/packed_attention.py), counted at
+      `row_length`, the longest row;
+    - the MLP's activation input and, gated, the activation's output and the up projection (their product is
+      the down projection's input, above);
+    - each sublayer's output dropout mask (1 byte on a GPU, the compute dtype on the CPU);
+    - LoRA: each adapted linear's (N, r) down projection."""
+    compute = compute_bytes
+    if upcast_adapters:
+        inputs = shape.adapted_inputs * 4
+    elif residual_bytes != compute_bytes:
+        inputs = shape.own_inputs * compute
+    else:
+        inputs = shape.shared_inputs * compute
+    matmul_kernel = (rows != "padded" and implementation == "sdpa" and not on_gpu and compute == 2
+                     and row_length <= MATMUL_ATTENTION_MAX_LENGTH)
+    key_value_width = shape.key_value_width if rows == "packed" or matmul_kernel else shape.query_width
+    attention = (shape.query_width + 2 * key_value_width) * compute
+    mask_bytes = 1 if on_gpu else compute
+    if shape.attention_dropout > 0:
+        attention += shape.heads * row_length * (2 * compute + mask_bytes)
+    elif implementation == "eager":
+        attention += shape.heads * row_length * (4 + compute)
+    elif matmul_kernel:
+        blocks = QUERY_BLOCKS if row_length >= QUERY_BLOCKS_FROM_LENGTH else 1
+        attention += shape.heads * row_length * (blocks + 1) / (2 * blocks) * compute  # the causal blocks' share
+    else:
+        attention += shape.query_width * compute
+    if rows == "padded" and implementation == "sdpa":
+        attention += row_length * compute  # SDPA's own (T, T) float copy of the rows' boolean mask, in each layer
+    mlp = (3 if shape.gated_mlp else 1) * shape.mlp_width * compute
+    dropout_masks = 2 * shape.hidden * mask_bytes if shape.hidden_dropout > 0 else 0
+    ranks = shape.lora_rank * (4 if upcast_adapters else compute)
+    return 2 * shape.hidden * residual_bytes + inputs + attention + mlp + dropout_masks + ranks
+
+
+def layer_activations(config: RunConfig, counts: ParameterCounts, model_config, on_gpu: bool, row_length: int,
+                      branched: bool = False) -> LayerActivations:
+    """What the run's decoder layers keep per token, in rows of at most `row_length` tokens: packed, `branched`
+    (a pair's or a group's shared beginning and continuations as one row) or padded."""
+    rows = "branched" if branched else "packed" if config.data.packing else "padded"
+    dtype = weights_dtype(config, on_gpu)
+    mixed_precision = mixed_precision_of(config.train.mixed_precision, on_gpu)
+    compute_bytes = 2 if (mixed_precision != "no" or dtype != "float32") else 4
+    hidden = getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0)
+    layers = getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "n_layer", 0)
+    layer_bytes = hidden * compute_bytes * FALLBACK_UNITS_PER_LAYER
+    if counts.layer_shape is not None:
+        # peft keeps adapters in float32 beside half-precision weights; without autocast they run in float32.
+        upcast = dtype != "float32" and mixed_precision == "no" and counts.layer_shape.adapted_inputs > 0
+        layer_bytes = layer_bytes_per_token(counts.layer_shape, BYTES[dtype], compute_bytes, on_gpu, row_length,
+                                            config.model.attn_implementation, upcast, rows)
+    return LayerActivations(layers, counts.first_trained_layer, layer_bytes, hidden * BYTES[dtype])
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """What the decoder layers keep per token: `layer_bytes` each, from `first_trained` up (below it nothing),
+    with the first layers recomputed (training/recompute.py) keeping only their input (`input_bytes`)."""
+
+    layers: int
+    first_trained: int
+    layer_bytes: float
+    input_bytes: float
+
+    def recomputed_in_graph(self, recomputed: int) -> int:
+        """Recomputed layers that would keep activations: a recomputed layer below `first_trained` saves nothing."""
+        return max(0, min(recomputed, self.layers) - self.first_trained)
+
+    def layers_in_flight(self, recomputed: int) -> int:
+        """Layers whose activations are kept at once: the others', or one recomputed layer's at a time."""
+        in_graph = self.recomputed_in_graph(recomputed)
+        return max(self.layers - self.first_trained, 0) - in_graph + (1 if in_graph else 0)
+
+    def bytes_per_token(self, recomputed: int) -> float:
+        """Either every layer's activations and the recomputed layers' inputs as the backward starts, or, while
+        it recomputes a layer (the later layers' activations freed by then), the recomputed layers' inputs and
+        that one layer's activations: whichever is more."""
+        in_graph = self.recomputed_in_graph(recomputed)
+        kept = (max(self.layers - self.first_trained, 0) - in_graph) * self.layer_bytes + in_graph * self.input_bytes
+        return max(kept, in_graph * self.input_bytes + self.layer_bytes) if in_graph else kept
 
 
 def recompute_cost(trainable_fraction: float) -> float:
@@ -442,15 +611,18 @@ class RecomputeAdvice:
     layers: int
     fitting: int | None  # the fewest checkpointed layers that fit the budget; None: even all of them do not
     cost_all: float  # extra compute of recomputing every layer (recompute_cost)
+    untrained: int = 0  # the layers below the first trained one: no backward reaches them, none is recomputed
+
+    def cost(self, recomputed: int) -> float:
+        return self.cost_all * max(recomputed - self.untrained, 0) / self.layers
 
     def line(self) -> str:
         if self.fitting is None or self.fitting == self.layers:
-            return (f"train.gradient_checkpointing: true (recompute every layer's activations; ~{self.cost_all:.0%} "
-                    f"more compute, far less memory)")
-        cost = self.cost_all * self.fitting / self.layers
+            return (f"train.gradient_checkpointing: true (recompute every layer's activations; "
+                    f"~{self.cost(self.layers):.0%} more compute, far less memory)")
         return (f"train.gradient_checkpointing: true with train.checkpoint_layers: {self.fitting} (recompute the "
-                f"first {self.fitting} of {self.layers} layers: ~{cost:.0%} more compute; every layer: "
-                f"~{self.cost_all:.0%})")
+                f"first {self.fitting} of {self.layers} layers: ~{self.cost(self.fitting):.0%} more compute; every "
+                f"layer: ~{self.cost(self.layers):.0%})")
 
 
 def advice_for(config: RunConfig, plan: MemoryPlan, recompute: RecomputeAdvice, processes: int = 1,

@@ -168,6 +168,9 @@ def attention_by_matmul(
     # split, not slices: one backward concatenates the blocks' query gradients (a slice's zero-fills all of them)
     for (start, end), block in zip(spans, query.split([end - start for start, end in spans], dim=2), strict=True):
         grouped_rows = block.reshape(rows * key_heads, groups * (end - start), dim)  # (B*Hkv, G*(end-start), D)
+        if grouped_rows.untyped_storage().nbytes() > grouped_rows.nbytes:
+            # A view (a one-token record's) kept for the backward would keep the whole batch's queries with it.
+            grouped_rows = grouped_rows.clone()
         bias = block_bias(start, end, groups)  # (B*Hkv, G*(end-start), end)
         scores = torch.baddbmm(bias, grouped_rows, keys[:, :, :end], alpha=scale)  # (B*Hkv, G*(end-start), end)
         weights = torch.softmax(scores, dim=-1)

@@ -83,26 +83,33 @@ def frozen_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def keeping_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     """The plain linears of `model` whose frozen weight's cast a training run keeps: those whose forward holds the
-    cast for the backward anyway. That is those at or above the lowest transformer block with a trainable parameter,
-    or all of them where what feeds the first block trains (prompt and prefix tuning's virtual tokens, trained input
-    embeddings), and none of the blocks' where nothing from the first block up trains (a head trained alone). Below
-    that block (freeze's frozen blocks) no gradient flows and a forward's casts are transient: keeping them would hold
-    half their float32 size for the run. tunesmith.plan counts the same linears."""
+    cast for the backward anyway. That is those at or above the lowest transformer block a gradient flows into
+    (`trained_blocks`). Below that block (freeze's frozen blocks) no gradient flows and a forward's casts are
+    transient: keeping them would hold half their float32 size for the run. tunesmith.plan counts the same linears."""
+    linears = [layer for layer in model.modules() if type(layer) is torch.nn.Linear]
+    blocks, first = trained_blocks(model)
+    below = {id(layer) for block in blocks[:first] for layer in block.modules()}
+    return [layer for layer in linears if id(layer) not in below]
+
+
+def trained_blocks(model: torch.nn.Module) -> tuple[list[torch.nn.Module], int]:
+    """The transformer blocks of `model` (none when it has no block list) and the index of the lowest one a gradient
+    flows into: the lowest with a trainable parameter; 0 where what feeds the first block trains (prompt and prefix
+    tuning's virtual tokens, trained input embeddings); len(blocks) where nothing from the first block up trains (a
+    head trained alone). Below it autograd keeps nothing: no input or weight there needs a gradient."""
     from tunesmith.methods.freeze import transformer_blocks
     from tunesmith.models import prompt_learning
 
-    linears = [layer for layer in model.modules() if type(layer) is torch.nn.Linear]
     try:
         _, blocks = transformer_blocks(model)
-    except (AttributeError, ValueError):  # no config or no block list: every linear keeps its cast
-        return linears
+    except (AttributeError, ValueError):  # no config or no block list
+        return [], 0
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if prompt_learning(model) or (embeddings is not None and embeddings.weight.requires_grad):
-        return linears  # gradients flow from below the first block
-    lowest = next((index for index, block in enumerate(blocks)
-                   if any(parameter.requires_grad for parameter in block.parameters())), len(blocks))
-    below = {id(layer) for block in blocks[:lowest] for layer in block.modules()}
-    return [layer for layer in linears if id(layer) not in below]
+        return list(blocks), 0
+    first = next((index for index, block in enumerate(blocks)
+                  if any(parameter.requires_grad for parameter in block.parameters())), len(blocks))
+    return list(blocks), first
 
 
 def use_kept_casts(model: torch.nn.Module) -> None:
