@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from tunesmith.errors import ConfigError
 from tunesmith.models import decoder_layers
-from tunesmith.plan import plan_memory
+from tunesmith.plan import GIB, plan_memory
 from tunesmith.training.recompute import enable_recompute
 
 
@@ -92,10 +92,12 @@ def test_the_plan_counts_the_recomputed_layers_and_names_the_fewest_that_fit(tin
     recomputing = [plan(gradient_checkpointing=True, checkpoint_layers=count) for count in range(1, 6)]
     activations = [one.parts_gib["activations"] for one in [none, *recomputing]]
     assert activations == sorted(activations, reverse=True) and len(set(activations)) == 6
-    # Every layer: 6 inputs and the one layer being recomputed (6 + 34 units).
-    assert every.parts_gib["activations"] == pytest.approx(activations[0] * (6 + 34) / (6 * 34))
-    # 5 layers kept whole (34 units each) and one layer's input, against 6 x 34 without checkpointing
-    assert recomputing[0].parts_gib["activations"] == pytest.approx(activations[0] * (5 * 34 + 1) / (6 * 34))
+    tokens, layer = 8 * 512, activations[0] / 6  # one layer's activations (GiB); its input: 64 float32 values a token
+    layer_input = tokens * 64 * 4 / GIB
+    # Every layer: 6 inputs and the one layer being recomputed.
+    assert every.parts_gib["activations"] == pytest.approx(6 * layer_input + layer)
+    # 5 layers kept whole and one layer's input, against 6 layers without checkpointing
+    assert recomputing[0].parts_gib["activations"] == pytest.approx(5 * layer + layer_input)
     # A budget that two recomputed layers meet: the advice names 2; one that none meets: every layer (the most
     # recomputation can save, with the other advice after it).
     advice = plan(budget=recomputing[1].total_gib * 1.0001).advice

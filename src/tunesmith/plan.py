@@ -3,10 +3,11 @@
 Parameter counts are exact: the model is built on the meta device (no weights are read) and the
 method is applied to it, so LoRA / adapters / prompts count what they really add. The rest is
 the standard accounting for mixed-precision training (Rajbhandari et al. 2020, ZeRO, sec. 3.1)
-and activation sizes per transformer layer (Korthikanti et al. 2022, sec. 4.1), adapted to
-what tunesmith does: SDPA attention (no stored (T, T) scores), logits only at loss positions,
-computed in chunks, and optional activation checkpointing. It is an estimate: allocator slack,
-CUDA context and the framework add a few hundred MB that no formula sees.
+and activation sizes per transformer layer (Korthikanti et al. 2022, sec. 4.1), worked out for the
+model's shape, the method and precision, and the kernels the loop runs (`layer_bytes_per_token`,
+checked against what autograd keeps in tests/test_plan.py); logits only at loss positions, computed
+in chunks, and optional activation checkpointing. It is an estimate: allocator slack, the CUDA
+context and the process itself (~0.5 GiB of imports on the CPU) add what no formula sees.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Activation checkpointing (recomputation) for all the decoder layers or only some of them.
 
 Checkpointing a decoder layer keeps only its input for the backward and runs its forward again when
-the backward reaches it: its activations (~34 hidden-sized values per token, plan.py) shrink to one,
-for one more forward of the layer. Every layer, transformers' `gradient_checkpointing_enable`, is the
-largest saving and the largest cost (~30% more time for full fine-tuning). `train.checkpoint_layers: N`
-recomputes only the first N layers (Megatron-LM's "block" recomputation), so a run that is a little
-over its memory pays a little: `tunesmith plan` names the smallest N that fits.
+the backward reaches it: its activations (~18-26 hidden-sized values per token, by model, method and
+precision: plan.layer_bytes_per_token) shrink to one, for one more forward of the layer. Every layer,
+transformers' `gradient_checkpointing_enable`, is the largest saving and the largest cost (~30% more
+time for full fine-tuning). `train.checkpoint_layers: N` recomputes only the first N layers
+(Megatron-LM's "block" recomputation), so a run that is a little over its memory pays a little:
+`tunesmith plan` names the smallest N that fits.
 
 The first layers rather than the last: the backward frees each layer's activations as it passes it,
 and reaches the first layers last, so their recomputation happens when the later layers' activations
