@@ -485,3 +485,27 @@ def test_layers_below_the_first_trained_one_keep_nothing(tiny_llama_dir, chat_fi
     assert kept.bytes_per_token(10) == 4 * 4 + 100  # every trained layer recomputed: one at a time
     advice = RecomputeAdvice(layers=10, fitting=8, cost_all=0.5, untrained=6).line()
     assert "train.checkpoint_layers: 8" in advice and "~10% more compute" in advice and "every layer: ~20%" in advice
+
+
+def test_train_notes_a_run_the_plan_puts_over_the_free_memory(tiny_llama_dir, chat_file, tmp_path, monkeypatch,
+                                                              capsys):
+    """Before loading anything, `tunesmith train` compares the plan's estimate with the memory the device has free
+    and notes a run that may not fit, with the first change the plan advises; the run still goes on (an upper
+    bound is no reason to refuse). A run that fits prints nothing of it."""
+    import tunesmith.training.memory as memory
+    from tunesmith.plan import device_memory_note
+    from tunesmith.training import train
+
+    config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 1, "batch_size": 2})
+    assert device_memory_note(config, torch.device("cpu")) is None  # megabytes against this machine's GiBs
+    train(config)
+    assert "may run out of memory" not in capsys.readouterr().err
+
+    monkeypatch.setattr(memory, "available_mb", lambda: 1.0)  # 1 MB free
+    note = device_memory_note(config, torch.device("cpu"))
+    assert note.startswith("note: this run needs an estimated") and "MiB per device, more than the 1 MiB" in note
+    assert "advises first: train." in note or "advises first: method." in note or "advises first: data." in note
+    assert "more than the 0 MiB" in device_memory_note(config, torch.device("cpu"), processes_on_node=4)
+    result = train(run_config(tiny_llama_dir, chat_file, tmp_path / "run2", train={"max_steps": 1, "batch_size": 2}))
+    assert result.exit_code == 0 and result.summary["steps"] == 1
+    assert capsys.readouterr().err.count("may run out of memory") == 1

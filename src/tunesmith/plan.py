@@ -446,6 +446,34 @@ def plan_memory(
     return plan
 
 
+def device_memory_note(config: RunConfig, device: torch.device, processes: int = 1,
+                       processes_on_node: int = 1) -> str | None:
+    """For `tunesmith train`, before any weight is loaded: a one-line note when this run's estimate is over what
+    its device has free now (a GPU's free memory; on the CPU the process's share of the memory the system can
+    give), with the first change `tunesmith plan` advises. None when it fits, or the memory cannot be read. A
+    note, not an error: the estimate counts every row at data.max_length, an upper bound."""
+    from tunesmith.training.memory import available_mb
+
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        free_gib = torch.cuda.mem_get_info(device)[0] / GIB
+    else:
+        available = available_mb()
+        if available is None:
+            return None
+        free_gib = available / max(processes_on_node, 1) / 2**10
+    plan = plan_memory(config, budget_gib=free_gib, on_gpu=on_gpu, processes=processes)
+    if plan.fits:
+        return None
+    advice = f"; `tunesmith plan` advises first: {plan.advice[0]}" if plan.advice else ""
+    return (f"note: this run needs an estimated {gib_text(plan.total_gib)} per device, more than the "
+            f"{gib_text(free_gib)} the {'GPU' if on_gpu else 'machine'} has free; it may run out of memory{advice}")
+
+
+def gib_text(gib: float) -> str:
+    return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 2**10:.0f} MiB"
+
+
 def loss_chunk_bytes(positions: int, vocab: int, plain_head: bool, half: bool, on_gpu: bool) -> int:
     """Memory of one loss chunk's (C, V) logits (objectives/causal_lm.py). A plain head takes the fused loss
     (objectives/linear_cross_entropy.py): the logits in the compute dtype, their softmax and gradient worked

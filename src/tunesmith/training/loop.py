@@ -40,7 +40,7 @@ from tunesmith.models import load_model, load_tokenizer, resolve_dtype
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.objectives.base import LossOutput, ObjectiveSpec, add_sums, evaluation_totals
 from tunesmith.objectives.causal_lm import compiled_loss_chunks
-from tunesmith.plan import mixed_precision_of
+from tunesmith.plan import device_memory_note, mixed_precision_of
 from tunesmith.training.checkpoint import (
     complete_checkpoints,
     load_best,
@@ -464,6 +464,11 @@ def _train(
 
     # --- setup: everything that can fail on bad input happens before the first step ---
     run_dir = prepare_run_dir(config, resume, overwrite, group)
+    if group.is_main:  # will it fit? (tunesmith plan's estimate against the device's free memory)
+        processes_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        note = device_memory_note(config, accelerator.device, group.world, processes_on_node)
+        if note is not None:
+            console.print(note, markup=False, soft_wrap=True)
     torch.manual_seed(train_config.seed)
     tokenizer = load_tokenizer(config.model)
     data = prepare_data_cached(config, tokenizer)
