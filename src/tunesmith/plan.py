@@ -432,6 +432,8 @@ def plan_memory(
         parts["fsdp: one layer gathered"] = gathered
     if whole_layer_gradients:
         parts["fsdp: whole layer gradients"] = whole_layer_gradients
+    if processes > 1 and not sharded:  # replicas sum their gradients in one flat all-reduce (ProcessGroup)
+        parts["data parallel: gradients all-reduced"] = held_trainable * weight_bytes
     plan = MemoryPlan(total, trainable, {name: value / GIB for name, value in parts.items()}, budget_gib,
                       processes=processes, sharded=sharded,
                       loading=host_loading(config, counts, dtype, processes, sharded))
