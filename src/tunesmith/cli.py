@@ -118,6 +118,11 @@ def plan(
     console.print(table)
     console.print(f"trainable {estimate.trainable_params:,} of {estimate.total_params:,} parameters; "
                   f"budget {budget_gb:.1f} GiB: {'fits' if estimate.fits else 'does NOT fit'}")
+    if not on_gpu:
+        from tunesmith.training.memory import resident_mb
+
+        console.print(f"not counted: the process itself (imports), {resident_mb() / 2**10:.2f} GiB resident in this "
+                      "one, and as much in a training process")
     loading = estimate.loading
     if loading is not None:
         how = " (loaded as stored, each layer converted as it is sharded)" if loading.as_stored else ""

@@ -297,6 +297,12 @@ def mixed_precision_of(setting: str, on_gpu: bool) -> str:
     return setting
 
 
+def compute_bytes_of(dtype: str, mixed_precision: str) -> int:
+    """Bytes of an activation: autocast's half dtype, else the weights'. The residual stream (each layer's input)
+    stays in the weights' dtype."""
+    return 2 if (mixed_precision != "no" or dtype != "float32") else 4
+
+
 def launch_plan(config: RunConfig, processes: int | None) -> tuple[int, bool]:
     """(processes, sharded): `processes` if given, else what `train.accelerate_config` launches (else 1);
     sharded for `train.sharding: fsdp`, or `auto` with an FSDP accelerate config."""
@@ -349,8 +355,7 @@ def plan_memory(
             tokens, branched_width = train.batch_size * group_row, group_row  # each group as one row
             row_length = group_row
     mixed_precision = mixed_precision_of(train.mixed_precision, on_gpu)
-    # Activations in autocast's dtype or the weights'; the residual stream (each layer's input) in the weights'.
-    activation_bytes = 2 if (mixed_precision != "no" or dtype != "float32") else 4
+    activation_bytes = compute_bytes_of(dtype, mixed_precision)
     teacher = getattr(config.objective, "teacher", None)  # distillation's own frozen model
     teacher_parameters, teacher_config = teacher_counts(teacher) if teacher else (None, None)
 
@@ -591,7 +596,7 @@ def layer_activations(config: RunConfig, counts: ParameterCounts, model_config, 
     rows = "branched" if branched else "packed" if config.data.packing else "padded"
     dtype = weights_dtype(config, on_gpu)
     mixed_precision = mixed_precision_of(config.train.mixed_precision, on_gpu)
-    compute_bytes = 2 if (mixed_precision != "no" or dtype != "float32") else 4
+    compute_bytes = compute_bytes_of(dtype, mixed_precision)
     hidden = getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0)
     layers = getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "n_layer", 0)
     layer_bytes = hidden * compute_bytes * FALLBACK_UNITS_PER_LAYER
