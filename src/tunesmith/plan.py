@@ -437,8 +437,11 @@ def plan_memory(
         parts["fsdp: one layer gathered"] = gathered
     if whole_layer_gradients:
         parts["fsdp: whole layer gradients"] = whole_layer_gradients
-    if processes > 1 and not sharded:  # replicas sum their gradients in one flat all-reduce (ProcessGroup)
-        parts["data parallel: gradients all-reduced"] = held_trainable * weight_bytes
+    # Processes sum the gradients of the parameters they hold whole in one flat all-reduce (ProcessGroup): all of
+    # them for replicas; with FSDP those outside the sharded layers (embeddings, final norm, head).
+    all_reduced = counts.trainable - (counts.trainable_in_layers if sharded else 0)
+    if processes > 1 and all_reduced:
+        parts["data parallel: gradients all-reduced"] = all_reduced * weight_bytes
     plan = MemoryPlan(total, trainable, {name: value / GIB for name, value in parts.items()}, budget_gib,
                       processes=processes, sharded=sharded,
                       loading=host_loading(config, counts, dtype, processes, sharded))
