@@ -105,6 +105,11 @@ class StopSignal:
             signal.signal(signum, handler)
 
 
+def node_processes() -> int:
+    """This node's processes of the run (torchrun and accelerate launch set LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def prepare_run_dir(config: RunConfig, resume: bool, overwrite: bool, group: ProcessGroup) -> Path:
     """Check the run directory before any expensive work starts (every process), then create it (main)."""
     run_dir = config.output_dir
@@ -431,7 +436,7 @@ def train(
     sharded = reshard_after_forward is not None
     keep_casts = casts_kept(sharded, train_config.gradient_checkpointing, train_config.compile)
     on_cpu = accelerator.device.type == "cpu"
-    processes_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun and accelerate launch set it
+    processes_on_node = node_processes()
     with (freed_memory(train_config.release_memory, processes_on_node) if on_cpu else
           nullcontext(FreedMemory(applied=False)) as memory,
           cached_weight_casts() if keep_casts else nullcontext()):
@@ -465,8 +470,7 @@ def _train(
     # --- setup: everything that can fail on bad input happens before the first step ---
     run_dir = prepare_run_dir(config, resume, overwrite, group)
     if group.is_main:  # will it fit? (tunesmith plan's estimate against the device's free memory)
-        processes_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        note = device_memory_note(config, accelerator.device, group.world, processes_on_node)
+        note = device_memory_note(config, accelerator.device, group.world, node_processes())
         if note is not None:
             console.print(note, markup=False, soft_wrap=True)
     torch.manual_seed(train_config.seed)
