@@ -63,3 +63,25 @@ def test_one_process_trains_again_with_another_precision(tiny_llama_dir, tmp_pat
         result = train(run_config(tiny_llama_dir, data, tmp_path / f"{index}", train={
             "max_steps": 1, "mixed_precision": precision}))
         assert result.exit_code == 0
+
+
+def test_auto_takes_bf16_autocast_for_bfloat16_weights_on_the_cpu(tiny_llama_dir, tmp_path, monkeypatch):
+    """train.mixed_precision auto: none for float32 weights on the CPU, bf16 autocast for bfloat16 weights (else peft
+    runs its float32 adapters on float32 copies of their inputs, at half the tokens/s); what is set is kept."""
+    import tunesmith.training.loop as loop
+    from tunesmith.plan import mixed_precision_of
+
+    assert mixed_precision_of("auto", on_gpu=False, weights="float32") == "no"
+    assert mixed_precision_of("auto", on_gpu=False, weights="auto") == "no"
+    assert mixed_precision_of("auto", on_gpu=False, weights="bfloat16") == "bf16"
+    assert mixed_precision_of("auto", on_gpu=True, weights="auto") == "bf16"
+    assert mixed_precision_of("no", on_gpu=False, weights="bfloat16") == "no"
+
+    precisions = []
+    real = loop.run_accelerator
+    monkeypatch.setattr(loop, "run_accelerator", lambda precision: precisions.append(precision) or real(precision))
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(4))
+    for dtype in ("float32", "bfloat16"):
+        train(run_config(tiny_llama_dir, data, tmp_path / dtype, method={"name": "lora", "r": 4},
+                         model={"name": str(tiny_llama_dir), "dtype": dtype}, train={"max_steps": 1}))
+    assert precisions == ["no", "bf16"]

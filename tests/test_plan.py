@@ -449,11 +449,14 @@ def saved_in_layers(config, monkeypatch) -> tuple[int, list[int]]:
     ({"name": "full"}, {}, {}, False),  # padded rows: transformers' SDPA under a mask repeats k and v per head
     ({"name": "lora", "r": 8}, {}, {}, True),
     ({"name": "full"}, {"dtype": "bfloat16"}, {}, True),  # half precision on the CPU: the matmul kernel's probabilities
-    ({"name": "lora", "r": 8}, {"dtype": "bfloat16"}, {}, True),  # peft's float32 adapters: a float32 input copy each
+    ({"name": "lora", "r": 8}, {"dtype": "bfloat16"}, {}, True),  # bfloat16 weights: autocast (auto) like the next
+    # Without autocast peft runs its float32 adapters on a float32 copy of each adapted linear's input.
+    ({"name": "lora", "r": 8}, {"dtype": "bfloat16"}, {"mixed_precision": "no"}, True),
     ({"name": "lora", "r": 8}, {}, {"mixed_precision": "bf16"}, True),  # autocast: each linear keeps its input's cast
     ({"name": "freeze", "layers": 1}, {}, {}, True),  # the layer below the trained one keeps nothing
     ({"name": "prefix", "num_virtual_tokens": 4}, {}, {}, False),  # frozen linears keep no inputs
-], ids=["full", "full-padded", "lora", "full-bf16", "lora-bf16", "lora-autocast", "freeze", "prefix"])
+], ids=["full", "full-padded", "lora", "full-bf16", "lora-bf16", "lora-bf16-no-autocast", "lora-autocast", "freeze",
+        "prefix"])
 def test_layer_activations_are_what_autograd_keeps(method, model, train, packing, tiny_llama_dir, tmp_path,
                                                     monkeypatch):
     """The plan's bytes per token of each decoder layer (plan.layer_bytes_per_token), times the layers a gradient

@@ -28,8 +28,8 @@ class ModelConfig(Section):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto = bfloat16 on a CUDA GPU that supports it, else float32 (on a CPU "
-        "with bf16 matmuls, AMX or AVX512-BF16, bfloat16 with train.mixed_precision bf16 trains fastest: "
-        "bench/README.md)."
+        "with bf16 matmuls, AMX or AVX512-BF16, bfloat16 trains fastest, under the bf16 autocast "
+        "train.mixed_precision auto then takes: bench/README.md)."
     )
     allow_download: bool = Field(False, description="Allow fetching `name` from the Hugging Face hub.")
     allow_pickle: bool = Field(False, description="Allow loading pickled (.bin) weights; safetensors otherwise.")
@@ -235,7 +235,9 @@ class TrainConfig(Section):
         "training instead of every step; full fine-tuning then holds no frozen copy of the model.",
     )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast on GPUs that support it, none on CPU. The autocast covers the loss, "
+        "auto", description="auto: bf16 autocast on GPUs that support it, and on the CPU for model.dtype bfloat16 "
+        "(without it peft runs its float32 adapters on float32 copies of their inputs, at half the tokens/s); none for "
+        "float32 weights on the CPU. The autocast covers the loss, "
         "the reference's outputs, rollouts and evaluation alike (as Trainer and Lightning evaluate): with float32 "
         "weights the eval metrics are those of the bf16 computation; `no` evaluates in float32. Frozen float32 "
         "weights (the base linears of LoRA, IA3, adapters; every linear of prompt and prefix tuning) are cast to bf16 "

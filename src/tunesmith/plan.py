@@ -290,10 +290,13 @@ def weights_dtype(config: RunConfig, on_gpu: bool) -> str:
     return "bfloat16" if on_gpu else "float32"
 
 
-def mixed_precision_of(setting: str, on_gpu: bool) -> str:
-    """train.mixed_precision as the loop resolves it (auto: bf16 on GPUs, none on the CPU)."""
+def mixed_precision_of(setting: str, on_gpu: bool, weights: str = "auto") -> str:
+    """train.mixed_precision as the loop resolves it (auto: bf16 on GPUs, and on the CPU for bfloat16 weights
+    (`model.dtype`, `weights`); none for float32 weights on the CPU). Without autocast, peft runs the float32
+    adapters it keeps beside bfloat16 weights in float32, on a float32 copy of each adapted linear's input:
+    bench/README.md measures the two."""
     if setting == "auto":
-        return "bf16" if on_gpu else "no"
+        return "bf16" if on_gpu or weights == "bfloat16" else "no"
     return setting
 
 
@@ -354,7 +357,7 @@ def plan_memory(
                 model_config, 1, group_row, group, config.data.max_length + completion):
             tokens, branched_width = train.batch_size * group_row, group_row  # each group as one row
             row_length = group_row
-    mixed_precision = mixed_precision_of(train.mixed_precision, on_gpu)
+    mixed_precision = mixed_precision_of(train.mixed_precision, on_gpu, dtype)
     activation_bytes = compute_bytes_of(dtype, mixed_precision)
     teacher = getattr(config.objective, "teacher", None)  # distillation's own frozen model
     teacher_parameters, teacher_config = teacher_counts(teacher) if teacher else (None, None)
@@ -393,7 +396,7 @@ def plan_memory(
     gathered, whole_layer_gradients = 0, 0
     if sharded:
         # Float32 layers under half-precision autocast are gathered in the half dtype (train.half_precision_gather).
-        half = mixed_precision_of(train.mixed_precision, on_gpu) != "no" and train.half_precision_gather
+        half = mixed_precision != "no" and train.half_precision_gather
         gathered_bytes = 2 if half and dtype == "float32" else weight_bytes
         gathered = counts.largest_layer * gathered_bytes
         if not train.reduce_each_micro_batch and train.grad_accum > 1:
@@ -598,7 +601,7 @@ def layer_activations(config: RunConfig, counts: ParameterCounts, model_config, 
     (a pair's or a group's shared beginning and continuations as one row) or padded."""
     rows = "branched" if branched else "packed" if config.data.packing else "padded"
     dtype = weights_dtype(config, on_gpu)
-    mixed_precision = mixed_precision_of(config.train.mixed_precision, on_gpu)
+    mixed_precision = mixed_precision_of(config.train.mixed_precision, on_gpu, dtype)
     compute_bytes = compute_bytes_of(dtype, mixed_precision)
     hidden = getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0)
     layers = getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "n_layer", 0)

@@ -405,8 +405,10 @@ def cache_reference_outputs(
     return None
 
 
-def mixed_precision(setting: str) -> str:
-    return mixed_precision_of(setting, on_gpu=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+def mixed_precision(config: RunConfig) -> str:
+    """train.mixed_precision resolved for this machine and the run's weights (plan.mixed_precision_of)."""
+    on_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return mixed_precision_of(config.train.mixed_precision, on_gpu, config.model.dtype)
 
 
 def run_accelerator(precision: str) -> Accelerator:
@@ -428,7 +430,7 @@ def train(
 ) -> TrainResult:
     """Run one fine-tuning job described by `config`; `should_stop(step)` lets tests simulate a kill."""
     train_config = config.train
-    accelerator = run_accelerator(mixed_precision(train_config.mixed_precision))
+    accelerator = run_accelerator(mixed_precision(config))
     # For the whole run, from loading to export: on a CPU the policy for freed buffers (kept for reuse, or given
     # back: train.release_memory; training/memory.py); under autocast, frozen float32 weights cast once, not in
     # every forward of the evaluations, the reference pass and the steps (training/weight_casts.py).

@@ -320,7 +320,7 @@ def meta_train_run(
     check_objective(objective)
     if config.data.mixture is None:
         raise ConfigError("data.mixture: meta-train learns across tasks; give them as data.mixture, one dataset each")
-    accelerator = run_accelerator(mixed_precision(config.train.mixed_precision))
+    accelerator = run_accelerator(mixed_precision(config))
     group = ProcessGroup(accelerator)
     if group.world > 1:
         raise ConfigError("meta-train runs in one process; start it without torchrun or accelerate launch")
