@@ -517,3 +517,15 @@ def test_train_notes_a_run_the_plan_puts_over_the_free_memory(tiny_llama_dir, ch
     result = train(run_config(tiny_llama_dir, chat_file, tmp_path / "run2", train={"max_steps": 1, "batch_size": 2}))
     assert result.exit_code == 0 and result.summary["steps"] == 1
     assert capsys.readouterr().err.count("may run out of memory") == 1
+
+    # A model the plan cannot read still trains: the note says there is no estimate.
+    import tunesmith.plan as plan_module
+
+    def unreadable(*args, **kwargs):
+        raise ValueError("Unrecognized configuration class")
+
+    monkeypatch.setattr(plan_module, "plan_memory", unreadable)
+    result = train(run_config(tiny_llama_dir, chat_file, tmp_path / "run3", train={"max_steps": 1, "batch_size": 2}))
+    assert result.exit_code == 0 and result.summary["steps"] == 1
+    assert "note: no memory estimate for this run (ValueError: Unrecognized configuration class)" in (
+        capsys.readouterr().err)

@@ -475,7 +475,12 @@ def device_memory_note(config: RunConfig, device: torch.device, processes: int =
         if available is None:
             return None
         free_gib = available / max(processes_on_node, 1) / 2**10
-    plan = plan_memory(config, budget_gib=free_gib, on_gpu=on_gpu, processes=processes)
+    try:
+        plan = plan_memory(config, budget_gib=free_gib, on_gpu=on_gpu, processes=processes)
+    except (ValueError, TypeError, AttributeError, KeyError, NotImplementedError) as error:
+        # A model the plan cannot build on the meta device (remote code, an architecture it does not read) still
+        # trains; a bad config (UserError) fails here as it would a moment later.
+        return f"note: no memory estimate for this run ({type(error).__name__}: {error})"
     if plan.fits:
         return None
     advice = f"; `tunesmith plan` advises first: {plan.advice[0]}" if plan.advice else ""
