@@ -55,6 +55,21 @@ print(inside, before - resident_mb())
 """
 
 
+HOLES_PROBE = RESIDENT_MB + """
+import time, torch
+from tunesmith.training.memory import TRIM_SECONDS, released_freed_memory
+
+with released_freed_memory():
+    # 400 x 512 KiB, touched: under the release mode's 1 MiB threshold, so heap memory (as FSDP's sharded gradients
+    # and AdamW moments of its smaller parameters are)
+    tensors = [torch.ones(2**17) for _ in range(400)]
+    before = resident_mb()
+    del tensors[::2]  # 100 MiB freed in holes between live blocks: the heap's top cannot shrink
+    time.sleep(3 * TRIM_SECONDS)
+    print(before - resident_mb())
+"""
+
+
 LIMIT_PROBE = RESIDENT_MB + """
 import sys, time, torch
 from tunesmith.training.memory import kept_freed_memory
@@ -94,6 +109,12 @@ def test_freed_buffers_leave_the_resident_set_only_while_released():
     assert inside > 80  # 12 x 8 MiB freed, each given back
     assert after < 40  # after the block, glibc keeps them in its heap again
     assert released_mb(RELEASE_PROBE, "off")[0] < 40  # glibc's default keeps them in the heap
+
+
+@LINUX_ONLY
+def test_released_memory_gives_back_the_heaps_holes_too():
+    (given_back,) = released_mb(HOLES_PROBE, "on")
+    assert given_back > 80  # of the 100 MiB freed between live blocks: resident until the heap is trimmed
 
 
 @LINUX_ONLY

@@ -224,8 +224,9 @@ class TrainConfig(Section):
     )
     release_memory: bool | None = Field(
         None,
-        description="CPU (glibc): true gives large tensor buffers back to the system as soon as they are freed "
-        "(lower peak resident memory, 7-20% fewer tokens/s: bench/README.md); false keeps freed buffers for reuse; "
+        description="CPU (glibc): true gives large tensor buffers back to the system as soon as they are freed, and "
+        "the heaps' free memory every 0.25 s (lower peak resident memory, 7-20% fewer tokens/s: bench/README.md); "
+        "false keeps freed buffers for reuse; "
         "null keeps them until the process's resident memory passes 80% of what it could take at the start, then "
         "gives them back for the rest of the run (at long sequences kept buffers grow far past the live tensors).",
     )

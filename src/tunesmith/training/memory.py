@@ -15,19 +15,23 @@ before/after pairs (-3% to +10%, this machine's run-to-run spread), peak residen
 same speed, its steps GEMM-bound, and +2-4% peak; MMLU scoring 2.4-5% faster at 0-6% more peak; bench/README.md).
 What the heap holds is trimmed when training (or an evaluated system's suite) ends.
 
-`released_freed_memory` (`train.release_memory`) does the opposite: every buffer over 1 MiB is its own mapping,
-given back to the system the moment the tensor is freed, so resident memory tracks the live tensors (heap
-fragmentation otherwise lets it climb micro-batch after micro-batch) at the cost of a page fault per page of every
-new buffer: peak RSS -38% (5,101 -> 3,225 MB for the SFT job, 4,885 -> 3,000 MB for DPO) at 15-20% fewer
-tokens/s, measured on a 2-core CPU.
+`released_freed_memory` (`train.release_memory`) does the opposite: every buffer over 1 MiB is its own mapping, given
+back to the system the moment the tensor is freed, and what the heaps hold free is given back every TRIM_SECONDS, so
+resident memory tracks the live tensors at the cost of a page fault per page of every new buffer: peak RSS -38% (5,101
+-> 3,225 MB for the SFT job, 4,885 -> 3,000 MB for DPO) at 15-20% fewer tokens/s, measured on a 2-core CPU (the LoRA job
+in bf16 with its rows in two threads: -21%, 3,601-3,630 -> 2,839-2,864 MB, at -18%, 655-666 -> 529-554 tokens/s). The
+trimming is needed because smaller buffers still come from the heaps, and a freed block in the middle of a heap stays
+resident: the sharded gradients and AdamW moments of FSDP's smaller parameters, or the second row thread's arena
+(`train.parallel_rows`), left hundreds of MB of freed heap resident per process (see bench/README.md, "FSDP memory per
+process").
 
 Kept buffers are a cache, and glibc's heap fragments: at long sequences the heap it keeps grows far past the live
-tensors (SmolLM2-135M LoRA, one row of 4,096 tokens, every layer recomputed: 5.4 GB resident after one step and 9.2
-GB after two, where the released run peaks at 1.8 GB). So kept memory has a limit (`ResidentLimit`): a thread reads
-the process's resident memory every 20 ms, and once it passes 80% of what the process could take when the block
-began (its own resident memory and the machine's available memory, or its cgroup's, shared among the node's
-processes), glibc switches to releasing for the rest of the block and gives back what its heap holds free (again
-every 0.25 s while past the limit). A run is fast while memory lasts and never runs out of it for the cache's sake.
+tensors (SmolLM2-135M LoRA, one row of 4,096 tokens, every layer recomputed: 5.4 GB resident after one step and 9.2 GB
+after two, where the released run peaks at 1.8 GB). So kept memory has a limit (`HeapTrimmer`): a thread reads the
+process's resident memory every 20 ms, and once it passes 80% of what the process could take when the block began (its
+own resident memory and the machine's available memory, or its cgroup's, shared among the node's processes), glibc
+switches to releasing for the rest of the block and gives back what its heap holds free (again every 0.25 s from then
+on, as release mode does). A run is fast while memory lasts and never runs out of it for the cache's sake.
 
 `freed_memory(release)` is the one a CPU training run enters, around the whole run: loading, the evaluation before
 training, caching the reference, the steps and the export: `train.release_memory` true releases, false keeps, null
@@ -39,11 +43,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import math
 import os
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -66,7 +68,7 @@ AFTER_TOP_PAD = 0
 # Kept memory's limit: this share of what the process could take when the block began.
 LIMIT_SHARE = 0.8
 WATCH_SECONDS = 0.02
-TRIM_SECONDS = 0.25  # past the limit, how often the heap is trimmed again
+TRIM_SECONDS = 0.25  # releasing (past the limit, or from the start), how often the heaps are trimmed
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -93,16 +95,18 @@ class FreedMemory:
 
 @contextmanager
 def released_freed_memory() -> Iterator[FreedMemory]:
-    """glibc gives every buffer over 1 MiB back to the system as soon as it is freed, while the block runs; after
-    it, as `kept_freed_memory` leaves things."""
+    """glibc gives every buffer over 1 MiB back to the system as soon as it is freed, and what its heaps hold free
+    every TRIM_SECONDS, while the block runs; after it, as `kept_freed_memory` leaves things."""
     libc = _glibc()
     if libc is None:
         yield FreedMemory(applied=False)
         return
     _release(libc)
+    trimmer = HeapTrimmer(libc, FreedMemory(applied=True), limit_mb=0.0, releasing=True)
     try:
-        yield FreedMemory(applied=True)
+        yield trimmer.state
     finally:
+        trimmer.stop()
         _after(libc)
 
 
@@ -120,7 +124,7 @@ def kept_freed_memory(limit_mb: float | None = None) -> Iterator[FreedMemory]:
     libc.mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
     libc.mallopt(M_TOP_PAD, KEPT_TOP_PAD)
     state = FreedMemory(applied=True, limit_mb=limit_mb)
-    watcher = ResidentLimit(libc, state) if limit_mb is not None else None
+    watcher = HeapTrimmer(libc, state, limit_mb) if limit_mb is not None else None
     try:
         yield state
     finally:
@@ -137,30 +141,29 @@ def freed_memory(release: bool | None, processes_on_node: int = 1) -> AbstractCo
     return kept_freed_memory(None if release is False else memory_limit_mb(processes_on_node))
 
 
-class ResidentLimit:
-    """A thread that reads the process's resident memory every WATCH_SECONDS. Once it passes the state's limit,
-    glibc releases freed buffers from then on (each over 1 MiB its own mapping) and gives back what its heap holds
-    free. The heap's free blocks stay its to reuse, paged in again as they are, and a block freed in the middle of
-    the heap stays resident: so while resident memory is past the limit, the heap is trimmed again every
-    TRIM_SECONDS."""
+class HeapTrimmer:
+    """A thread that gives back what glibc's heaps hold free, every TRIM_SECONDS once the process's resident memory
+    passes `limit_mb` (read every WATCH_SECONDS until then); at that moment glibc switches to releasing freed
+    buffers (each over 1 MiB its own mapping) and `state` records the resident MB where its limit is set. The
+    heaps' free blocks stay theirs to reuse, paged in again as they are, and a block freed in the middle of a heap
+    stays resident: so it is trimmed again and again. `releasing` (with limit 0): release mode from the start."""
 
-    def __init__(self, libc: ctypes.CDLL, state: FreedMemory):
-        self._libc, self._state = libc, state
+    def __init__(self, libc: ctypes.CDLL, state: FreedMemory, limit_mb: float, releasing: bool = False):
+        self._libc, self.state, self._limit_mb, self._releasing = libc, state, limit_mb, releasing
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="tunesmith-resident-limit", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="tunesmith-heap-trimmer", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
-        trimmed_at = -math.inf
-        while not self._stopped.wait(WATCH_SECONDS):
-            resident = resident_mb()
-            if resident <= self._state.limit_mb or time.monotonic() - trimmed_at < TRIM_SECONDS:
-                continue
-            if self._state.released_at_mb is None:
+        while not self._stopped.wait(TRIM_SECONDS if self._releasing else WATCH_SECONDS):
+            if not self._releasing:
+                resident = resident_mb()
+                if resident <= self._limit_mb:
+                    continue
                 _release(self._libc)
-                self._state.released_at_mb = resident
+                self._releasing = True
+                self.state.released_at_mb = resident
             self._libc.malloc_trim(0)
-            trimmed_at = time.monotonic()
 
     def stop(self) -> None:
         self._stopped.set()
