@@ -251,23 +251,50 @@ def test_loss_memory_follows_the_loss_path_and_the_row_threads(tiny_llama_dir, c
 
 
 def test_lora_dropout_holds_each_dropped_input_and_its_mask(tiny_llama_dir, chat_file, tmp_path):
-    """Each LoRA linear with dropout keeps its dropped input for A's gradient and, in float32 on a CPU and on a GPU,
-    a bool mask, in every layer (in one at a time where the layers are recomputed); nothing without dropout."""
-    lora = {"name": "lora", "r": 2, "target_modules": ["q_proj", "down_proj"]}
-    tokens = 2 * 64  # batch 2 x max_length 64
+    """Each LoRA linear with dropout keeps its own dropped copy of its input for A's gradient, in place of the input
+    it shared with its neighbours (q and k read the same one), and, in float32 on a CPU and on a GPU, a bool mask;
+    in every layer (in one at a time where every layer is recomputed). The layers' totals are checked against
+    autograd in test_layer_activations_are_what_autograd_keeps."""
+    lora = {"name": "lora", "r": 2, "target_modules": ["q_proj", "k_proj", "down_proj"]}
+    tokens, layers = 2 * 64, 2  # batch 2 x max_length 64
 
     def dropout_bytes(dropout: float, recompute: bool = False, dtype: str = "auto", on_gpu: bool = False) -> float:
-        config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", data={"max_length": 64},
-                            model={"name": str(tiny_llama_dir), "dtype": dtype}, method=lora | {"dropout": dropout},
-                            train={"batch_size": 2, "gradient_checkpointing": recompute})
-        return plan_memory(config, on_gpu=on_gpu).parts_gib.get("LoRA dropout: dropped inputs, masks", 0) * GIB
+        def activations(p: float) -> float:
+            config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", data={"max_length": 64},
+                                model={"name": str(tiny_llama_dir), "dtype": dtype}, method=lora | {"dropout": p},
+                                train={"batch_size": 2, "gradient_checkpointing": recompute})
+            return plan_memory(config, on_gpu=on_gpu).parts_gib["activations"] * GIB
+        return activations(dropout) - activations(0.0)
 
-    inputs = 2 * (64 + 128)  # q_proj reads the hidden size, down_proj the MLP's; 2 layers
-    assert dropout_bytes(0.1) == tokens * inputs * (4 + 1)
-    assert dropout_bytes(0.1, recompute=True) == tokens * inputs * (4 + 1) / 2  # one of the two layers at a time
-    assert dropout_bytes(0.1, dtype="bfloat16") == tokens * inputs * 2  # in half precision the mask is made again
-    assert dropout_bytes(0.1, dtype="bfloat16", on_gpu=True) == tokens * inputs * (2 + 1)  # CUDA's kernel keeps it
+    shared, dropped = 64 + 128, 64 + 64 + 128  # q and k share the hidden-sized input; down_proj reads the MLP's
+    assert dropout_bytes(0.1) == pytest.approx(layers * tokens * ((dropped - shared) * 4 + dropped))
+    assert dropout_bytes(0.1, recompute=True) == pytest.approx(tokens * ((dropped - shared) * 4 + dropped))
+    # in half precision on the CPU the mask is made again in the backward; CUDA's kernel keeps it
+    assert dropout_bytes(0.1, dtype="bfloat16") == pytest.approx(layers * tokens * (dropped - shared) * 2)
+    assert dropout_bytes(0.1, dtype="bfloat16", on_gpu=True) == pytest.approx(
+        layers * tokens * ((dropped - shared) * 2 + dropped))
     assert dropout_bytes(0.0) == 0
+
+
+def test_loha_and_lokr_deltas_are_kept_in_every_layer_and_row_thread(tiny_llama_dir, chat_file, tmp_path):
+    """LoHa and LoKr build each adapted linear's weight delta in the forward and run F.linear(x, delta), which
+    keeps the delta (float32, as peft keeps its adapters) for the input's gradient: a layer's matrices' worth per
+    layer whatever the tokens, and again in each row thread's forward (train.parallel_rows)."""
+    from tunesmith.plan import parameter_counts
+
+    def activations(method: str, parallel: bool) -> tuple[float, object]:
+        config = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method={"name": method},
+                            train={"batch_size": 2, "parallel_rows": parallel})
+        return plan_memory(config, on_gpu=False).parts_gib["activations"] * GIB, config
+
+    for method in ("loha", "lokr"):
+        sequential, config = activations(method, parallel=False)
+        shape = parameter_counts(config)[0].layer_shape
+        assert shape.delta_weights == 64 * (64 + 32 + 32 + 64) + 3 * 64 * 128  # q, k, v, o; gate, up, down
+        assert activations(method, parallel=True)[0] - sequential == pytest.approx(2 * shape.delta_weights * 4)
+    lora_shape = parameter_counts(run_config(tiny_llama_dir, chat_file, tmp_path / "run",
+                                             method={"name": "lora"}))[0].layer_shape
+    assert lora_shape.delta_weights == 0  # LoRA runs x through A and B: no weight-sized delta
 
 
 def test_distillation_counts_its_chunks_and_the_teacher_side(tiny_llama_dir, chat_file, tmp_path):
@@ -455,13 +482,20 @@ def saved_in_layers(config, monkeypatch) -> tuple[int, list[int]]:
     ({"name": "lora", "r": 8}, {}, {"mixed_precision": "bf16"}, True),  # autocast: each linear keeps its input's cast
     ({"name": "freeze", "layers": 1}, {}, {}, True),  # the layer below the trained one keeps nothing
     ({"name": "prefix", "num_virtual_tokens": 4}, {}, {}, False),  # frozen linears keep no inputs
+    # LoRA dropout: each adapted linear keeps its dropped copy of the input (or its cast) and the mask
+    ({"name": "lora", "r": 8, "dropout": 0.1}, {}, {}, True),
+    ({"name": "lora", "r": 8, "dropout": 0.1}, {}, {"mixed_precision": "bf16"}, True),
+    ({"name": "lora", "r": 8, "dropout": 0.1}, {"dtype": "bfloat16"}, {"mixed_precision": "no"}, True),
+    ({"name": "loha"}, {}, {}, True),  # F.linear(x, delta weight): each layer keeps its weight-sized deltas
+    ({"name": "lokr"}, {}, {"mixed_precision": "bf16"}, True),  # ... or their casts under autocast
 ], ids=["full", "full-padded", "lora", "full-bf16", "lora-bf16", "lora-bf16-no-autocast", "lora-autocast", "freeze",
-        "prefix"])
+        "prefix", "lora-dropout", "lora-dropout-autocast", "lora-dropout-bf16-no-autocast", "loha", "lokr-autocast"])
 def test_layer_activations_are_what_autograd_keeps(method, model, train, packing, tiny_llama_dir, tmp_path,
                                                     monkeypatch):
     """The plan's bytes per token of each decoder layer (plan.layer_bytes_per_token), times the layers a gradient
-    flows into, equal what autograd keeps inside the layers in a real training step, to 5%: the rest (RoPE's
-    tables, the norms' (N, 1) statistics) is small. The record lengths of the step stand for `row_length`."""
+    flows into, with what each keeps whatever the tokens (LoHa's and LoKr's deltas), equal what autograd keeps
+    inside the layers in a real training step, to 5%: the rest (RoPE's tables, the norms' (N, 1) statistics) is
+    small. The record lengths of the step stand for `row_length`."""
     from tunesmith.plan import layer_activations, parameter_counts
 
     chats = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
@@ -470,8 +504,10 @@ def test_layer_activations_are_what_autograd_keeps(method, model, train, packing
                         train={"batch_size": 2, "max_steps": 1, "parallel_rows": False, **train})
     saved, lengths = saved_in_layers(config, monkeypatch)
     counts, model_config = parameter_counts(config)
-    planned = sum(length * layer_activations(config, counts, model_config, False, length).bytes_per_token(0)
+    planned = sum(layer_activations(config, counts, model_config, False, length).bytes_for(length, 0)
                   for length in lengths)
+    per_layer = layer_activations(config, counts, model_config, False, max(lengths))
+    planned -= (len(lengths) - 1) * per_layer.layers_in_flight(0) * per_layer.layer_fixed_bytes  # once a step
     assert planned == pytest.approx(saved, rel=0.05)
 
 

@@ -27,7 +27,6 @@ from tunesmith.objectives.branched_rows import costs_less, longest_accepted_row,
 from tunesmith.objectives.causal_lm import _can_skip_unused_logits, continues_from_cache, rescales_logits
 from tunesmith.objectives.linear_cross_entropy import SOFTMAX_BLOCK_ELEMENTS, fusable_head
 from tunesmith.objectives.preference import collate_pairs
-from tunesmith.training.keyed_dropout import keyed_dropout_in
 from tunesmith.training.launch import launched_shape
 from tunesmith.training.packed_attention import MATMUL_ATTENTION_MAX_LENGTH, QUERY_BLOCKS, QUERY_BLOCKS_FROM_LENGTH
 from tunesmith.training.parallel_rows import active_dropout, parallel_rows_choice
@@ -90,7 +89,6 @@ class ParameterCounts:
     has_disabled_adapters: bool = False  # a peft model: its reference is itself with the adapters off, not a copy
     plain_head: bool = True  # the output head is a plain linear layer: the loss takes the fused path
     dropout: str | None = None  # where the model draws dropout masks in training (parallel_rows.active_dropout)
-    dropout_inputs: int = 0  # input features of the LoRA linears whose (keyed) dropout drops something, all layers
     prompt_cache: bool = False  # grpo / ppo may run a group's prompt once (causal_lm.continues_from_cache)
     branched_rows: bool = False  # pairs and groups may run as one row each (objectives/branched_rows.py)
     layer_shape: LayerShape | None = None  # what one layer's saved activations follow (None: none found)
@@ -126,8 +124,6 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
         has_disabled_adapters=hasattr(model, "disable_adapter"),
         plain_head=head is None or fusable_head(head),
         dropout=active_dropout(model),
-        dropout_inputs=sum(module.in_features for module in model.modules()
-                           if hasattr(module, "lora_dropout") and keyed_dropout_in(module)),
         prompt_cache=continues_from_cache(model),
         branched_rows=takes_branched_rows(model) and _can_skip_unused_logits(model),
         layer_shape=layer_shape_of(model, blocks),
@@ -146,16 +142,20 @@ class LayerShape:
     key_value_width: int  # key-value heads x head dim
     mlp_width: int  # the MLP's intermediate size
     gated_mlp: bool  # gate and up projections whose product is projected down (SwiGLU); else one up projection
-    shared_inputs: int  # input features the trained linears read, each input once (q, k and v share theirs)
+    shared_inputs: int  # input features the trained linears keep, each input once (q, k and v share theirs)
     own_inputs: int  # input features the trained linears read, summed over the linears
     adapted_inputs: int  # input features of the linears an adapter (LoRA, LoHa, LoKr, IA3) wraps, summed
     hidden_dropout: float  # dropout on each sublayer's output (BERT's 0.1; none in Llama families)
     attention_dropout: float  # dropout on the attention probabilities (in training)
     lora_rank: int = 0  # LoRA ranks summed over the layer's adapted linears: each keeps its A's (N, r) output
+    dropped_inputs: int = 0  # input features of the adapted linears whose adapter drops its input (LoRA dropout)
+    delta_weights: int = 0  # weight elements of the deltas LoHa and LoKr build in each forward, per layer
+    mlp_in_input_dtype: bool = False  # the MLP's gate / up outputs cast back to their input's dtype (LoHa, LoKr)
 
 
 def layer_shape_of(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> LayerShape | None:
     """The shape of `model`'s layers, its last block's linears (trained whenever any block is) standing for all."""
+    from peft.tuners.lycoris_utils import LycorisLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     config = getattr(unwrapped_model(model), "config", None)
@@ -167,20 +167,28 @@ def layer_shape_of(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> Lay
     key_value_heads = getattr(config, "num_key_value_heads", None) or heads
     # Linears whose input autograd keeps: a trainable weight's gradient needs it, and so does an adapter's.
     kept: dict[str, int] = {}
-    adapted = own = lora_rank = 0
-    gated = False
+    adapted = own = lora_rank = dropped = delta_weights = 0
+    gated = mlp_in_input_dtype = False
     for name, module in (blocks[-1].named_modules() if blocks else ()):
         short = name.rsplit(".", 1)[-1]
         gated = gated or short in GATE_NAMES
         is_adapter = isinstance(module, BaseTunerLayer)
         inside_adapter = ".base_layer" in name or ".lora_" in name
+        drops = False
         if is_adapter and hasattr(module, "in_features"):
             adapted += module.in_features
             lora_rank += sum(getattr(module, "r", {}).get(adapter, 0) for adapter in getattr(module, "lora_A", {}))
+            # LoRA's dropout gives each adapted linear a dropped copy of its input, which it keeps instead
+            drops = any(getattr(dropout, "p", 0) > 0 for dropout in getattr(module, "lora_dropout", {}).values())
+            dropped += module.in_features if drops else 0
+            if isinstance(module, LycorisLayer):  # LoHa, LoKr: F.linear(x, delta weight) keeps the delta
+                delta_weights += module.in_features * module.out_features
+                mlp_in_input_dtype = mlp_in_input_dtype or short in MLP_INPUT_NAMES  # peft's result.to(x.dtype)
         trained = is_adapter or (isinstance(module, torch.nn.Linear) and module.weight.requires_grad)
         if trained and not inside_adapter and hasattr(module, "in_features"):
             group = ("attention" if short in ATTENTION_INPUT_NAMES else "mlp" if short in MLP_INPUT_NAMES else name)
-            kept[group] = module.in_features
+            if not drops:
+                kept[group] = module.in_features
             own += module.in_features
     return LayerShape(
         hidden=hidden, heads=heads, query_width=heads * head_dim, key_value_width=key_value_heads * head_dim,
@@ -191,7 +199,8 @@ def layer_shape_of(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> Lay
         attention_dropout=(getattr(config, "attention_probs_dropout_prob", None)
                            or getattr(config, "attention_dropout", None) or getattr(config, "attn_pdrop", None)
                            or 0.0),
-        lora_rank=lora_rank,
+        lora_rank=lora_rank, dropped_inputs=dropped, delta_weights=delta_weights,
+        mlp_in_input_dtype=mlp_in_input_dtype,
     )
 
 
@@ -362,18 +371,19 @@ def plan_memory(
     teacher = getattr(config.objective, "teacher", None)  # distillation's own frozen model
     teacher_parameters, teacher_config = teacher_counts(teacher) if teacher else (None, None)
 
-    kept = layer_activations(config, counts, model_config, on_gpu, row_length, branched=branched_width > 0)
-    recomputed = recomputed_layers(train.checkpoint_layers, layers) if train.gradient_checkpointing else 0
-    activations = tokens * kept.bytes_per_token(recomputed)
-    activations += train.batch_size * branched_width**2 * activation_bytes
     # On the CPU each micro-batch's rows may run in parallel threads (training/parallel_rows.py): each thread
-    # computes its own loss chunks at the same time, and each but the first holds a copy of the gradients.
+    # computes its own loss chunks and LoHa / LoKr deltas at the same time, and each but the first holds a copy
+    # of the gradients.
     row_threads = parallel_rows_choice(
         train.parallel_rows, device=torch.device("cuda" if on_gpu else "cpu"), processes=processes,
         compiled=train.compile, mixed_precision=mixed_precision, rows_independent=objective.rows_independent,
         reference_per_batch=objective.has_reference and not train.cache_reference, batch_size=train.batch_size,
         dropout=counts.dropout, trainable_share=trainable / total if total else 1.0,
     )
+    kept = layer_activations(config, counts, model_config, on_gpu, row_length, branched=branched_width > 0)
+    recomputed = recomputed_layers(train.checkpoint_layers, layers) if train.gradient_checkpointing else 0
+    activations = kept.bytes_for(tokens, recomputed, forwards=row_threads)
+    activations += train.batch_size * branched_width**2 * activation_bytes
     if creates_head(config.task):
         logits = train.batch_size * 4 * 64  # a handful of classes: negligible
     else:
@@ -410,14 +420,6 @@ def plan_memory(
         "activations": activations,
         "logits + loss": logits,
     }
-    if counts.dropout_inputs:
-        # LoRA dropout: each LoRA linear's dropped input, kept for its A's gradient, and a bool mask (1 byte an
-        # element: the fused kernel on a GPU, training/keyed_dropout.py in float32 on a CPU; in half precision it
-        # keeps none), for every layer in flight (one while a recomputed layer runs).
-        in_flight = kept.layers_in_flight(recomputed) / layers if layers else 1.0
-        mask_bytes = 1 if on_gpu or (dtype == "float32" and mixed_precision == "no") else 0
-        dropped = tokens * counts.dropout_inputs * (activation_bytes + mask_bytes)
-        parts["LoRA dropout: dropped inputs, masks"] = dropped * in_flight
     if row_threads > 1:
         parts["parallel rows: gradient copies"] = (row_threads - 1) * held_trainable * weight_bytes
     autocast_casts = mixed_precision != "no" and dtype == "float32"
@@ -451,8 +453,8 @@ def plan_memory(
     if not plan.fits:
         # The fewest recomputed layers that would fit, all else equal (None: not even every layer).
         room = (budget_gib - (plan.total_gib - parts["activations"] / GIB)) * GIB  # bytes left for activations
-        fitting = next((count for count in range(1, layers + 1) if tokens * kept.bytes_per_token(count) <= room),
-                       None)
+        fitting = next((count for count in range(1, layers + 1)
+                        if kept.bytes_for(tokens, count, forwards=row_threads) <= room), None)
         recompute = RecomputeAdvice(layers, fitting, recompute_cost(trainable / total if total else 1.0),
                                     untrained=counts.first_trained_layer)
         plan.advice = advice_for(config, plan, recompute, processes, sharded)
@@ -557,7 +559,8 @@ def layer_bytes_per_token(shape: LayerShape, residual_bytes: int, compute_bytes:
       only its weight): q, k and v share theirs, and gate and up; under autocast of float32 weights each linear
       keeps its own cast (autocast keeps no cast of an activation); with `upcast_adapters` (half-precision
       weights without autocast: peft runs its float32 adapters on a float32 copy) each adapted linear keeps a
-      float32 copy instead;
+      float32 copy instead; where an adapter drops its input (LoRA dropout) each adapted linear keeps its dropped
+      copy (or its cast) instead of the shared input, and the dropout its one-byte mask;
     - q, k and v: `rows` "packed" attend record by record (training/packed_attention.py); "padded" (rows padded
       to the longest) and "branched" (objectives/branched_rows.py) attend under a mask, where transformers'
       attention repeats k and v for every query head, and SDPA keeps its own float copy of a padded batch's
@@ -568,16 +571,21 @@ def layer_bytes_per_token(shape: LayerShape, residual_bytes: int, compute_bytes:
       the CPU in half precision for records of up to 1,024 tokens (training/packed_attention.py), counted at
       `row_length`, the longest row;
     - the MLP's activation input and, gated, the activation's output and the up projection (their product is
-      the down projection's input, above);
+      the down projection's input, above), in the weights' dtype where peft casts an adapted gate or up
+      projection's output back to its input's (LoHa, LoKr);
     - each sublayer's output dropout mask (1 byte on a GPU, the compute dtype on the CPU);
-    - LoRA: each adapted linear's (N, r) down projection."""
+    - LoRA: each adapted linear's (N, r) down projection.
+    LoHa's and LoKr's weight deltas are kept per layer, whatever the tokens: `LayerActivations.layer_fixed_bytes`."""
     compute = compute_bytes
-    if upcast_adapters:
-        inputs = shape.adapted_inputs * 4
+    # An adapter's dropout keeps a one-byte mask per input feature, and its linear the dropped copy (or its cast);
+    # on the CPU a half-precision keyed dropout makes its mask again in the backward (training/keyed_dropout.py).
+    masks = shape.dropped_inputs if on_gpu or compute == 4 or upcast_adapters else 0
+    if upcast_adapters:  # peft casts each adapted linear's input to float32 before its dropout
+        inputs = shape.adapted_inputs * 4 + masks
     elif residual_bytes != compute_bytes:
-        inputs = shape.own_inputs * compute
+        inputs = shape.own_inputs * compute + masks
     else:
-        inputs = shape.shared_inputs * compute
+        inputs = (shape.shared_inputs + shape.dropped_inputs) * compute + masks
     matmul_kernel = (rows != "padded" and implementation == "sdpa" and not on_gpu and compute == 2
                      and row_length <= MATMUL_ATTENTION_MAX_LENGTH)
     key_value_width = shape.key_value_width if rows == "packed" or matmul_kernel else shape.query_width
@@ -594,7 +602,7 @@ def layer_bytes_per_token(shape: LayerShape, residual_bytes: int, compute_bytes:
         attention += shape.query_width * compute
     if rows == "padded" and implementation == "sdpa":
         attention += row_length * compute  # SDPA's own (T, T) float copy of the rows' boolean mask, in each layer
-    mlp = (3 if shape.gated_mlp else 1) * shape.mlp_width * compute
+    mlp = (3 if shape.gated_mlp else 1) * shape.mlp_width * (residual_bytes if shape.mlp_in_input_dtype else compute)
     dropout_masks = 2 * shape.hidden * mask_bytes if shape.hidden_dropout > 0 else 0
     ranks = shape.lora_rank * (4 if upcast_adapters else compute)
     return 2 * shape.hidden * residual_bytes + inputs + attention + mlp + dropout_masks + ranks
@@ -610,24 +618,34 @@ def layer_activations(config: RunConfig, counts: ParameterCounts, model_config, 
     compute_bytes = compute_bytes_of(dtype, mixed_precision)
     hidden = getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0)
     layers = getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "n_layer", 0)
-    layer_bytes = hidden * compute_bytes * FALLBACK_UNITS_PER_LAYER
+    layer_bytes, fixed_bytes = hidden * compute_bytes * FALLBACK_UNITS_PER_LAYER, 0
     if counts.layer_shape is not None:
         # peft keeps adapters in float32 beside half-precision weights; without autocast they run in float32.
         upcast = dtype != "float32" and mixed_precision == "no" and counts.layer_shape.adapted_inputs > 0
         layer_bytes = layer_bytes_per_token(counts.layer_shape, BYTES[dtype], compute_bytes, on_gpu, row_length,
                                             config.model.attn_implementation, upcast, rows)
-    return LayerActivations(layers, counts.first_trained_layer, layer_bytes, hidden * BYTES[dtype])
+        # LoHa's and LoKr's deltas: float32 as peft keeps its adapters, or their half-precision casts under autocast
+        fixed_bytes = counts.layer_shape.delta_weights * (4 if upcast else compute_bytes)
+    return LayerActivations(layers, counts.first_trained_layer, layer_bytes, hidden * BYTES[dtype], fixed_bytes)
 
 
 @dataclass(frozen=True)
 class LayerActivations:
     """What the decoder layers keep per token: `layer_bytes` each, from `first_trained` up (below it nothing),
-    with the first layers recomputed (training/recompute.py) keeping only their input (`input_bytes`)."""
+    with the first layers recomputed (training/recompute.py) keeping only their input (`input_bytes`); and per
+    layer, whatever the tokens, `layer_fixed_bytes` (the weight deltas LoHa and LoKr build in each forward)."""
 
     layers: int
     first_trained: int
     layer_bytes: float
     input_bytes: float
+    layer_fixed_bytes: float = 0.0
+
+    def bytes_for(self, tokens: float, recomputed: int, forwards: int = 1) -> float:
+        """Bytes kept for a micro-batch of `tokens` positions: per token, and per layer in flight in each of the
+        `forwards` that run at once (its rows in parallel threads)."""
+        fixed = forwards * self.layers_in_flight(recomputed) * self.layer_fixed_bytes
+        return tokens * self.bytes_per_token(recomputed) + fixed
 
     def recomputed_in_graph(self, recomputed: int) -> int:
         """Recomputed layers that would keep activations: a recomputed layer below `first_trained` saves nothing."""
