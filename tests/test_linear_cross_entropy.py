@@ -80,6 +80,27 @@ def test_bfloat16_equals_autograd(model_dtype, autocast, monkeypatch):
         torch.testing.assert_close(value, wanted, atol=2e-2, rtol=2e-2)  # bf16 rounding of the grad order
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_chunks_logits_are_freed_before_the_next_chunks_exist(dtype):
+    """One chunk's (C, V) logits at a time: a chunk's logits (its gradient, written over them) are gone before the
+    next chunk's softmax runs, so a micro-batch of several chunks peaks at one chunk's logits, not two."""
+    import weakref
+
+    from tunesmith.objectives.linear_cross_entropy import softmax_cross_entropy
+
+    head, hidden, targets, _ = case(40, dtype, bias=False, weighted=False)
+    earlier: list[weakref.ref] = []
+
+    def watched(logits, targets, scale, workspace=None, gradient=True):
+        assert all(ref() is None for ref in earlier), "an earlier chunk's logits are still alive"
+        earlier.append(weakref.ref(logits if logits._base is None else logits._base))
+        return softmax_cross_entropy(logits, targets, scale, workspace, gradient)
+
+    hidden = hidden.clone().requires_grad_()
+    linear_cross_entropy_sum(hidden, head, targets, 8, chunk_loss=watched).backward()
+    assert len(earlier) == 5 and hidden.grad is not None
+
+
 def test_only_the_gradients_asked_for():
     """A frozen head gets no gradient (LoRA); hidden states that need none (a head trained alone) get none."""
     head, hidden, targets, _ = case(10, torch.float32, False, False)

@@ -196,6 +196,31 @@ def test_a_frozen_heads_log_prob_gradients_are_made_in_the_forward_pass(precisio
     assert values_and_gradient(5, trained_head=True)[2] == 5  # checkpointed: the head runs again, a chunk at a time
 
 
+def test_a_frozen_heads_log_probs_hold_one_chunks_logits_at_a_time(tiny_llama_dir, monkeypatch):
+    """The forward-pass gradients of a frozen head's log-probs work chunk by chunk: a chunk's (C, V) log-softmax
+    is gone before the next chunk's is made, so the chunks peak at one chunk's buffers, not two."""
+    import weakref
+
+    from tunesmith.objectives.causal_lm import chunked_token_logps
+
+    model = load_model(ModelConfig(name=str(tiny_llama_dir)), "grpo")
+    head = model.get_output_embeddings().requires_grad_(False)
+    earlier: list[weakref.ref] = []
+    log_softmax = torch.log_softmax
+
+    def watched(*args, **kwargs):
+        assert all(ref() is None for ref in earlier), "an earlier chunk's log-probs are still alive"
+        result = log_softmax(*args, **kwargs)
+        earlier.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(torch, "log_softmax", watched)
+    hidden = torch.randn(13, model.config.hidden_size, requires_grad=True)
+    targets = torch.randint(0, model.config.vocab_size, (13,))
+    chunked_token_logps(hidden, head, targets, 5).sum().backward()
+    assert len(earlier) == 3 and hidden.grad is not None
+
+
 def test_each_prompt_is_prefilled_once_for_its_group(tiny_llama_dir, monkeypatch):
     """G completions per prompt: with each prompt's KV cache computed once and repeated for its group, the same seed
     samples the same completions as with every copy of the prompt prefilled, prompts of different lengths (left

@@ -291,6 +291,7 @@ def token_logps_with_directions(
             values.append(log_probs.gather(-1, piece_targets[:, None]).squeeze(-1))  # (C,)
             expected_row = (log_probs.exp_().to(dtype) @ weight).float()  # (C, H)
             directions.append(head.weight[piece_targets].float() - expected_row)
+            del log_probs  # before the next chunk's logits: one chunk's (C, V) buffers at a time, not two
     if not values:
         return hidden.new_zeros(0, dtype=torch.float32)
     return _RowDirections.apply(torch.cat(values), hidden, torch.cat(directions))

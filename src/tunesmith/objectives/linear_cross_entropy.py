@@ -136,10 +136,9 @@ def _loss_and_gradients(
                 workspace = logits.new_empty((rows, logits.shape[1]), dtype=torch.float32)
             for first in blocks:  # each block's gradient is written over its logits
                 last = min(first + rows, end)
-                block = (logits[first - start : last - start], targets[first:last], scale[first:last])
                 block_workspace = None if len(blocks) == 1 else workspace[: last - first]
-                block_sum, _ = chunk_loss(*block, workspace=block_workspace, gradient=any(needs))
-                loss_sum += block_sum
+                loss_sum += chunk_loss(logits[first - start : last - start], targets[first:last], scale[first:last],
+                                       workspace=block_workspace, gradient=any(needs))[0]
             grad_logits = logits  # (C', V)
             grad_logits[end - start :].zero_()  # the added rows: no loss, no gradient
             if grad_hidden is not None:  # (C, H), rounded to hidden's dtype
@@ -148,6 +147,9 @@ def _loss_and_gradients(
                 grad_weight += (grad_logits.t() @ chunk).to(weight.dtype)  # (V, H)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0).to(bias.dtype)
+            # Freed before the next chunk's matmul (no other name holds them: the chunk loss's returned gradient is
+            # not kept), which would otherwise make its logits while these live: two (C, V) buffers at once.
+            del logits, grad_logits
     return loss_sum, grad_hidden, grad_weight, grad_bias
 
 
