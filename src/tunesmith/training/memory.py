@@ -144,7 +144,7 @@ def freed_memory(release: bool | None, processes_on_node: int = 1) -> AbstractCo
 class HeapTrimmer:
     """A thread that gives back what glibc's heaps hold free, every TRIM_SECONDS once the process's resident memory
     passes `limit_mb` (read every WATCH_SECONDS until then); at that moment glibc switches to releasing freed
-    buffers (each over 1 MiB its own mapping) and `state` records the resident MB where its limit is set. The
+    buffers (each over 1 MiB its own mapping) and `state` records the resident MB of the switch. The
     heaps' free blocks stay theirs to reuse, paged in again as they are, and a block freed in the middle of a heap
     stays resident: so it is trimmed again and again. `releasing` (with limit 0): release mode from the start."""
 
