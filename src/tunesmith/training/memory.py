@@ -102,7 +102,7 @@ def released_freed_memory() -> Iterator[FreedMemory]:
         yield FreedMemory(applied=False)
         return
     _release(libc)
-    trimmer = HeapTrimmer(libc, FreedMemory(applied=True), limit_mb=0.0, releasing=True)
+    trimmer = HeapTrimmer(libc, FreedMemory(applied=True), limit_mb=None)
     try:
         yield trimmer.state
     finally:
@@ -146,10 +146,11 @@ class HeapTrimmer:
     passes `limit_mb` (read every WATCH_SECONDS until then); at that moment glibc switches to releasing freed
     buffers (each over 1 MiB its own mapping) and `state` records the resident MB of the switch. The
     heaps' free blocks stay theirs to reuse, paged in again as they are, and a block freed in the middle of a heap
-    stays resident: so it is trimmed again and again. `releasing` (with limit 0): release mode from the start."""
+    stays resident: so it is trimmed again and again. `limit_mb` None: releasing from the start (release mode)."""
 
-    def __init__(self, libc: ctypes.CDLL, state: FreedMemory, limit_mb: float, releasing: bool = False):
-        self._libc, self.state, self._limit_mb, self._releasing = libc, state, limit_mb, releasing
+    def __init__(self, libc: ctypes.CDLL, state: FreedMemory, limit_mb: float | None):
+        self._libc, self.state, self._limit_mb = libc, state, limit_mb
+        self._releasing = limit_mb is None
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="tunesmith-heap-trimmer", daemon=True)
         self._thread.start()
