@@ -137,6 +137,30 @@ def tiny_bert_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_dirs(tmp_path_factory, tiny_tokenizer_dir) -> dict[str, Path]:
+    """Two 2-layer, hidden-64 mixtures of experts with the tiny tokenizer, by architecture: Qwen3-MoE (8 experts
+    of width 32, 2 per token; norms on the queries and keys) and Qwen2-MoE (the same, beside a shared expert of
+    width 48 whose output a sigmoid gate scales)."""
+    from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                 tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+    folders = {}
+    for name, model_class, config in [
+        ("qwen3_moe", Qwen3MoeForCausalLM, Qwen3MoeConfig(**shape)),
+        ("qwen2_moe", Qwen2MoeForCausalLM, Qwen2MoeConfig(**shape, shared_expert_intermediate_size=48)),
+    ]:
+        torch.manual_seed(0)
+        folders[name] = tmp_path_factory.mktemp(f"tiny_{name}")
+        model_class(config).save_pretrained(folders[name], safe_serialization=True)
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
+@pytest.fixture(scope="session")
 def bf16_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     """The tiny Llama saved in bfloat16, as large models ship."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

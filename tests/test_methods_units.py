@@ -130,3 +130,26 @@ def test_a_peft_method_prints_no_warning_about_peft_itself(method, tiny_llama_di
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         METHODS.get(method).apply(base, config.method, "sft")
+
+
+def test_lora_on_a_mixture_of_experts_warns_nothing_and_names_the_settings_it_refuses(tiny_moe_dirs, tmp_path):
+    """all-linear reaches a mixture of experts' 3-D expert weights and its router's (peft's ParamWrapper). peft
+    warns that the ranks it sets for the fused gate_up_proj "did not match any targeted module", though they
+    apply (2r there): tunesmith shows no such warning. Dropout and DoRA, which such LoRA cannot take, are config
+    errors naming their key, not peft's traceback."""
+    import warnings
+
+    folder = tiny_moe_dirs["qwen3_moe"]
+    config, base = fresh(folder, tmp_path, {"name": "lora", "r": 4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model = METHODS.get("lora").apply(base, config.method, "sft")
+    experts = model.base_model.model.model.layers[0].mlp.experts
+    assert experts.base_layer.parameter_name == "gate_up_proj" and experts.parameter_name == "down_proj"
+    assert experts.base_layer.lora_A["default"].weight.shape[0] == 2 * 4 * 8  # 2r per expert, 8 experts
+    for setting, key in [({"dropout": 0.1}, "method.dropout"), ({"dora": True}, "method.dora")]:
+        config, base = fresh(folder, tmp_path, {"name": "lora", "r": 4, **setting})
+        with pytest.raises(ConfigError, match=f"^{key}: LoRA on a mixture of experts' expert and router weights"):
+            METHODS.get("lora").apply(base, config.method, "sft")
+    config, base = fresh(folder, tmp_path, {"name": "lora", "r": 4, "dropout": 0.1, "target_modules": ["q_proj"]})
+    METHODS.get("lora").apply(base, config.method, "sft")  # on the linears alone dropout applies

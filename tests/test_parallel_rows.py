@@ -23,7 +23,13 @@ from tunesmith.models import load_model
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.training import EXIT_INTERRUPTED, train
 from tunesmith.training.loop import accumulate_gradients, run_accelerator
-from tunesmith.training.parallel_rows import RowThreads, active_dropout, balanced_parts, parallel_rows_choice
+from tunesmith.training.parallel_rows import (
+    RowThreads,
+    active_dropout,
+    balanced_parts,
+    parallel_rows_choice,
+    swapped_weights,
+)
 
 
 @pytest.fixture
@@ -118,7 +124,7 @@ def choice(model, **changes) -> int:
     settings = {
         "device": torch.device("cpu"), "processes": 1, "compiled": False, "mixed_precision": "no",
         "rows_independent": True, "reference_per_batch": False, "batch_size": 4, "dropout": active_dropout(model),
-        "trainable_share": 0.01,
+        "trainable_share": 0.01, "swapped": swapped_weights(model),
     }
     return parallel_rows_choice(changes.pop("setting", None), **{**settings, **changes})
 
@@ -157,6 +163,37 @@ def test_parallel_rows_stays_off_for_dropout_and_for_full_fine_tuning_unless_ask
     assert choice(plain, trainable_share=1.0) == 1  # auto: each thread would hold a copy of every gradient
     assert choice(plain, trainable_share=1.0, setting=True) == 2
     assert choice(plain, setting=False) == 1
+
+
+def test_lora_on_expert_weights_runs_its_rows_in_sequence(tiny_moe_dirs, tmp_path, two_threads):
+    """peft's LoRA on a mixture of experts' 3-D weights (all-linear reaches them) registers W + BA on the experts
+    module for each forward, in torch's one process-wide parametrization cache: two threads would run each
+    other's merged weights and backpropagate through each other's graphs (seen: "Trying to backward through the
+    graph a second time" in 2 of 3 runs). So auto runs such a model's rows in sequence and True says why not;
+    LoRA on the linears alone still splits them. Training with auto repeats the sequential run exactly."""
+    from tunesmith.methods import METHODS
+    from tunesmith.methods.lora import LoraSettings
+
+    folder = tiny_moe_dirs["qwen3_moe"]
+    lora = METHODS.get("lora")
+    on_experts = lora.apply(load_model(ModelConfig(name=str(folder)), "sft"), LoraSettings(r=4), "sft")
+    assert swapped_weights(on_experts) == "base_model.model.model.layers.0.mlp.experts"
+    assert choice(on_experts) == 1
+    with pytest.raises(ConfigError, match="train.parallel_rows: .*experts swaps a LoRA-merged weight into the module"):
+        choice(on_experts, setting=True)
+    on_linears = lora.apply(load_model(ModelConfig(name=str(folder)), "sft"),
+                            LoraSettings(r=4, target_modules=["q_proj", "v_proj"]), "sft")
+    assert swapped_weights(on_linears) is None and choice(on_linears) == 2
+
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_records(24))
+    adapters = {}
+    for name, parallel_rows in [("auto", None), ("sequential", False)]:
+        config = run_config(folder, chats, tmp_path / name, method={"name": "lora", "r": 4},
+                            train={"max_steps": 3, "batch_size": 4, "parallel_rows": parallel_rows})
+        result = train(config)
+        assert result.exit_code == 0
+        adapters[name] = result.run_dir / "adapter" / "adapter_model.safetensors"
+    assert_same_weights(adapters["sequential"], adapters["auto"], rtol=0, atol=0)
 
 
 def test_auto_keeps_the_gradient_copies_small(monkeypatch):

@@ -189,6 +189,24 @@ def test_model_flops_per_token_count_every_matmul_weight(method, tiny_llama_dir,
         assert trainable == weights  # 6N
 
 
+def test_model_flops_per_token_count_the_experts_each_token_runs_through(tiny_moe_dirs, chat_file, tmp_path):
+    """A mixture of experts: 6 FLOPs per token for each 2-D weight (the router's too), and for the experts' 3-D
+    weights only the share a token runs through, 2 of 8 experts; torch's FlopCounterMode agrees on the 2-D part
+    (its count leaves out the grouped matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = run_config(tiny_moe_dirs["qwen3_moe"], chat_file, tmp_path / "run", method={"name": "full"})
+    model = load_model(config.model, "sft")
+    matrices = sum(parameter.numel() for parameter in model.parameters() if parameter.ndim == 2)
+    experts = sum(parameter.numel() for parameter in model.parameters() if parameter.ndim == 3)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=torch.zeros((1, 100), dtype=torch.long))
+    assert counter.get_flop_counts()["Global"][torch.ops.aten.mm] == 2 * matrices * 100  # the tied head included
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    expected = 6 * (matrices + experts * 2 / 8) + 12 * layers * hidden * 100
+    assert model_flops_per_token(config, record_length=100) == pytest.approx(expected)
+
+
 def test_host_memory_while_loading_follows_how_the_loop_loads(tiny_llama_dir, chat_file, tmp_path):
     """bfloat16 files trained in float32: each process converts the whole model, except a sharded full fine-tuning
     run, which loads them as stored and converts one layer at a time (the parts left whole, one layer); files
@@ -496,17 +514,50 @@ def test_layer_activations_are_what_autograd_keeps(method, model, train, packing
     flows into, with what each keeps whatever the tokens (LoHa's and LoKr's deltas), equal what autograd keeps
     inside the layers in a real training step, to 5%: the rest (RoPE's tables, the norms' (N, 1) statistics) is
     small. The record lengths of the step stand for `row_length`."""
+    planned, saved = planned_and_saved(tiny_llama_dir, method, model, train, packing, tmp_path, monkeypatch)
+    assert planned == pytest.approx(saved, rel=0.05)
+
+
+def planned_and_saved(folder, method, model, train, packing, tmp_path, monkeypatch) -> tuple[float, int]:
+    """The plan's bytes for the decoder layers of a one-step run of the model in `folder` (per token of each
+    record, and per layer), and what autograd keeps in them (`saved_in_layers`)."""
     from tunesmith.plan import layer_activations, parameter_counts
 
     chats = write_jsonl(tmp_path / "chats.jsonl", chat_records(12))
-    config = run_config(tiny_llama_dir, chats, tmp_path / "run", method=method,
-                        model={"name": str(tiny_llama_dir), **model}, data={"packing": packing},
-                        train={"batch_size": 2, "max_steps": 1, "parallel_rows": False, **train})
+    config = run_config(folder, chats, tmp_path / "run", method=method, model={"name": str(folder), **model},
+                        data={"packing": packing}, train={"batch_size": 2, "max_steps": 1, "parallel_rows": False,
+                                                          **train})
     saved, lengths = saved_in_layers(config, monkeypatch)
     counts, model_config = parameter_counts(config)
     planned = sum(length * layer_activations(config, counts, model_config, False, length).bytes_per_token(0)
                   for length in lengths)
     planned += layer_activations(config, counts, model_config, False, max(lengths)).bytes_for(0, 0)  # per layer
+    return planned, saved
+
+
+ATTENTION_ONLY = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.mark.parametrize(("architecture", "method", "model", "train"), [
+    ("qwen3_moe", {"name": "full"}, {}, {}),
+    ("qwen3_moe", {"name": "full"}, {"dtype": "bfloat16"}, {}),
+    # all-linear reaches the experts' 3-D weights and the router's (peft's ParamWrapper): each forward merges them
+    ("qwen3_moe", {"name": "lora", "r": 8}, {}, {}),
+    ("qwen3_moe", {"name": "lora", "r": 8}, {}, {"mixed_precision": "bf16"}),  # the experts still run in float32
+    ("qwen3_moe", {"name": "lora", "r": 8}, {"dtype": "bfloat16"}, {}),  # factors cast to bfloat16 to merge
+    ("qwen3_moe", {"name": "lora", "r": 8, "target_modules": ATTENTION_ONLY}, {}, {}),  # frozen experts, router
+    ("qwen2_moe", {"name": "full"}, {}, {}),  # a shared expert beside the routed ones, under a sigmoid gate
+    ("qwen2_moe", {"name": "lora", "r": 8}, {}, {"mixed_precision": "bf16"}),
+], ids=["qwen3-full", "qwen3-full-bf16", "qwen3-lora", "qwen3-lora-autocast", "qwen3-lora-bf16", "qwen3-lora-attention",
+        "qwen2-full", "qwen2-lora-autocast"])
+def test_mixture_of_experts_layers_are_what_autograd_keeps(architecture, method, model, train, tiny_moe_dirs, tmp_path,
+                                                          monkeypatch):
+    """A mixture of experts' layers as the plan counts them (plan.experts_bytes_per_token: every token through
+    its top-k experts, in transformers' grouped matmuls; LoRA's merged expert weights per layer) equal what
+    autograd keeps in a real training step, to 5%. Counted as a dense MLP of config.intermediate_size they came to
+    0.3-0.6 of it."""
+    planned, saved = planned_and_saved(tiny_moe_dirs[architecture], method, model, train, True, tmp_path,
+                                       monkeypatch)
     assert planned == pytest.approx(saved, rel=0.05)
 
 

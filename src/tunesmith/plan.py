@@ -29,7 +29,7 @@ from tunesmith.objectives.linear_cross_entropy import SOFTMAX_BLOCK_ELEMENTS, fu
 from tunesmith.objectives.preference import collate_pairs
 from tunesmith.training.launch import launched_shape
 from tunesmith.training.packed_attention import MATMUL_ATTENTION_MAX_LENGTH, QUERY_BLOCKS, QUERY_BLOCKS_FROM_LENGTH
-from tunesmith.training.parallel_rows import active_dropout, parallel_rows_choice
+from tunesmith.training.parallel_rows import active_dropout, parallel_rows_choice, swapped_weights
 from tunesmith.training.recompute import recomputed_layers
 from tunesmith.training.weight_casts import casts_kept, keeping_linears, trained_blocks
 
@@ -40,7 +40,8 @@ GIB = 2**30
 # projection). Autograd keeps a shared input once; any other linear's input is its own.
 ATTENTION_INPUT_NAMES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query", "key", "value", "query_key_value",
                          "Wqkv", "c_attn")
-MLP_INPUT_NAMES = ("gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc", "wi", "wi_0", "wi_1")
+MLP_INPUT_NAMES = ("gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc", "wi", "wi_0", "wi_1",
+                   "shared_expert_gate")
 GATE_NAMES = ("gate_proj", "gate_up_proj", "w1", "wi_0")  # a gated MLP (SwiGLU): gate and up, their product down
 
 
@@ -85,10 +86,13 @@ class ParameterCounts:
     largest_layer: int  # parameters of one decoder layer: gathered whole while it runs
     in_matrices: int  # parameters of 2-D weights (what matmuls use; not norms or biases)
     trainable_in_matrices: int
+    active_in_experts: float = 0.0  # a mixture of experts' 3-D weights, the share each token runs through (top-k)
+    trainable_active_in_experts: float = 0.0
     cast_once: int = 0  # frozen weights whose autocast cast the loop keeps for the run (training/weight_casts.py)
     has_disabled_adapters: bool = False  # a peft model: its reference is itself with the adapters off, not a copy
     plain_head: bool = True  # the output head is a plain linear layer: the loss takes the fused path
     dropout: str | None = None  # where the model draws dropout masks in training (parallel_rows.active_dropout)
+    swapped_weights: str | None = None  # a module swapping merged weights in each forward (parallel_rows)
     prompt_cache: bool = False  # grpo / ppo may run a group's prompt once (causal_lm.continues_from_cache)
     branched_rows: bool = False  # pairs and groups may run as one row each (objectives/branched_rows.py)
     layer_shape: LayerShape | None = None  # what one layer's saved activations follow (None: none found)
@@ -113,6 +117,7 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
     blocks, first_trained = trained_blocks(model)
     in_layers = [parameter for layer in layers for parameter in layer.parameters()]
     matrices = [parameter for parameter in model.parameters() if parameter.ndim == 2]
+    active, trainable_active = active_expert_weights(model)
     return ParameterCounts(
         trainable, total,
         trainable_in_layers=sum(parameter.numel() for parameter in in_layers if parameter.requires_grad),
@@ -120,15 +125,33 @@ def counts_of(model: torch.nn.Module) -> ParameterCounts:
         largest_layer=max((sum(parameter.numel() for parameter in layer.parameters()) for layer in layers), default=0),
         in_matrices=sum(parameter.numel() for parameter in matrices),
         trainable_in_matrices=sum(parameter.numel() for parameter in matrices if parameter.requires_grad),
+        active_in_experts=active, trainable_active_in_experts=trainable_active,
         cast_once=sum(weight.numel() for weight in weights_cast_once(model, head)),
         has_disabled_adapters=hasattr(model, "disable_adapter"),
         plain_head=head is None or fusable_head(head),
         dropout=active_dropout(model),
+        swapped_weights=swapped_weights(model),
         prompt_cache=continues_from_cache(model),
         branched_rows=takes_branched_rows(model) and _can_skip_unused_logits(model),
         layer_shape=layer_shape_of(model, blocks),
         first_trained_layer=first_trained,
     )
+
+
+@dataclass(frozen=True)
+class ExpertsShape:
+    """A mixture of experts' routed MLP as transformers 5 runs it: each expert's weights in one 3-D parameter per
+    projection, every token through `top_k` of `count` experts of intermediate size `width`."""
+
+    count: int
+    top_k: int
+    width: int
+    gated: bool  # gate and up projections (one gate_up_proj); else one up projection
+    trained: bool  # the experts' weights take gradients (full fine-tuning, LoRA on them): their inputs are kept
+    merged_weights: int = 0  # elements of W + BA that LoRA on the experts' weights builds in each forward
+    lora_factors: int = 0  # elements of the experts' LoRA factors (cast to half-precision weights' dtype to merge)
+    router_merged_weights: int = 0  # elements of the router's W + BA under LoRA
+    gated_shared_output: bool = False  # the shared experts' output scaled by a sigmoid gate (Qwen2-MoE), kept for it
 
 
 @dataclass(frozen=True)
@@ -140,7 +163,7 @@ class LayerShape:
     heads: int
     query_width: int  # query heads x head dim
     key_value_width: int  # key-value heads x head dim
-    mlp_width: int  # the MLP's intermediate size
+    mlp_width: int  # the dense MLP's intermediate size (beside routed experts: the shared experts', or 0)
     gated_mlp: bool  # gate and up projections whose product is projected down (SwiGLU); else one up projection
     shared_inputs: int  # input features the trained linears keep, each input once (q, k and v share theirs)
     own_inputs: int  # input features the trained linears read, summed over the linears
@@ -151,10 +174,49 @@ class LayerShape:
     dropped_inputs: int = 0  # input features of the adapted linears whose adapter drops its input (LoRA dropout)
     delta_weights: int = 0  # weight elements of the deltas LoHa and LoKr build in each forward, per layer
     mlp_in_input_dtype: bool = False  # the MLP's gate / up outputs cast back to their input's dtype (LoHa, LoKr)
+    experts: ExpertsShape | None = None  # a routed mixture of experts in place of (or beside) the dense MLP
+    qk_norm_rows: int = 0  # rows per token that norms on the queries and keys normalise (Qwen3, OLMo: per head)
+
+
+def experts_of(block: torch.nn.Module, config) -> tuple[ExpertsShape, int] | None:
+    """The routed experts of a decoder block (transformers 5's experts modules, marked by `has_gate`), and the
+    router's input features where its weight takes gradients (it keeps its input then; else 0). None for a block
+    without experts."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    experts = next((module for module in block.modules() if hasattr(module, "has_gate")
+                    and any(parameter.ndim == 3 for parameter in module.parameters(recurse=False))), None)
+    if experts is None:
+        return None
+    wrappers = [module for module in block.modules() if isinstance(module, ParamWrapper)]
+    routers = [module for module in block.modules() if isinstance(getattr(module, "top_k", None), int)
+               and isinstance(getattr(module, "weight", None), torch.Tensor)]
+    router = routers[0] if routers else None
+    merged = factors = router_merged = 0
+    for wrapper in wrappers:
+        parameter = wrapper.get_param()
+        if parameter.ndim == 3:
+            merged += parameter.numel()
+            factors += sum(wrapper.lora_A[adapter].weight.numel() + wrapper.lora_B[adapter].weight.numel()
+                           for adapter in wrapper.lora_A)  # its own: a wrapper may wrap another
+        else:
+            router_merged += parameter.numel()
+    top_k = router.top_k if router is not None else getattr(config, "num_experts_per_tok", 1)
+    router_trained = router is not None and (router.weight.requires_grad or router_merged > 0)
+    trained = merged > 0 or any(parameter.requires_grad for parameter in experts.parameters())
+    down = experts.down_proj  # (experts, hidden, width), or transposed
+    width = down.shape[2] if down.shape[1] == experts.hidden_dim else down.shape[1]
+    # A linear to one feature: the sigmoid gate on the shared experts' output.
+    shared_gate = any(getattr(module, "out_features", 0) == 1 for module in block.modules())
+    shape = ExpertsShape(count=experts.num_experts, top_k=top_k, width=width, gated=experts.has_gate,
+                         trained=trained, merged_weights=merged, lora_factors=factors,
+                         router_merged_weights=router_merged, gated_shared_output=shared_gate)
+    return shape, experts.hidden_dim if router_trained else 0
 
 
 def layer_shape_of(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> LayerShape | None:
     """The shape of `model`'s layers, its last block's linears (trained whenever any block is) standing for all."""
+    from peft.tuners.lora.layer import ParamWrapper
     from peft.tuners.lycoris_utils import LycorisLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -167,11 +229,15 @@ def layer_shape_of(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> Lay
     key_value_heads = getattr(config, "num_key_value_heads", None) or heads
     # Linears whose input autograd keeps: a trainable weight's gradient needs it, and so does an adapter's.
     kept: dict[str, int] = {}
-    adapted = own = lora_rank = dropped = delta_weights = 0
+    adapted = own = lora_rank = dropped = delta_weights = gate_width = 0
     gated = mlp_in_input_dtype = False
     for name, module in (blocks[-1].named_modules() if blocks else ()):
         short = name.rsplit(".", 1)[-1]
-        gated = gated or short in GATE_NAMES
+        if short in GATE_NAMES and hasattr(module, "out_features"):
+            gated = True
+            gate_width += module.out_features // (2 if short == "gate_up_proj" else 1)
+        if isinstance(module, ParamWrapper):  # LoRA merged into a parameter: `experts_of` counts it
+            continue
         is_adapter = isinstance(module, BaseTunerLayer)
         inside_adapter = ".base_layer" in name or ".lora_" in name
         drops = False
@@ -190,18 +256,49 @@ def layer_shape_of(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> Lay
             if not drops:
                 kept[group] = module.in_features
             own += module.in_features
+    # Norms on the queries and keys (q_norm, k_norm): over each head (a head_dim weight) or the whole projection.
+    norms = {name.rsplit(".", 1)[-1]: module for name, module in (blocks[-1].named_modules() if blocks else ())}
+    qk_norm_rows = sum(
+        (count if norms[name].weight.numel() == head_dim else 1)
+        for name, count in (("q_norm", heads), ("k_norm", key_value_heads))
+        if isinstance(getattr(norms.get(name), "weight", None), torch.Tensor))
+    mlp_width = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                 or getattr(config, "ffn_dim", None) or 4 * hidden)
+    routed = experts_of(blocks[-1], config) if blocks else None
+    experts = None
+    if routed is not None:
+        experts, router_input = routed
+        mlp_width = gate_width  # the shared experts' (config.intermediate_size may be a dense layer's elsewhere)
+        if router_input:  # the router reads the MLP's input, like the shared experts' gate and up projections
+            kept["mlp"] = router_input
+            own += router_input
     return LayerShape(
         hidden=hidden, heads=heads, query_width=heads * head_dim, key_value_width=key_value_heads * head_dim,
-        mlp_width=(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-                   or getattr(config, "ffn_dim", None) or 4 * hidden),
-        gated_mlp=gated, shared_inputs=sum(kept.values()), own_inputs=own, adapted_inputs=adapted,
+        mlp_width=mlp_width, gated_mlp=gated, shared_inputs=sum(kept.values()), own_inputs=own,
+        adapted_inputs=adapted,
         hidden_dropout=getattr(config, "hidden_dropout_prob", None) or getattr(config, "resid_pdrop", None) or 0.0,
         attention_dropout=(getattr(config, "attention_probs_dropout_prob", None)
                            or getattr(config, "attention_dropout", None) or getattr(config, "attn_pdrop", None)
                            or 0.0),
         lora_rank=lora_rank, dropped_inputs=dropped, delta_weights=delta_weights,
-        mlp_in_input_dtype=mlp_in_input_dtype,
+        mlp_in_input_dtype=mlp_in_input_dtype, experts=experts, qk_norm_rows=qk_norm_rows,
     )
+
+
+def active_expert_weights(model: torch.nn.Module) -> tuple[float, float]:
+    """The experts' 3-D weights that each token runs through (config.num_experts_per_tok of each layer's
+    num_experts), all and trainable."""
+    top_k = getattr(getattr(unwrapped_model(model), "config", None), "num_experts_per_tok", None) or 1
+    active = trainable = 0.0
+    for module in model.modules():
+        if not hasattr(module, "has_gate"):
+            continue
+        for parameter in module.parameters(recurse=False):
+            if parameter.ndim == 3:
+                share = parameter.numel() * min(top_k, module.num_experts) / module.num_experts
+                active += share
+                trainable += share if parameter.requires_grad else 0.0
+    return active, trainable
 
 
 def weights_cast_once(model: torch.nn.Module, head: torch.nn.Module | None) -> list[torch.Tensor]:
@@ -251,16 +348,17 @@ def model_flops_per_token(config: RunConfig, record_length: float) -> float:
     """Model FLOPs of one trained token, PaLM's accounting (Chowdhery et al. 2022, appendix B): 2 per matmul
     weight in the forward and 2 in the backward for the input gradients, 2 more per trainable weight for its
     gradient (full fine-tuning: 6N; LoRA: 4N plus the adapters'), plus attention's 12 x layers x hidden x
-    record length (not halved for causality). Embedding lookups count nothing; the head counts as a matmul.
-    Model FLOPs per second over the device's peak is MFU."""
+    record length (not halved for causality). Embedding lookups count nothing; the head counts as a matmul; a
+    mixture of experts counts the experts each token runs through. Model FLOPs per second over the device's peak
+    is MFU."""
     counts, model_config = parameter_counts(config)
     hidden = getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0)
     layers = getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "n_layer", 0)
     vocab = getattr(model_config, "vocab_size", 0)
     tied = getattr(model_config, "tie_word_embeddings", False)
     # The input embedding table is a lookup; tied, it is also the head's matmul weight.
-    matmul_weights = counts.in_matrices - (0 if tied else vocab * hidden)
-    trainable_matmul_weights = min(counts.trainable_in_matrices, matmul_weights)
+    matmul_weights = counts.in_matrices - (0 if tied else vocab * hidden) + counts.active_in_experts
+    trainable_matmul_weights = min(counts.trainable_in_matrices + counts.trainable_active_in_experts, matmul_weights)
     return 4 * matmul_weights + 2 * trainable_matmul_weights + 12 * layers * hidden * record_length
 
 
@@ -378,7 +476,7 @@ def plan_memory(
         train.parallel_rows, device=torch.device("cuda" if on_gpu else "cpu"), processes=processes,
         compiled=train.compile, mixed_precision=mixed_precision, rows_independent=objective.rows_independent,
         reference_per_batch=objective.has_reference and not train.cache_reference, batch_size=train.batch_size,
-        dropout=counts.dropout, trainable_share=trainable / total if total else 1.0,
+        dropout=counts.dropout, trainable_share=trainable / total if total else 1.0, swapped=counts.swapped_weights,
     )
     kept = layer_activations(config, counts, model_config, on_gpu, row_length, branched=branched_width > 0)
     recomputed = recomputed_layers(train.checkpoint_layers, layers) if train.gradient_checkpointing else 0
@@ -574,8 +672,11 @@ def layer_bytes_per_token(shape: LayerShape, residual_bytes: int, compute_bytes:
       the down projection's input, above), in the weights' dtype where peft casts an adapted gate or up
       projection's output back to its input's (LoHa, LoKr);
     - each sublayer's output dropout mask (1 byte on a GPU, the compute dtype on the CPU);
-    - LoRA: each adapted linear's (N, r) down projection.
-    LoHa's and LoKr's weight deltas are kept per layer, whatever the tokens: `LayerActivations.layer_fixed_bytes`."""
+    - norms on the queries and keys (Qwen3, OLMo): their inputs, q and k, and each row's statistics;
+    - LoRA: each adapted linear's (N, r) down projection;
+    - a mixture of experts' routed MLP: `experts_bytes_per_token`, its router's input among the MLP's inputs.
+    LoHa's and LoKr's weight deltas, and the experts' weights that LoRA merges, are kept per layer, whatever the
+    tokens: `LayerActivations.layer_fixed_bytes`."""
     compute = compute_bytes
     # An adapter's dropout keeps a one-byte mask per input feature, and its linear the dropped copy (or its cast);
     # on the CPU a half-precision keyed dropout makes its mask again in the backward (training/keyed_dropout.py).
@@ -600,12 +701,32 @@ def layer_bytes_per_token(shape: LayerShape, residual_bytes: int, compute_bytes:
         attention += shape.heads * row_length * (blocks + 1) / (2 * blocks) * compute  # the causal blocks' share
     else:
         attention += shape.query_width * compute
+    if shape.qk_norm_rows:  # each norm keeps its input and its rows' float32 statistics
+        attention += (shape.query_width + shape.key_value_width) * compute + shape.qk_norm_rows * 4
     if rows == "padded" and implementation == "sdpa":
         attention += row_length * compute  # SDPA's own (T, T) float copy of the rows' boolean mask, in each layer
     mlp = (3 if shape.gated_mlp else 1) * shape.mlp_width * (residual_bytes if shape.mlp_in_input_dtype else compute)
+    if shape.experts is not None:
+        mlp += experts_bytes_per_token(shape.experts, shape.hidden, residual_bytes, compute)
     dropout_masks = 2 * shape.hidden * mask_bytes if shape.hidden_dropout > 0 else 0
     ranks = shape.lora_rank * (4 if upcast_adapters else compute)
     return 2 * shape.hidden * residual_bytes + inputs + attention + mlp + dropout_masks + ranks
+
+
+def experts_bytes_per_token(experts: ExpertsShape, hidden: int, weight_bytes: int, compute_bytes: int) -> float:
+    """What a routed MLP keeps per token beside its router's input, run by transformers' default experts kernel
+    (grouped_mm, the only one a run loads; tests/test_plan.py checks it against autograd): the router's float32
+    probabilities and its top-k indices, and per token and chosen expert, in the weights' dtype (grouped matmuls
+    run outside autocast): the gate and up projections' output and the activation's (or the one up projection's
+    output), the down projection's output (the routing weight's gradient needs it), that weight in the router's
+    output dtype, and the sort's three int64 indices; where the experts' weights train, also the expert's copy of
+    its input and the down projection's input. A sigmoid gate on the shared experts keeps their output."""
+    width = experts.width
+    pair = ((3 if experts.gated else 1) * width + hidden) * weight_bytes + compute_bytes + 3 * 8
+    if experts.trained:
+        pair += (hidden + width) * weight_bytes
+    shared_output = hidden * compute_bytes if experts.gated_shared_output else 0
+    return experts.count * 4 + experts.top_k * (8 + pair) + shared_output
 
 
 def layer_activations(config: RunConfig, counts: ParameterCounts, model_config, on_gpu: bool, row_length: int,
@@ -626,6 +747,13 @@ def layer_activations(config: RunConfig, counts: ParameterCounts, model_config, 
                                             config.model.attn_implementation, upcast, rows)
         # LoHa's and LoKr's deltas: float32 as peft keeps its adapters, or their half-precision casts under autocast
         fixed_bytes = counts.layer_shape.delta_weights * (4 if upcast else compute_bytes)
+        experts = counts.layer_shape.experts
+        if experts is not None:
+            # LoRA on the experts' weights: W + BA in the weights' dtype (merged outside autocast), from factors cast
+            # to it; on the router's, W + BA as its linear runs it.
+            factors = experts.lora_factors if BYTES[dtype] != 4 else 0
+            fixed_bytes += (experts.merged_weights + factors) * BYTES[dtype]
+            fixed_bytes += experts.router_merged_weights * compute_bytes
     return LayerActivations(layers, counts.first_trained_layer, layer_bytes, hidden * BYTES[dtype], fixed_bytes)
 
 

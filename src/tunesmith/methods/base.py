@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from tunesmith.errors import ConfigError
 from tunesmith.registry import Registry
 
 
@@ -88,14 +89,34 @@ def peft_task_type(task: str):
     return TaskType.SEQ_CLS if creates_head(task) else TaskType.CAUSAL_LM
 
 
+# peft's settings that its LoRA on a parameter (`ParamWrapper`: a mixture of experts' 3-D weights, which
+# target_modules: all-linear reaches) refuses, by the config key that sets them.
+PARAMETER_LORA_REFUSES = {"lora_dropout": "method.dropout", "use_dora": "method.dora"}
+
+
 def peft_model(model: torch.nn.Module, peft_config) -> torch.nn.Module:
-    """peft's `get_peft_model`, without the FutureWarning it makes transformers 5 print on every run (peft reads
-    the deprecated `is_gradient_checkpointing`): a warning about peft's code that its user can do nothing about."""
+    """peft's `get_peft_model`, without two warnings about peft's own doing that its user can do nothing about:
+    the FutureWarning it makes transformers 5 print on every run (peft reads the deprecated
+    `is_gradient_checkpointing`), and, for a mixture of experts, that the ranks and alphas peft itself sets for
+    the fused gate_up_proj weights "did not match any targeted module" (they apply: it targets them as
+    parameters). A setting that LoRA on such parameters refuses is a ConfigError naming its key."""
     from peft import get_peft_model
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return get_peft_model(model, peft_config)
+        warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                message=r"The following (rank|alpha)_pattern keys did not match .*gate_up_proj")
+        try:
+            return get_peft_model(model, peft_config)
+        except ValueError as error:
+            key = next((key for option, key in PARAMETER_LORA_REFUSES.items()
+                        if f"ParamWrapper does not work with {option}" in str(error)), None)
+            if key is None:
+                raise
+            raise ConfigError(
+                f"{key}: LoRA on a mixture of experts' expert and router weights (which target_modules: all-linear "
+                f"reaches) cannot take it; turn it off, or name the linear layers in method.target_modules "
+                f"(such as q_proj, k_proj, v_proj and o_proj)") from None
 
 
 def creates_head(task: str) -> bool:

@@ -56,7 +56,13 @@ from tunesmith.training.memory import LIMIT_SHARE, FreedMemory, freed_memory
 from tunesmith.training.metrics import MetricsLog, peak_memory_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.packed_attention import step_attention
-from tunesmith.training.parallel_rows import RowThreads, active_dropout, balanced_parts, parallel_rows_choice
+from tunesmith.training.parallel_rows import (
+    RowThreads,
+    active_dropout,
+    balanced_parts,
+    parallel_rows_choice,
+    swapped_weights,
+)
 from tunesmith.training.recompute import enable_recompute
 from tunesmith.training.reference import ReferenceModel, add_reference_outputs, training_batch
 from tunesmith.training.rms_norm import use_fast_rms_norm
@@ -571,7 +577,7 @@ def _train(
         parallel_rows_choice, train_config.parallel_rows, device=accelerator.device, processes=group.world,
         mixed_precision=accelerator.mixed_precision, rows_independent=objective.rows_independent,
         reference_per_batch=reference is not None, batch_size=train_config.batch_size, dropout=active_dropout(model),
-        trainable_share=trainable_params / total_params,
+        trainable_share=trainable_params / total_params, swapped=swapped_weights(model),
     )
     row_threads = choose_row_threads(compiled=train_config.compile)
     # LoRA's dropout masks from a seed per part on a CPU: the same every run, whichever thread draws them.

@@ -20,7 +20,10 @@ fp16 loss scaling, an objective whose loss is a sum over its records that needs 
 (`ObjectiveSpec.rows_independent`; a reference model only through outputs stored before training), and no
 dropout that draws from the process's one generator (the threads would take their turns at it in a different
 order from run to run). LoRA's dropout does not: each part runs under a seed of its own, drawn in part order
-(training/keyed_dropout.py).
+(training/keyed_dropout.py). Nor does it apply where a forward swaps a merged weight into a module the threads
+share: peft's LoRA on a mixture of experts' 3-D weights (`ParamWrapper`) registers W + BA as a parametrization of
+the experts module for each forward, in torch's one process-wide cache, so two threads would read each other's
+merged weights and backpropagate through each other's graphs.
 """
 
 from __future__ import annotations
@@ -62,16 +65,25 @@ def active_dropout(model: torch.nn.Module) -> str | None:
     return None
 
 
+def swapped_weights(model: torch.nn.Module) -> str | None:
+    """The first module whose forward swaps a merged weight into the module it wraps (peft's `ParamWrapper`: LoRA on
+    a parameter, such as a mixture of experts' 3-D weights), or None."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return next((name for name, module in model.named_modules() if isinstance(module, ParamWrapper)), None)
+
+
 def parallel_rows_choice(
     setting: bool | None, *, device: torch.device, processes: int, compiled: bool, mixed_precision: str,
     rows_independent: bool, reference_per_batch: bool, batch_size: int, dropout: str | None,
-    trainable_share: float,
+    trainable_share: float, swapped: str | None = None,
 ) -> int:
     """How many parts (threads) split each micro-batch's rows: 1 (sequential) up to torch's op-thread count.
     `setting` is `train.parallel_rows`: None (auto) splits where it is exact, into as many parts as keep the
     gradient copies within AUTO_MAX_GRADIENT_COPIES of the model; True into one part per op-thread where it is
     exact, else a ConfigError saying why not; False never. `dropout`: the model's `active_dropout`;
-    `reference_per_batch`: a reference (or teacher) model runs in each step, alongside the parts."""
+    `reference_per_batch`: a reference (or teacher) model runs in each step, alongside the parts; `swapped`: the
+    model's `swapped_weights`."""
     threads = torch.get_num_threads()
     reasons = [
         (device.type != "cpu", f"it is for CPU runs; this one runs on {device.type}"),
@@ -81,6 +93,8 @@ def parallel_rows_choice(
         (not rows_independent, "this task's loss is not a sum of per-record terms computed from the rows alone"),
         (reference_per_batch, "a reference model runs per batch (train.cache_reference: true stores its outputs once)"),
         (dropout is not None, f"dropout is active ({dropout}); its random masks would differ from run to run"),
+        (swapped is not None, f"{swapped} swaps a LoRA-merged weight into the module in each forward (peft's LoRA "
+                              "on expert weights), which the threads would share"),
         (batch_size < 2, "train.batch_size is 1: no rows to split"),
         (threads < 2, "torch runs with one thread (torch.set_num_threads / OMP_NUM_THREADS)"),
     ]
