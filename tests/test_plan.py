@@ -17,6 +17,7 @@ from tunesmith.plan import (
     MemoryPlan,
     RecomputeAdvice,
     advice_for,
+    gib_text,
     model_flops_per_token,
     plan_memory,
     recompute_cost,
@@ -599,7 +600,7 @@ def test_train_notes_a_run_the_plan_puts_over_the_free_memory(tiny_llama_dir, ch
     note = device_memory_note(config, torch.device("cpu"))
     assert note.startswith("note: this run needs an estimated") and "MiB per device, more than the 1 MiB" in note
     assert "advises first: train." in note or "advises first: method." in note or "advises first: data." in note
-    assert "more than the 0 MiB" in device_memory_note(config, torch.device("cpu"), processes_on_node=4)
+    assert "more than the 256 KiB" in device_memory_note(config, torch.device("cpu"), processes_on_node=4)
     result = train(run_config(tiny_llama_dir, chat_file, tmp_path / "run2", train={"max_steps": 1, "batch_size": 2}))
     assert result.exit_code == 0 and result.summary["steps"] == 1
     assert capsys.readouterr().err.count("may run out of memory") == 1
@@ -615,3 +616,22 @@ def test_train_notes_a_run_the_plan_puts_over_the_free_memory(tiny_llama_dir, ch
     assert result.exit_code == 0 and result.summary["steps"] == 1
     assert "note: no memory estimate for this run (ValueError: Unrecognized configuration class)" in (
         capsys.readouterr().err)
+
+
+
+def test_the_plan_advises_lora_on_the_attention_where_merged_experts_weigh_most(tiny_moe_dirs, tmp_path):
+    """LoRA on a mixture of experts' weights keeps each layer's merged W + BA of all its experts until the
+    backward (with SmolLM2-sized ranks on Qwen3-30B-A3B: 54 GiB in bf16, docs/scaling.md). Where that is over a
+    fifth of the plan, the advice names LoRA on the attention alone, with the memory it frees; with rows in two
+    threads each holds its own merged weights."""
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_records(4))
+
+    def advice(max_length: int, **train) -> list[str]:
+        config = run_config(tiny_moe_dirs["qwen3_moe"], chats, tmp_path / "run", method={"name": "lora", "r": 4},
+                            data={"max_length": max_length, "packing": True}, train={"batch_size": 1, **train})
+        return plan_memory(config, budget_gib=1e-6, on_gpu=False).advice
+
+    merged = 2 * 8 * (64 * 64 + 64 * 32) * 4  # 2 layers, 8 experts' gate_up (64 x 64) and down (64 x 32), float32
+    line = next(line for line in advice(16) if line.startswith('method.target_modules: ["q_proj", "k_proj"'))
+    assert line.endswith(f"W + BA until the backward, {gib_text(merged / GIB)})") and "384 KiB" in line
+    assert not any(line.startswith("method.target_modules") for line in advice(64))  # per-token activations outweigh

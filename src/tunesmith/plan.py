@@ -555,7 +555,10 @@ def plan_memory(
                         if kept.bytes_for(tokens, count, forwards=row_threads) <= room), None)
         recompute = RecomputeAdvice(layers, fitting, recompute_cost(trainable / total if total else 1.0),
                                     untrained=counts.first_trained_layer)
-        plan.advice = advice_for(config, plan, recompute, processes, sharded)
+        experts = counts.layer_shape.experts if counts.layer_shape is not None else None
+        merged = row_threads * kept.layers_in_flight(recomputed) * experts.merged_weights * weight_bytes if (
+            experts is not None) else 0
+        plan.advice = advice_for(config, plan, recompute, processes, sharded, merged_experts_gib=merged / GIB)
     return plan
 
 
@@ -589,6 +592,8 @@ def device_memory_note(config: RunConfig, device: torch.device, processes: int =
 
 
 def gib_text(gib: float) -> str:
+    if gib * 2**10 < 1:
+        return f"{gib * 2**20:.0f} KiB"
     return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 2**10:.0f} MiB"
 
 
@@ -819,8 +824,9 @@ class RecomputeAdvice:
 
 
 def advice_for(config: RunConfig, plan: MemoryPlan, recompute: RecomputeAdvice, processes: int = 1,
-               sharded: bool = False) -> list[str]:
-    """What to change, largest saving first, named by config key."""
+               sharded: bool = False, merged_experts_gib: float = 0.0) -> list[str]:
+    """What to change, largest saving first, named by config key. `merged_experts_gib`: the expert weights that
+    LoRA on a mixture of experts merges and keeps per layer (within the activations)."""
     parts = plan.parts_gib
     advice = []
     model_state = parts["weights"] + parts["gradients"] + parts["optimizer (AdamW)"]
@@ -830,6 +836,10 @@ def advice_for(config: RunConfig, plan: MemoryPlan, recompute: RecomputeAdvice, 
     if sharded and not config.train.cpu_offload and model_state > 0.3 * plan.total_gib:
         advice.append("train.cpu_offload: true (the sharded layers' weights, gradients and optimizer state in host "
                       "memory; slower)")
+    if merged_experts_gib > 0.2 * plan.total_gib:
+        advice.append(f'method.target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"] (LoRA on the attention alone: '
+                      f"on the experts' weights each layer keeps all its experts' W + BA until the backward, "
+                      f"{gib_text(merged_experts_gib)})")
     if parts.get("fsdp: whole layer gradients", 0) > 0.2 * plan.total_gib:
         advice.append("train.reduce_each_micro_batch: true (gradients reduce-scattered after every micro-batch, "
                       "so they stay sharded)")
