@@ -635,3 +635,29 @@ def test_the_plan_advises_lora_on_the_attention_where_merged_experts_weigh_most(
     line = next(line for line in advice(16) if line.startswith('method.target_modules: ["q_proj", "k_proj"'))
     assert line.endswith(f"W + BA until the backward, {gib_text(merged / GIB)})") and "384 KiB" in line
     assert not any(line.startswith("method.target_modules") for line in advice(64))  # per-token activations outweigh
+
+
+def test_the_plan_reads_transposed_experts_and_names_an_attention_the_model_lacks(chat_file, tmp_path):
+    """GPT-OSS keeps its experts transposed (experts x in x out) and has no SDPA attention in transformers: the
+    plan reads its experts' width and count from the weights' shapes, and SDPA (the default) is a config error
+    naming model.attn_implementation, not transformers' traceback."""
+    import json
+
+    from tunesmith.errors import ConfigError
+    from tunesmith.plan import parameter_counts
+
+    folder = tmp_path / "gpt-oss"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 64, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 512, "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"]}))
+    config = run_config(folder, chat_file, tmp_path / "run", method={"name": "full"})
+    with pytest.raises(ConfigError, match="^model.attn_implementation: .* cannot run 'sdpa' attention"):
+        plan_memory(config, on_gpu=True)
+    config = run_config(folder, chat_file, tmp_path / "run", method={"name": "full"},
+                        model={"name": str(folder), "attn_implementation": "eager"})
+    experts = parameter_counts(config)[0].layer_shape.experts
+    assert (experts.count, experts.top_k, experts.width, experts.trained) == (8, 2, 48, True)
+    assert plan_memory(config, on_gpu=True).total_gib > 0

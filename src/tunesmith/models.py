@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from tunesmith.config import ModelConfig
-from tunesmith.errors import ModelError
+from tunesmith.errors import ConfigError, ModelError
 from tunesmith.filelock import file_lock
 from tunesmith.registry import closest
 from tunesmith.settings import parse_yaml
@@ -403,6 +403,15 @@ def load_model(
     return load_model_from(folder, cfg, task, label_names)
 
 
+def unsupported_attention(error: ValueError, cfg: ModelConfig) -> ConfigError | None:
+    """transformers' refusal of `model.attn_implementation` for an architecture (GPT-OSS has no SDPA), as a
+    ConfigError naming the key; None for any other error."""
+    if "does not support an attention implementation" not in str(error):
+        return None
+    return ConfigError(f"model.attn_implementation: {cfg.name} cannot run {cfg.attn_implementation!r} attention in "
+                       f"transformers; set model.attn_implementation: eager")
+
+
 def load_model_from(
     folder: Path, cfg: ModelConfig, task: str, label_names: list[str] | None = None
 ) -> PreTrainedModel:
@@ -428,6 +437,9 @@ def load_model_from(
     try:
         model, loading_info = model_class.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except ValueError as error:
+        unsupported = unsupported_attention(error, cfg)
+        if unsupported is not None:
+            raise unsupported from None
         if "Unrecognized configuration class" in str(error):
             raise ModelError(
                 f"model.name: {cfg.name!r} has no {kind.replace('_', ' ')} form in transformers "

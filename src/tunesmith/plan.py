@@ -178,14 +178,15 @@ class LayerShape:
     qk_norm_rows: int = 0  # rows per token that norms on the queries and keys normalise (Qwen3, OLMo: per head)
 
 
-def experts_of(block: torch.nn.Module, config) -> tuple[ExpertsShape, int] | None:
+def experts_of(block: torch.nn.Module, config, hidden: int) -> tuple[ExpertsShape, int] | None:
     """The routed experts of a decoder block (transformers 5's experts modules, marked by `has_gate`), and the
     router's input features where its weight takes gradients (it keeps its input then; else 0). None for a block
     without experts."""
     from peft.tuners.lora.layer import ParamWrapper
 
     experts = next((module for module in block.modules() if hasattr(module, "has_gate")
-                    and any(parameter.ndim == 3 for parameter in module.parameters(recurse=False))), None)
+                    and isinstance(getattr(module, "down_proj", None), torch.Tensor) and module.down_proj.ndim == 3),
+                   None)
     if experts is None:
         return None
     wrappers = [module for module in block.modules() if isinstance(module, ParamWrapper)]
@@ -205,13 +206,13 @@ def experts_of(block: torch.nn.Module, config) -> tuple[ExpertsShape, int] | Non
     router_trained = router is not None and (router.weight.requires_grad or router_merged > 0)
     trained = merged > 0 or any(parameter.requires_grad for parameter in experts.parameters())
     down = experts.down_proj  # (experts, hidden, width), or transposed
-    width = down.shape[2] if down.shape[1] == experts.hidden_dim else down.shape[1]
+    width = down.shape[2] if down.shape[1] == hidden else down.shape[1]
     # A linear to one feature: the sigmoid gate on the shared experts' output.
     shared_gate = any(getattr(module, "out_features", 0) == 1 for module in block.modules())
-    shape = ExpertsShape(count=experts.num_experts, top_k=top_k, width=width, gated=experts.has_gate,
+    shape = ExpertsShape(count=down.shape[0], top_k=top_k, width=width, gated=experts.has_gate,
                          trained=trained, merged_weights=merged, lora_factors=factors,
                          router_merged_weights=router_merged, gated_shared_output=shared_gate)
-    return shape, experts.hidden_dim if router_trained else 0
+    return shape, hidden if router_trained else 0
 
 
 def layer_shape_of(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> LayerShape | None:
@@ -264,7 +265,7 @@ def layer_shape_of(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> Lay
         if isinstance(getattr(norms.get(name), "weight", None), torch.Tensor))
     mlp_width = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
                  or getattr(config, "ffn_dim", None) or 4 * hidden)
-    routed = experts_of(blocks[-1], config) if blocks else None
+    routed = experts_of(blocks[-1], config, hidden) if blocks else None
     experts = None
     if routed is not None:
         experts, router_input = routed
@@ -294,8 +295,8 @@ def active_expert_weights(model: torch.nn.Module) -> tuple[float, float]:
         if not hasattr(module, "has_gate"):
             continue
         for parameter in module.parameters(recurse=False):
-            if parameter.ndim == 3:
-                share = parameter.numel() * min(top_k, module.num_experts) / module.num_experts
+            if parameter.ndim == 3:  # (experts, out, in), or transposed
+                share = parameter.numel() * min(top_k, parameter.shape[0]) / parameter.shape[0]
                 active += share
                 trainable += share if parameter.requires_grad else 0.0
     return active, trainable
@@ -314,13 +315,19 @@ def parameter_counts(config: RunConfig) -> tuple[ParameterCounts, object]:
     """Parameter counts of the method applied to the model built on the meta device, and the model config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tunesmith.models import resolve_model
+    from tunesmith.models import resolve_model, unsupported_attention
 
     folder = resolve_model(config.model)
     model_config = AutoConfig.from_pretrained(folder, trust_remote_code=config.model.trust_remote_code)
     model_class = AutoModelForSequenceClassification if creates_head(config.task) else AutoModelForCausalLM
     with torch.device("meta"):
-        model = model_class.from_config(model_config, attn_implementation=config.model.attn_implementation)
+        try:
+            model = model_class.from_config(model_config, attn_implementation=config.model.attn_implementation)
+        except ValueError as error:
+            unsupported = unsupported_attention(error, config.model)
+            if unsupported is None:
+                raise
+            raise unsupported from None
         model = METHODS.get(config.method.name).apply(model, config.method, config.task)
     return counts_of(model), model_config
 
