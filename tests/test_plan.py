@@ -237,6 +237,18 @@ def test_host_memory_while_loading_follows_how_the_loop_loads(tiny_llama_dir, ch
     assert loading("full", "fsdp", model_dir=tiny_llama_dir).private_gib == 0  # float32 files: nothing converted
 
 
+def test_host_memory_while_loading_counts_experts_stacked_from_per_expert_tensors(tiny_moe_dirs, chat_file,
+                                                                                   tmp_path):
+    """A mixture of experts' checkpoint holds a tensor per expert, which loading stacks into 3-D weights in the
+    process's own memory, whatever the dtype: those are private, the other weights the files' shared pages."""
+    folder = tiny_moe_dirs["qwen3_moe"]
+    model = load_model(run_config(folder, chat_file, tmp_path / "m").model, "sft")
+    experts = sum(parameter.numel() for parameter in model.parameters() if parameter.ndim == 3)
+    assert experts == 2 * 8 * 3 * 32 * 64
+    config = run_config(folder, chat_file, tmp_path / "run", method={"name": "lora", "r": 4})
+    assert plan_memory(config, on_gpu=False).loading.private_gib == pytest.approx(experts * 4 / GIB)
+
+
 def test_loss_memory_follows_the_loss_path_and_the_row_threads(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
     """A plain head's fused loss holds one float32 (C, V) buffer; in bf16 the bf16 logits and a float32 copy; a
     LoRA on the head takes the checkpointed chunks: float32 logits and their gradient. Parallel rows (CPU) run

@@ -96,6 +96,7 @@ class ParameterCounts:
     prompt_cache: bool = False  # grpo / ppo may run a group's prompt once (causal_lm.continues_from_cache)
     branched_rows: bool = False  # pairs and groups may run as one row each (objectives/branched_rows.py)
     layer_shape: LayerShape | None = None  # what one layer's saved activations follow (None: none found)
+    fused_on_load: int = 0  # 3-D weights the files hold per expert, which loading stacks into the process's memory
     first_trained_layer: int = 0  # layers below it keep no activations: no gradient flows into them
 
     def held(self, processes: int, sharded: bool, cpu_offload: bool, trainable: bool = False) -> float:
@@ -315,7 +316,7 @@ def parameter_counts(config: RunConfig) -> tuple[ParameterCounts, object]:
     """Parameter counts of the method applied to the model built on the meta device, and the model config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tunesmith.models import resolve_model, unsupported_attention
+    from tunesmith.models import resolve_model, stored_names, unsupported_attention
 
     folder = resolve_model(config.model)
     model_config = AutoConfig.from_pretrained(folder, trust_remote_code=config.model.trust_remote_code)
@@ -328,8 +329,13 @@ def parameter_counts(config: RunConfig) -> tuple[ParameterCounts, object]:
             if unsupported is None:
                 raise
             raise unsupported from None
+        stored = stored_names(folder)
+        fused = sum(parameter.numel() for name, parameter in model.named_parameters()
+                    if parameter.ndim == 3 and stored and name not in stored)
         model = METHODS.get(config.method.name).apply(model, config.method, config.task)
-    return counts_of(model), model_config
+    counts = counts_of(model)
+    counts.fused_on_load = fused
+    return counts, model_config
 
 
 def teacher_counts(teacher: str) -> tuple[ParameterCounts, object]:
@@ -371,7 +377,8 @@ def model_flops_per_token(config: RunConfig, record_length: float) -> float:
 
 def host_loading(config: RunConfig, counts: ParameterCounts, dtype: str, processes: int, sharded: bool) -> HostLoading:
     """What loading costs the host (see `HostLoading`), as the loop loads: in `dtype` (a private converted copy
-    of the whole model when the files hold another dtype, else their mapped pages), or in a sharded run whose
+    of the whole model when the files hold another dtype, else their mapped pages, but for experts stacked from
+    per-expert tensors), or in a sharded run whose
     weights are the files' as stored, converting one layer at a time (`load_as_stored`). Counts the model's
     parameters as the method leaves them (an adapter's few are not in the files)."""
     from tunesmith.models import resolve_model, stored_dtype
@@ -392,7 +399,9 @@ def host_loading(config: RunConfig, counts: ParameterCounts, dtype: str, process
                 counts.has_disabled_adapters):
             private += counts.total * target  # the frozen reference, copied on the host before sharding
     else:
-        private = 0.0  # the files' pages until the weights move to the device (or, on the CPU, are trained)
+        # The files' pages until the weights move to the device (or, on the CPU, are trained); a mixture of experts'
+        # per-expert tensors stacked into 3-D weights are the process's own (models.own_weights_of_converted_files).
+        private = counts.fused_on_load * target
     if sharded and config.train.cpu_offload:
         private += counts.total_in_layers / processes * target  # the process's shards stay on the host
     return HostLoading(private / GIB, files / GIB, bool(as_stored))
