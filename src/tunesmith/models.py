@@ -514,7 +514,7 @@ def own_weights_of_converted_files(model: torch.nn.Module) -> int:
             in_use[file].append(tensor)
     copied = 0
     for name, (start, end) in files.items():
-        used = sum(tensor.untyped_storage().nbytes() for tensor in in_use[name])
+        used = sum(tensor.nbytes for tensor in in_use[name])
         if used * 2 >= end - start:
             continue
         for tensor in in_use[name]:
