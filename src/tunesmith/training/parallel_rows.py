@@ -76,7 +76,7 @@ def swapped_weights(model: torch.nn.Module) -> str | None:
 def parallel_rows_choice(
     setting: bool | None, *, device: torch.device, processes: int, compiled: bool, mixed_precision: str,
     rows_independent: bool, reference_per_batch: bool, batch_size: int, dropout: str | None,
-    trainable_share: float, swapped: str | None = None,
+    trainable_share: float, swapped: str | None,
 ) -> int:
     """How many parts (threads) split each micro-batch's rows: 1 (sequential) up to torch's op-thread count.
     `setting` is `train.parallel_rows`: None (auto) splits where it is exact, into as many parts as keep the
