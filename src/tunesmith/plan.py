@@ -179,15 +179,19 @@ class LayerShape:
     qk_norm_rows: int = 0  # rows per token that norms on the queries and keys normalise (Qwen3, OLMo: per head)
 
 
+def is_experts(module: torch.nn.Module) -> bool:
+    """A mixture of experts' experts module as transformers 5 writes them (`has_gate`, 3-D weights)."""
+    return (hasattr(module, "has_gate") and isinstance(getattr(module, "down_proj", None), torch.Tensor)
+            and module.down_proj.ndim == 3)
+
+
 def experts_of(block: torch.nn.Module, config, hidden: int) -> tuple[ExpertsShape, int] | None:
     """The routed experts of a decoder block (transformers 5's experts modules, marked by `has_gate`), and the
     router's input features where its weight takes gradients (it keeps its input then; else 0). None for a block
     without experts."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    experts = next((module for module in block.modules() if hasattr(module, "has_gate")
-                    and isinstance(getattr(module, "down_proj", None), torch.Tensor) and module.down_proj.ndim == 3),
-                   None)
+    experts = next((module for module in block.modules() if is_experts(module)), None)
     if experts is None:
         return None
     wrappers = [module for module in block.modules() if isinstance(module, ParamWrapper)]
@@ -231,10 +235,14 @@ def layer_shape_of(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> Lay
     key_value_heads = getattr(config, "num_key_value_heads", None) or heads
     # Linears whose input autograd keeps: a trainable weight's gradient needs it, and so does an adapter's.
     kept: dict[str, int] = {}
-    adapted = own = lora_rank = dropped = delta_weights = gate_width = 0
+    adapted = own = lora_rank = dropped = delta_weights = gate_width = qk_norm_rows = 0
     gated = mlp_in_input_dtype = False
     for name, module in (blocks[-1].named_modules() if blocks else ()):
         short = name.rsplit(".", 1)[-1]
+        if short in ("q_norm", "k_norm") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            # Norms on the queries and keys: over each head (a head_dim weight) or the whole projection.
+            per_head = module.weight.numel() == head_dim
+            qk_norm_rows += (heads if short == "q_norm" else key_value_heads) if per_head else 1
         if short in GATE_NAMES and hasattr(module, "out_features"):
             gated = True
             gate_width += module.out_features // (2 if short == "gate_up_proj" else 1)
@@ -258,12 +266,6 @@ def layer_shape_of(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> Lay
             if not drops:
                 kept[group] = module.in_features
             own += module.in_features
-    # Norms on the queries and keys (q_norm, k_norm): over each head (a head_dim weight) or the whole projection.
-    norms = {name.rsplit(".", 1)[-1]: module for name, module in (blocks[-1].named_modules() if blocks else ())}
-    qk_norm_rows = sum(
-        (count if norms[name].weight.numel() == head_dim else 1)
-        for name, count in (("q_norm", heads), ("k_norm", key_value_heads))
-        if isinstance(getattr(norms.get(name), "weight", None), torch.Tensor))
     mlp_width = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
                  or getattr(config, "ffn_dim", None) or 4 * hidden)
     routed = experts_of(blocks[-1], config, hidden) if blocks else None
@@ -293,7 +295,7 @@ def active_expert_weights(model: torch.nn.Module) -> tuple[float, float]:
     top_k = getattr(getattr(unwrapped_model(model), "config", None), "num_experts_per_tok", None) or 1
     active = trainable = 0.0
     for module in model.modules():
-        if not hasattr(module, "has_gate"):
+        if not is_experts(module):
             continue
         for parameter in module.parameters(recurse=False):
             if parameter.ndim == 3:  # (experts, out, in), or transposed
